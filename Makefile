@@ -1,0 +1,52 @@
+# `make test` and `make bench` do their own set-up.
+#
+# Where the system python already has torch, triton and cupy (the GPU machine, no network),
+# the project is installed into it with --no-deps and nothing is downloaded. Elsewhere
+# (a CPU-only machine) a .venv is created with the CPU build of torch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+TORCH_CPU ?= torch==2.13.0
+TRITON_CPU ?= triton==3.6.0
+
+HAVE_STACK := $(shell $(PYTHON) -c "import torch, triton, cupy" >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_STACK),yes)
+PY := $(PYTHON)
+STAMP := .stamp-system
+else
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+endif
+
+.PHONY: setup test test-cpu test-gpu bench info clean
+
+setup: $(STAMP)
+
+.stamp-system: pyproject.toml
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH_CPU) $(TRITON_CPU)
+	$(VENV)/bin/python -m pip install -q -e '.[cuda12,test,bench]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-cpu: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+info: $(STAMP)
+	$(PY) -m lowlevel info
+
+clean:
+	rm -rf $(VENV) .stamp-system *.egg-info .pytest_cache

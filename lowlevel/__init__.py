@@ -1,0 +1,33 @@
+"""lowlevel: overlap and replay GPU work across CuPy, torch and Triton.
+
+Streams and events (:class:`Stream`, :func:`use_stream`, :class:`Event`), zero-copy interop
+(:func:`as_torch`, :func:`as_cupy`). Importing lowlevel needs no GPU; creating a stream or an
+event without one raises :class:`CudaUnavailableError`.
+"""
+from __future__ import annotations
+
+from .device import cuda_available, device_count, require_cuda
+from .errors import CaptureError, CudaUnavailableError, LowlevelError
+from .event import Event, record_event, wait_event
+from .interop import as_cupy, as_torch
+from .stream import Stream, current_stream, stream_handle, use_stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "CudaUnavailableError",
+    "Event",
+    "LowlevelError",
+    "Stream",
+    "as_cupy",
+    "as_torch",
+    "cuda_available",
+    "current_stream",
+    "device_count",
+    "record_event",
+    "require_cuda",
+    "stream_handle",
+    "use_stream",
+    "wait_event",
+]

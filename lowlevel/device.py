@@ -1,0 +1,48 @@
+"""Where the CUDA device comes from: one cached probe, visible and resettable.
+
+CuPy is the driver of record: lowlevel creates its streams and events through CuPy's runtime
+bindings and hands the raw handles to torch where torch needs them.
+"""
+from __future__ import annotations
+
+import functools
+
+from .errors import CudaUnavailableError
+
+__all__ = ["cuda_available", "require_cuda", "device_count"]
+
+
+@functools.cache
+def _probe() -> tuple[int, str]:
+    """(device count, reason when zero). Cached; reset with ``cuda_available.cache_clear()``."""
+    try:
+        import cupy
+    except Exception as exc:  # pragma: no cover - cupy is a hard requirement of the GPU tier
+        return 0, f"CuPy is not importable ({exc!r}); install lowlevel-streams[cuda12] or [cuda13]"
+    try:
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:
+        return 0, f"no CUDA device was found ({type(exc).__name__}: {exc})"
+    if n == 0:
+        return 0, "no CUDA device was found (the driver reports 0 devices)"
+    return n, ""
+
+
+def device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a GPU or driver)."""
+    return _probe()[0]
+
+
+def cuda_available() -> bool:
+    """True when at least one CUDA device can be used. The probe runs once per process."""
+    return _probe()[0] > 0
+
+
+cuda_available.cache_clear = _probe.cache_clear  # type: ignore[attr-defined]
+
+
+def require_cuda() -> None:
+    """Raise :class:`CudaUnavailableError` (saying why) when no CUDA device can be used."""
+    n, why = _probe()
+    if n == 0:
+        raise CudaUnavailableError(why)

@@ -1,0 +1,152 @@
+"""CUDA events that order work across streams, whichever framework made them.
+
+:class:`Event` is a thin object over one CUDA event handle. The module functions
+:func:`record_event` and :func:`wait_event` accept lowlevel, CuPy and torch events alike, so
+that callers can pass whatever events they already hold.
+
+Ordering contract (CUDA's): ``ev.record(s)`` captures the work enqueued on ``s`` so far;
+``ev.wait(t)`` makes work enqueued on ``t`` *afterwards* wait for that captured work. A wait
+sees the most recent record made before the wait call; recording the event again later does
+not move an earlier wait. Waiting on a never-recorded event is a no-op (CUDA's rule).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .device import require_cuda
+from .stream import StreamLike, _cp, _current_handle, stream_handle
+
+__all__ = ["Event", "EventLike", "record_event", "wait_event"]
+
+EventLike = Any
+"""A lowlevel :class:`Event`, a ``cupy.cuda.Event``, a ``torch.cuda.Event`` or ``torch.Event``."""
+
+_NOT_READY = 600  # cudaErrorNotReady
+
+
+class Event:
+    """A CUDA event. ``timing=True`` makes it usable with :meth:`elapsed_ms` (slightly costlier
+    to record); ``blocking=True`` makes :meth:`synchronize` yield the CPU instead of spinning.
+
+    Recording and waiting make no allocation and go straight to the CUDA runtime.
+    """
+
+    __slots__ = ("_cupy", "ptr", "timing", "__weakref__")
+
+    def __init__(self, timing: bool = False, *, blocking: bool = False) -> None:
+        require_cuda()
+        self._cupy = _cp.cuda.Event(block=blocking, disable_timing=not timing)
+        self.ptr: int = int(self._cupy.ptr)
+        self.timing = bool(timing)
+
+    def record(self, stream: StreamLike | None = None) -> "Event":
+        """Record the work enqueued so far on ``stream`` (default: the current stream)."""
+        _rt_record(self.ptr, _current_handle() if stream is None else stream_handle(stream))
+        return self
+
+    def wait(self, stream: StreamLike | None = None) -> None:
+        """Make later work on ``stream`` (default: the current stream) wait for the last record."""
+        _rt_wait(_current_handle() if stream is None else stream_handle(stream), self.ptr, 0)
+
+    def synchronize(self) -> None:
+        """Block the calling thread until the recorded work has finished."""
+        _cp.cuda.runtime.eventSynchronize(self.ptr)
+
+    def query(self) -> bool:
+        """True when the recorded work has finished (or the event was never recorded)."""
+        return _cp.cuda.runtime.eventQuery(self.ptr) != _NOT_READY
+
+    def elapsed_ms(self, end: "Event") -> float:
+        """Milliseconds between this event's record and ``end``'s; both need ``timing=True`` and
+        both must have completed."""
+        if not (self.timing and getattr(end, "timing", False)):
+            raise ValueError("elapsed_ms needs two events created with timing=True")
+        return float(_cp.cuda.runtime.eventElapsedTime(self.ptr, end.ptr))
+
+    @property
+    def cupy(self) -> Any:
+        """The underlying ``cupy.cuda.Event``."""
+        return self._cupy
+
+    def __repr__(self) -> str:
+        return f"<lowlevel.Event 0x{self.ptr:x}{' timing' if self.timing else ''}>"
+
+
+def _rt_record(ev: int, stream: int) -> None:
+    _cp.cuda.runtime.eventRecord(ev, stream)
+
+
+def _rt_wait(stream: int, ev: int, flags: int) -> None:
+    _cp.cuda.runtime.streamWaitEvent(stream, ev, flags)
+
+
+if _cp is not None:  # bind the runtime calls directly: one Python frame less per call
+    _rt_record = _cp.cuda.runtime.eventRecord  # noqa: F811
+    _rt_wait = _cp.cuda.runtime.streamWaitEvent  # noqa: F811
+
+
+# --- foreign events ---------------------------------------------------------------------------
+
+def _torch_stream_for(stream: StreamLike | None) -> Any:
+    from .stream import Stream, current_stream
+
+    if stream is None:
+        return current_stream().torch
+    return Stream.from_external(stream).torch
+
+
+def _record_torch(ev: Any, stream: StreamLike | None) -> None:
+    ev.record(_torch_stream_for(stream))
+
+
+def _wait_torch(ev: Any, stream: StreamLike | None) -> None:
+    handle = getattr(ev, "cuda_event", 0)
+    if handle:
+        _rt_wait(_current_handle() if stream is None else stream_handle(stream), handle, 0)
+    else:  # torch.Event, or a torch.cuda.Event never recorded (a no-op by torch's rule)
+        ev.wait(_torch_stream_for(stream))
+
+
+def _record_ptr(ev: Any, stream: StreamLike | None) -> None:
+    _rt_record(ev.ptr, _current_handle() if stream is None else stream_handle(stream))
+
+
+def _wait_ptr(ev: Any, stream: StreamLike | None) -> None:
+    _rt_wait(_current_handle() if stream is None else stream_handle(stream), ev.ptr, 0)
+
+
+_ops: dict[type, tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]] = {}
+
+
+def _ops_for(ev: Any) -> tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]:
+    cls = type(ev)
+    ops = _ops.get(cls)
+    if ops is None:
+        mod = cls.__module__
+        if isinstance(ev, Event) or (mod.startswith("cupy") and hasattr(ev, "ptr")):
+            ops = (_record_ptr, _wait_ptr)
+        elif mod.startswith("torch") and hasattr(ev, "record") and hasattr(ev, "wait"):
+            ops = (_record_torch, _wait_torch)
+        else:
+            raise TypeError(
+                f"cannot use {mod}.{cls.__qualname__} as a CUDA event: expected a lowlevel.Event, "
+                "cupy.cuda.Event, torch.cuda.Event or torch.Event"
+            )
+        _ops[cls] = ops
+    return ops
+
+
+def record_event(event: EventLike, stream: StreamLike | None = None) -> None:
+    """Record ``event`` (lowlevel, CuPy or torch) on ``stream`` (default: the current stream)."""
+    if type(event) is Event:
+        _rt_record(event.ptr, _current_handle() if stream is None else stream_handle(stream))
+    else:
+        _ops_for(event)[0](event, stream)
+
+
+def wait_event(event: EventLike, stream: StreamLike | None = None) -> None:
+    """Make later work on ``stream`` (default: the current stream) wait for ``event``'s last record."""
+    if type(event) is Event:
+        _rt_wait(_current_handle() if stream is None else stream_handle(stream), event.ptr, 0)
+    else:
+        _ops_for(event)[1](event, stream)

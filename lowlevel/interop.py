@@ -1,0 +1,119 @@
+"""Zero-copy views between CuPy arrays and torch tensors.
+
+Both directions keep the pointer, shape, strides and dtype (bfloat16 included where the CuPy
+build supports it). The stream contract follows the array-API DLPack rule: the *consumer*
+stream (``stream=``, default the consumer framework's current stream) is ordered after the
+work pending on the *producer* framework's current stream, with an event record and wait
+when the two differ; nothing is synchronised on the host. Inside :func:`lowlevel.use_stream`
+the two current streams are the same, so a conversion enqueues nothing at all.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .stream import StreamLike, _cp, _tops, stream_handle
+
+__all__ = ["as_torch", "as_cupy"]
+
+_tls = threading.local()
+
+
+def _order(producer: int, consumer: int) -> None:
+    """Make ``consumer`` wait for the work enqueued so far on ``producer`` (one reused event
+    per thread: a wait binds to the record that precedes it, so reuse is safe)."""
+    if producer == consumer:
+        return
+    ev = getattr(_tls, "event", None)
+    if ev is None:
+        ev = _tls.event = _cp.cuda.Event(disable_timing=True)
+    _cp.cuda.runtime.eventRecord(ev.ptr, producer)
+    _cp.cuda.runtime.streamWaitEvent(consumer, ev.ptr, 0)
+
+
+_torch_to_np: dict[Any, Any] = {}
+
+
+def _np_dtype(tdtype: Any) -> Any:
+    """NumPy dtype for a torch dtype, or None when CuPy needs DLPack for it (bf16 and friends)."""
+    try:
+        return _torch_to_np[tdtype]
+    except KeyError:
+        pass
+    import numpy as np
+    import torch
+
+    table = {
+        torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
+        torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
+        torch.uint8: np.uint8, torch.bool: np.bool_, torch.complex64: np.complex64,
+        torch.complex128: np.complex128,
+    }
+    for k, v in table.items():
+        _torch_to_np[k] = np.dtype(v)
+    _torch_to_np.setdefault(tdtype, None)
+    return _torch_to_np[tdtype]
+
+
+def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
+    """A CuPy view of ``x`` (a torch CUDA tensor; a CuPy array is returned as is).
+
+    The view shares memory with ``x`` and keeps it alive. ``stream`` (default CuPy's current
+    stream) is ordered after the work pending on torch's current stream.
+    """
+    cp = _cp
+    if isinstance(x, cp.ndarray):
+        return x
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"as_cupy expects a torch.Tensor or cupy.ndarray, got {type(x).__qualname__}")
+    if x.device.type != "cuda":
+        raise ValueError(f"as_cupy needs a CUDA tensor, got one on {x.device}")
+    t = _tops()
+    consumer = cp.cuda.get_current_stream().ptr if stream is None else stream_handle(stream)
+    _order(t.get_raw(x.device.index), consumer)
+    dt = _np_dtype(x.dtype)
+    if dt is None:
+        return _cupy_from_dlpack(x)
+    itemsize = dt.itemsize
+    shape = tuple(x.shape)
+    strides = tuple(s * itemsize for s in x.stride())
+    if x.numel() == 0:
+        return cp.ndarray(shape, dt)
+    extent = 1
+    for n, st in zip(shape, x.stride()):
+        extent += (n - 1) * st
+    mem = cp.cuda.UnownedMemory(x.data_ptr(), extent * itemsize, x, x.device.index)
+    return cp.ndarray(shape, dt, cp.cuda.MemoryPointer(mem, 0), strides)
+
+
+def _cupy_from_dlpack(x: Any) -> Any:
+    try:
+        return _cp.from_dlpack(x.detach())
+    except Exception as exc:
+        raise TypeError(
+            f"CuPy {_cp.__version__} cannot import a {x.dtype} tensor through DLPack ({exc}); "
+            "for bfloat16 use CuPy >= 14, or pass the bits: as_cupy(t.view(torch.int16))"
+        ) from exc
+
+
+def as_torch(x: Any, stream: StreamLike | None = None) -> Any:
+    """A torch view of ``x`` (a CuPy array; a torch tensor is returned as is).
+
+    The view shares memory with ``x`` and keeps it alive. ``stream`` (default torch's current
+    stream) is ordered after the work pending on CuPy's current stream.
+    """
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    cp = _cp
+    if not isinstance(x, cp.ndarray):
+        raise TypeError(f"as_torch expects a cupy.ndarray or torch.Tensor, got {type(x).__qualname__}")
+    t = _tops()
+    dev = x.device.id
+    consumer = t.get_raw(dev) if stream is None else stream_handle(stream)
+    _order(cp.cuda.get_current_stream().ptr, consumer)
+    # toDlpack() exports without a stream handshake; the ordering was done just above.
+    return torch.utils.dlpack.from_dlpack(x.toDlpack())

@@ -1,0 +1,54 @@
+"""Helpers for tests and benchmarks: kernels that keep a stream busy for a known time."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .stream import StreamLike, _cp, _current_handle, stream_handle
+
+__all__ = ["spin", "spin_triton"]
+
+_SPIN_SRC = r"""
+extern "C" __global__ void lowlevel_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+"""
+
+
+@functools.cache
+def _spin_kernel() -> Any:
+    return _cp.RawKernel(_SPIN_SRC, "lowlevel_spin")
+
+
+def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None) -> None:
+    """Enqueue a kernel of ``blocks`` one-thread blocks that each busy-wait ``ns`` nanoseconds
+    on ``stream`` (default: lowlevel's current stream). With ``blocks`` equal to the SM count it
+    occupies every SM."""
+    h = _current_handle() if stream is None else stream_handle(stream)
+    k = _spin_kernel()
+    with _cp.cuda.ExternalStream(h):
+        k((blocks,), (1,), (_cp.uint64(ns),))
+
+
+@functools.cache
+def _triton_spin() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _spin(out_ptr, iters):
+        pid = tl.program_id(0)
+        acc = pid.to(tl.float32) + 1.0
+        for _ in range(iters):
+            acc = acc * 0.999999 + 0.5
+        tl.store(out_ptr + pid, acc)
+
+    return _spin
+
+
+def spin_triton(out: Any, iters: int) -> None:
+    """A Triton kernel (one program per element of the 1-D float32 CUDA tensor ``out``) that
+    runs ``iters`` dependent multiply-adds; it launches on torch's current stream."""
+    _triton_spin()[(out.numel(),)](out, iters)
