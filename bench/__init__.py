@@ -1,0 +1,1 @@
+"""Benchmarks of lowlevel against the alternatives (``python -m bench``)."""
