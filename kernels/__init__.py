@@ -1,0 +1,1 @@
+"""SM-limited persistent Triton kernels (installed as ``lowlevel.kernels``)."""
