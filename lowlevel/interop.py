@@ -75,7 +75,9 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
     _order(t.get_raw(x.device.index), consumer)
     dt = _np_dtype(x.dtype)
     if dt is None:
-        return _cupy_from_dlpack(x)
+        arr = _cupy_from_dlpack(x)
+        _torch_to_np[x.dtype] = arr.dtype  # e.g. bfloat16: CuPy's own dtype, fast path next time
+        return arr
     itemsize = dt.itemsize
     shape = tuple(x.shape)
     strides = tuple(s * itemsize for s in x.stride())

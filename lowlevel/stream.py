@@ -41,22 +41,33 @@ class _TorchOps:
         self.torch = torch
         self.get_device: Callable[[], int] = c._cuda_getDevice
         self.get_current: Callable[[int], tuple[int, int, int]] = c._cuda_getCurrentStream
-        self.get_raw: Callable[[int], int] = c._cuda_getCurrentRawStream
         self.set_current: Callable[..., None] = c._cuda_setStream
+        raw = c._cuda_getCurrentRawStream
+        try:  # -1 means "the current device" to c10; saves a call where the binding allows it
+            ok = raw(-1) == raw(c._cuda_getDevice())
+        except Exception:
+            ok = False
+        self.get_raw: Callable[[int], int] = raw if ok else (lambda _d: raw(c._cuda_getDevice()))
 
 
 _torch_ops: _TorchOps | None = None
 _bind_lock = threading.Lock()
+# Bound by _tops(): the hot paths call these module globals directly.
+_t_get_raw: Callable[[int], int]
+_t_get_current: Callable[[int], tuple[int, int, int]]
+_t_set_current: Callable[..., None]
 
 
 def _tops() -> _TorchOps:
-    global _torch_ops
+    global _torch_ops, _t_get_raw, _t_get_current, _t_set_current
     ops = _torch_ops
     if ops is None:
         require_cuda()
         with _bind_lock:
             if _torch_ops is None:
-                _torch_ops = _TorchOps()
+                ops = _TorchOps()
+                _t_get_raw, _t_get_current, _t_set_current = ops.get_raw, ops.get_current, ops.set_current
+                _torch_ops = ops
             ops = _torch_ops
     return ops
 
@@ -91,6 +102,7 @@ class Stream:
         self._init(s, None)
 
     def _init(self, cupy_stream: Any, torch_stream: Any) -> None:
+        _tops()  # every Stream implies bound torch calls, so the hot paths need not check
         self._cupy = cupy_stream
         self.ptr: int = int(cupy_stream.ptr)
         dev = cupy_stream.device_id
@@ -119,17 +131,16 @@ class Stream:
             return cls._wrap(obj)
         mod = type(obj).__module__
         if mod.startswith("torch") and hasattr(obj, "cuda_stream"):
-            ext = cp.cuda.ExternalStream(int(obj.cuda_stream), int(obj.device_index))
-            return cls._wrap(ext, obj)
+            return cls._wrap(_cupy_external(int(obj.cuda_stream)), obj)
         if isinstance(obj, bool):
             raise TypeError("a bool is not a stream handle")
         if isinstance(obj, int):
-            return cls._wrap(cp.cuda.ExternalStream(obj, cp.cuda.runtime.getDevice()))
+            return cls._wrap(_cupy_external(obj))
         proto = getattr(obj, "__cuda_stream__", None)
         if proto is not None:
             val = proto() if callable(proto) else proto
             handle = int(val[1])
-            return cls._wrap(cp.cuda.ExternalStream(handle, cp.cuda.runtime.getDevice()))
+            return cls._wrap(_cupy_external(handle))
         raise TypeError(
             f"cannot use {type(obj).__module__}.{type(obj).__qualname__} as a CUDA stream: expected a "
             "lowlevel.Stream, torch.cuda.Stream, cupy stream, int handle or an object with __cuda_stream__"
@@ -193,8 +204,9 @@ class Stream:
 
 def _current_handle() -> int:
     """Raw handle of lowlevel's current stream (see the module docstring for the rule)."""
-    t = _tops()
-    h = t.get_raw(t.get_device())
+    if _torch_ops is None:
+        _tops()
+    h = _t_get_raw(-1)
     if h == 0:
         h = _cp.cuda.get_current_stream().ptr
     return h
@@ -254,7 +266,7 @@ def current_stream() -> Stream:
     if s is None:
         # A stream torch created; CuPy can only see it as an external stream.
         tstream = t.torch.cuda.Stream(stream_id=sid, device_index=didx, device_type=dtype)
-        s = Stream._wrap(cp.cuda.ExternalStream(h, dev) if h else cp.cuda.Stream.null, tstream)
+        s = Stream._wrap(_cupy_external(h) if h else cp.cuda.Stream.null, tstream)
         if len(_current_cache) < 256:
             _current_cache[key] = s
     return s
@@ -279,18 +291,36 @@ class use_stream:
 
     def __enter__(self) -> Stream:
         s = self._stream
-        t = _torch_ops or _tops()
         key = s._torch_key or s._key()
-        self._prev_torch = t.get_current(key[1])
-        self._prev_cupy = _cupy_current()
+        self._prev_torch = _t_get_current(key[1])
+        self._prev_cupy = _c_get_current()
         s._cupy.use()
-        t.set_current(*key)
+        _t_set_current(*key)
         return s
 
     def __exit__(self, *exc: object) -> None:
-        _torch_ops.set_current(*self._prev_torch)  # type: ignore[union-attr]
+        _t_set_current(*self._prev_torch)
         self._prev_cupy.use()
 
 
-def _cupy_current() -> Any:
-    return _cp.cuda.get_current_stream()
+_c_get_current: Callable[[], Any] = _cp.cuda.get_current_stream if _cp is not None else None  # type: ignore
+
+
+def _cupy_external(handle: int) -> Any:
+    """A CuPy stream object for a foreign handle (CuPy does not own it)."""
+    cls = _cp.cuda.Stream
+    if hasattr(cls, "from_external"):
+        return cls.from_external(_Handle(handle))
+    return _cp.cuda.ExternalStream(handle, _cp.cuda.runtime.getDevice())  # pragma: no cover - CuPy < 14
+
+
+class _Handle:
+    """The smallest object that speaks the CUDA stream protocol."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)

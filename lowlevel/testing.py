@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .stream import StreamLike, _cp, _current_handle, stream_handle
+from .stream import StreamLike, _cp, _cupy_external, _current_handle, stream_handle
 
 __all__ = ["spin", "spin_triton"]
 
@@ -27,9 +27,7 @@ def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None) -> None:
     on ``stream`` (default: lowlevel's current stream). With ``blocks`` equal to the SM count it
     occupies every SM."""
     h = _current_handle() if stream is None else stream_handle(stream)
-    k = _spin_kernel()
-    with _cp.cuda.ExternalStream(h):
-        k((blocks,), (1,), (_cp.uint64(ns),))
+    _spin_kernel()((blocks,), (1,), (_cp.uint64(ns),), stream=_cupy_external(h))
 
 
 @functools.cache

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import lowlevel
+import lowlevel.testing
 from lowlevel.testing import spin, spin_triton
 
 pytestmark = pytest.mark.gpu
@@ -16,14 +17,17 @@ LONG_NS = 200_000_000  # 200 ms: long enough that the query below runs while it 
 
 
 def _busy_with(framework, stream_a):
-    """Launch long work through ``framework`` inside use_stream(stream_a)."""
+    """Launch long work through ``framework`` inside use_stream(stream_a) (compiled beforehand, so
+    that no compilation delays the query past the kernel's end)."""
+    lowlevel.testing._spin_kernel().compile()
+    spin_triton(torch.empty(4, device="cuda"), 1)
+    torch.cuda.synchronize()
     with lowlevel.use_stream(stream_a):
         if framework == "torch":
             torch.cuda._sleep(int(LONG_NS * 2))  # cycles; ~1.5-2 GHz makes it >= 200 ms
         elif framework == "cupy":
-            spin(LONG_NS)  # through CuPy's RawKernel on CuPy's current stream
-            # and a CuPy elementwise op on CuPy's current stream, to check it too
-            cp.arange(10, dtype=cp.float32).sum()
+            # a RawKernel launched with no stream argument goes to CuPy's current stream
+            lowlevel.testing._spin_kernel()((1,), (1,), (cp.uint64(LONG_NS),))
         else:
             out = torch.empty(64, device="cuda")
             spin_triton(out, 4_000_000)
