@@ -8,23 +8,29 @@ from __future__ import annotations
 
 from .device import cuda_available, device_count, require_cuda
 from .errors import CaptureError, CudaUnavailableError, LowlevelError
+from .cpu_gpu_event import CpuGpuEvent
 from .event import Event, record_event, wait_event
 from .interop import as_cupy, as_torch
+from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
 from .stream import Stream, current_stream, stream_handle, use_stream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
+    "CpuGpuEvent",
     "CudaUnavailableError",
     "Event",
     "LowlevelError",
+    "ParallelRunner",
     "Stream",
     "as_cupy",
     "as_torch",
     "cuda_available",
     "current_stream",
     "device_count",
+    "execute_in_parallel",
+    "maybe_execute_in_parallel",
     "record_event",
     "require_cuda",
     "stream_handle",

@@ -115,6 +115,14 @@ def _wait_ptr(ev: Any, stream: StreamLike | None) -> None:
     _rt_wait(_current_handle() if stream is None else stream_handle(stream), ev.ptr, 0)
 
 
+def _record_duck(ev: Any, stream: StreamLike | None) -> None:
+    ev.record(stream)
+
+
+def _wait_duck(ev: Any, stream: StreamLike | None) -> None:
+    ev.wait(stream)
+
+
 _ops: dict[type, tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]] = {}
 
 
@@ -127,10 +135,12 @@ def _ops_for(ev: Any) -> tuple[Callable[[Any, Any], None], Callable[[Any, Any], 
             ops = (_record_ptr, _wait_ptr)
         elif mod.startswith("torch") and hasattr(ev, "record") and hasattr(ev, "wait"):
             ops = (_record_torch, _wait_torch)
+        elif callable(getattr(ev, "record", None)) and callable(getattr(ev, "wait", None)):
+            ops = (_record_duck, _wait_duck)  # any object with record(stream) and wait(stream)
         else:
             raise TypeError(
                 f"cannot use {mod}.{cls.__qualname__} as a CUDA event: expected a lowlevel.Event, "
-                "cupy.cuda.Event, torch.cuda.Event or torch.Event"
+                "cupy.cuda.Event, torch.cuda.Event, torch.Event, or an object with record(stream) and wait(stream)"
             )
         _ops[cls] = ops
     return ops

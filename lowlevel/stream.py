@@ -245,6 +245,23 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
     raise TypeError(f"cannot use {type(stream).__qualname__} as a CUDA stream")
 
 
+_adopted: dict[tuple[type, int], Stream] = {}
+
+
+def adopt(obj: StreamLike) -> Stream:
+    """:meth:`Stream.from_external`, cached by (type, handle) so that hot paths which are handed
+    foreign streams on every call create nothing after the first call."""
+    if type(obj) is Stream:
+        return obj  # type: ignore[return-value]
+    key = (type(obj), stream_handle(obj))
+    s = _adopted.get(key)
+    if s is None:
+        s = Stream.from_external(obj)
+        if len(_adopted) < 1024:
+            _adopted[key] = s
+    return s
+
+
 _current_cache: dict[tuple[int, int], Stream] = {}
 
 
@@ -287,7 +304,7 @@ class use_stream:
     __slots__ = ("_stream", "_prev_cupy", "_prev_torch")
 
     def __init__(self, stream: StreamLike) -> None:
-        self._stream = stream if type(stream) is Stream else Stream.from_external(stream)
+        self._stream = stream if type(stream) is Stream else adopt(stream)
 
     def __enter__(self) -> Stream:
         s = self._stream

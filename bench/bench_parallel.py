@@ -1,0 +1,67 @@
+"""Fork/join host cost (execute_in_parallel vs vLLM's torch-event pattern) and real overlap."""
+from __future__ import annotations
+
+from .common import Report, host_us, wall_ms
+
+NEEDS_GPU = True
+
+
+def _vllm_pattern(torch, streams, start, done):
+    """vLLM's execute_in_parallel body, with torch events and torch.cuda.stream."""
+    def run(default_fn, aux_fns):
+        start.record()
+        res = [None] * len(aux_fns)
+        pending = []
+        for i, fn in enumerate(aux_fns):
+            with torch.cuda.stream(streams[i]):
+                start.wait()
+                res[i] = fn()
+                done[i].record()
+            pending.append(done[i])
+        d = default_fn()
+        for ev in pending:
+            ev.wait()
+        return d, res
+    return run
+
+
+def run(rep: Report) -> None:
+    import torch
+
+    import lowlevel
+    from lowlevel.testing import spin
+
+    sync = torch.cuda.synchronize
+    noop = lambda: None  # noqa: E731
+    for n in (1, 2, 4):
+        runner = lowlevel.ParallelRunner(n)
+        streams = runner.streams
+        start, done = lowlevel.Event(), [lowlevel.Event() for _ in range(n)]
+        fns = [noop] * n
+        ours = host_us(lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True), sync=sync)
+        tstreams = [torch.cuda.Stream() for _ in range(n)]
+        tstart, tdone = torch.cuda.Event(), [torch.cuda.Event() for _ in range(n)]
+        vllm = _vllm_pattern(torch, tstreams, tstart, tdone)
+        theirs = host_us(lambda: vllm(noop, fns), sync=sync)
+        rep.add(f"execute_in_parallel, {n} aux slot(s), empty fns", ours, "us", "vLLM torch-event pattern", theirs,
+                target="<= 5 us, >= 7x" if n == 1 else "")
+        rep.add(f"ParallelRunner, {n} aux slot(s), empty fns", host_us(lambda: runner(noop, fns), sync=sync), "us",
+                "vLLM torch-event pattern", theirs)
+    e0, e1, aux = lowlevel.Event(), lowlevel.Event(), lowlevel.Stream()
+    rep.add("maybe_execute_in_parallel, empty fns",
+            host_us(lambda: lowlevel.maybe_execute_in_parallel(noop, noop, e0, e1, aux), sync=sync), "us",
+            "vLLM torch-event pattern (1 slot)",
+            host_us(lambda: _vllm_pattern(torch, [torch.cuda.Stream()], torch.cuda.Event(),
+                                          [torch.cuda.Event()])(noop, [noop]), sync=sync))
+
+    # Overlap of two half-SM kernels: parallel wall time vs the longer branch alone.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    half = sms // 2
+    ns = 2_000_000  # 2 ms each
+    runner = lowlevel.ParallelRunner(1)
+    longer = wall_ms(lambda: spin(ns, blocks=half))
+    par = wall_ms(lambda: runner(lambda: spin(ns, blocks=half), [lambda: spin(ns, blocks=half)]))
+    seq = wall_ms(lambda: (spin(ns, blocks=half), spin(ns, blocks=half)))
+    rep.add("two half-SM kernels in parallel (wall)", par, "ms", "longer branch alone", longer,
+            target="<= 1.05x the longer branch", extra={"parallel_over_longer": par / longer})
+    rep.add("two half-SM kernels: parallel vs sequential", par, "ms", "sequential", seq)

@@ -1,0 +1,71 @@
+"""CpuGpuEvent: a device event handed from one thread to another with the CPU-side ordering
+that a bare CUDA event lacks (waiting on a never-recorded event is a no-op)."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from .event import Event
+from .stream import StreamLike
+
+__all__ = ["CpuGpuEvent"]
+
+
+class CpuGpuEvent:
+    """A device event plus a CPU gate, for exactly one producer thread and one consumer thread.
+
+    ``record(stream)`` (producer) records a *fresh* device event on ``stream`` (default: the
+    current stream) and opens the gate; ``wait(stream)`` (consumer) blocks until the gate is
+    open, makes ``stream`` wait on that device event, closes the gate and returns True. So the
+    consumer's stream is always ordered after the producer's work, whichever thread runs first.
+    A second ``record`` before the ``wait`` that consumes the first raises ``RuntimeError``.
+    More than two threads is not supported.
+    """
+
+    _POLL_S = 0.001
+
+    def __init__(self, event_factory: Callable[[], Any] = Event) -> None:
+        self._factory = event_factory
+        self._event: Any = None
+        self._recorded = threading.Event()
+
+    def record(self, stream: StreamLike | None = None) -> None:
+        """Record a fresh device event on ``stream`` and release the waiting thread."""
+        if self._recorded.is_set():
+            raise RuntimeError("CpuGpuEvent.record() called before the previous record was consumed by wait()")
+        ev = self._factory()
+        ev.record(stream)
+        self._event = ev
+        self._recorded.set()
+
+    def wait(self, stream: StreamLike | None = None, *, timeout: float | None = None,
+             stop_event: threading.Event | None = None) -> bool:
+        """Block until :meth:`record`, then make ``stream`` wait on the recorded device event.
+
+        Returns True after a normal wait; False (with nothing enqueued and the gate untouched)
+        when ``stop_event`` is set first or ``timeout`` seconds pass."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0, got {timeout}")
+        if stop_event is None:
+            if not self._recorded.wait(timeout):
+                return False
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._recorded.is_set():
+                if stop_event.is_set():
+                    return False
+                step = self._POLL_S
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    step = min(step, left)
+                self._recorded.wait(step)
+        self._event.wait(stream)
+        self._recorded.clear()
+        return True
+
+    def is_recorded(self) -> bool:
+        """True between a record and the wait that consumes it."""
+        return self._recorded.is_set()
