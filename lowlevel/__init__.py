@@ -9,7 +9,16 @@ from __future__ import annotations
 from .device import cuda_available, device_count, require_cuda
 from .errors import CaptureError, CudaUnavailableError, LowlevelError
 from .cpu_gpu_event import CpuGpuEvent
+from .cudagraph_dispatch import (
+    BatchDescriptor,
+    CUDAGraphMode,
+    CudagraphDispatcher,
+    default_capture_sizes,
+    padding_table,
+)
 from .event import Event, record_event, wait_event
+from .graph_runner import CUDAGraphRunner
+from .graphs import Graph, GraphPool, capture
 from .interop import as_cupy, as_torch
 from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
 from .stream import Stream, current_stream, stream_handle, use_stream
@@ -17,6 +26,15 @@ from .stream import Stream, current_stream, stream_handle, use_stream
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchDescriptor",
+    "CUDAGraphMode",
+    "CUDAGraphRunner",
+    "CudagraphDispatcher",
+    "Graph",
+    "GraphPool",
+    "capture",
+    "default_capture_sizes",
+    "padding_table",
     "CaptureError",
     "CpuGpuEvent",
     "CudaUnavailableError",

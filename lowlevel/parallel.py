@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from . import stream as _st
-from .event import Event, EventLike, record_event, wait_event
+from .event import Event, EventLike, _rt_record, _rt_wait, record_event, wait_event
 from .lifetime import iter_arrays, protect_outputs
 from .stream import Stream, StreamLike, adopt
 
@@ -45,11 +45,27 @@ def _leave(prev: tuple[Any, Any]) -> None:
     prev[1].use()
 
 
+def _rec(ev: Any, handle: int) -> None:
+    if type(ev) is Event:
+        _rt_record(ev.ptr, handle)
+    else:
+        record_event(ev, handle)
+
+
+def _wait(ev: Any, handle: int) -> None:
+    if type(ev) is Event:
+        _rt_wait(handle, ev.ptr, 0)
+    else:
+        wait_event(ev, handle)
+
+
 def _is_capturing(handle: int) -> bool:
     return bool(_st._cp.cuda.runtime.streamIsCapturing(handle))
 
 
 def _protect(results: Any, cur: int) -> None:
+    if results is None or (type(results) is list and not any(r is not None for r in results)):
+        return
     for _ in iter_arrays(results):
         if not _is_capturing(cur):
             protect_outputs(results, cur, lambda: adopt(cur).torch)
@@ -86,8 +102,15 @@ def execute_in_parallel(
             f"aux_fns, aux_streams and done_events must be the same length "
             f"(got {n}, {len(aux_streams)}, {len(done_events)})"
         )
-    cur = _current()
-    record_event(start_event, cur)
+    return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first, _current())
+
+
+def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
+               done_events: Sequence[Any], aux_streams: Sequence[Any], enqueue_default_first: bool,
+               cur: int) -> tuple[Any, list[Any]]:
+    """The parallel path of execute_in_parallel, on the current stream ``cur`` (validated)."""
+    n = len(aux_fns)
+    _rec(start_event, cur)
     results: list[Any] = [None] * n
     forked: list[int] = []  # slots whose stream waited on start and has not recorded done
     joined: list[int] = []
@@ -104,10 +127,10 @@ def execute_in_parallel(
             s = adopt(aux_streams[i])
             _enter(s)
             switched = True
-            wait_event(start_event, s.ptr)
+            _wait(start_event, s.ptr)
             forked.append(i)
             results[i] = fn()
-            record_event(done_events[i], s.ptr)
+            _rec(done_events[i], s.ptr)
             forked.pop()
             joined.append(i)
         if switched:
@@ -119,13 +142,13 @@ def execute_in_parallel(
         if switched:
             _leave(prev)
         for i in forked:  # the slot that raised: capture what it enqueued, then join it
-            record_event(done_events[i], adopt(aux_streams[i]).ptr)
+            _rec(done_events[i], adopt(aux_streams[i]).ptr)
             joined.append(i)
         for i in joined:
-            wait_event(done_events[i], cur)
+            _wait(done_events[i], cur)
         raise
     for i in joined:
-        wait_event(done_events[i], cur)
+        _wait(done_events[i], cur)
     _protect(results, cur)
     return default_result, results
 
@@ -149,26 +172,26 @@ def maybe_execute_in_parallel(
     if aux_stream is None:
         return fn0(), fn1()
     cur = _current()
-    record_event(event0, cur)
+    _rec(event0, cur)
     r0 = fn0()
     s = adopt(aux_stream)
     prev = _save()
     _enter(s)
     forked = False
     try:
-        wait_event(event0, s.ptr)
+        _wait(event0, s.ptr)
         forked = True
         r1 = fn1()
         forked = False
-        record_event(event1, s.ptr)
+        _rec(event1, s.ptr)
     except BaseException:
         _leave(prev)
         if forked:
-            record_event(event1, s.ptr)
-            wait_event(event1, cur)
+            _rec(event1, s.ptr)
+            _wait(event1, cur)
         raise
     _leave(prev)
-    wait_event(event1, cur)
+    _wait(event1, cur)
     _protect(r1, cur)
     return r0, r1
 
@@ -207,8 +230,8 @@ class ParallelRunner:
         if len(aux_fns) != self.num_aux:
             raise ValueError(f"this runner has {self.num_aux} aux streams, got {len(aux_fns)} aux fns")
         start, done = self._start, self._done
-        if _is_capturing(_current()):
+        cur = _current()
+        if _is_capturing(cur):
             start, done = self._new_events()
             self._capture_events.append((start, done))
-        return execute_in_parallel(default_fn, aux_fns, start, done, self.streams, True,
-                                   enqueue_default_first=enqueue_default_first)
+        return _fork_join(default_fn, aux_fns, start, done, self.streams, enqueue_default_first, cur)

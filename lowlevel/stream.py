@@ -222,6 +222,8 @@ def stream_handle(stream: StreamLike | None) -> int:
     cls = type(stream)
     if cls is Stream:
         return stream.ptr  # type: ignore[union-attr]
+    if cls is int:
+        return stream  # type: ignore[return-value]
     get = _handle_getters.get(cls)
     if get is None:
         get = _handle_getter_for(stream)

@@ -38,7 +38,7 @@ def _triton_spin() -> Any:
     @triton.jit
     def _spin(out_ptr, iters):
         pid = tl.program_id(0)
-        acc = pid.to(tl.float32) + 1.0
+        acc = tl.load(out_ptr + pid)
         for _ in range(iters):
             acc = acc * 0.999999 + 0.5
         tl.store(out_ptr + pid, acc)
@@ -48,5 +48,6 @@ def _triton_spin() -> Any:
 
 def spin_triton(out: Any, iters: int) -> None:
     """A Triton kernel (one program per element of the 1-D float32 CUDA tensor ``out``) that
-    runs ``iters`` dependent multiply-adds; it launches on torch's current stream."""
+    applies ``v = v * 0.999999 + 0.5`` to each element ``iters`` times, in place; it launches on
+    torch's current stream."""
     _triton_spin()[(out.numel(),)](out, iters)
