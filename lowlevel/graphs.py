@@ -17,6 +17,7 @@ and torch's random number generators (use pre-drawn random buffers).
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from typing import Any, Iterator
 
@@ -149,18 +150,26 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     cp.cuda.runtime.eventRecord(ev.ptr, _st._current_handle())
     cp.cuda.runtime.streamWaitEvent(s.ptr, ev.ptr, 0)
     failure: BaseException | None = None
-    with gpool.active(), use_stream(s):
-        s.cupy.begin_capture(modes[mode])
-        try:
-            yield graph
-        except BaseException as exc:
-            failure = exc
-        cupy_graph = None
-        end_error: BaseException | None = None
-        try:
-            cupy_graph = s.cupy.end_capture()
-        except Exception as exc:  # invalidated capture: the end reports it
-            end_error = exc
+    # No cyclic garbage collection inside the capture: a collected object's destructor (a
+    # memory pool returning blocks, say) may call CUDA in ways a capture forbids.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with gpool.active(), use_stream(s):
+            s.cupy.begin_capture(modes[mode])
+            try:
+                yield graph
+            except BaseException as exc:
+                failure = exc
+            cupy_graph = None
+            end_error: BaseException | None = None
+            try:
+                cupy_graph = s.cupy.end_capture()
+            except Exception as exc:  # invalidated capture: the end reports it
+                end_error = exc
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     if failure is None and end_error is None:
         graph._set(cupy_graph, gpool)
         return
