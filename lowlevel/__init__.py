@@ -16,12 +16,14 @@ from .cudagraph_dispatch import (
     default_capture_sizes,
     padding_table,
 )
+from .dp import DPConfig, DPSyncError, coordinate_batch_across_dp
 from .event import Event, record_event, wait_event
 from .graph_runner import CUDAGraphRunner
 from .graphs import Graph, GraphPool, capture
 from .interop import as_cupy, as_torch
 from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
 from .stream import Stream, current_stream, stream_handle, use_stream
+from .ubatch_slices import UBatchSlice, check_ubatch_thresholds, maybe_create_ubatch_slices
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,12 @@ __all__ = [
     "CUDAGraphMode",
     "CUDAGraphRunner",
     "CudagraphDispatcher",
+    "DPConfig",
+    "DPSyncError",
+    "UBatchSlice",
+    "check_ubatch_thresholds",
+    "coordinate_batch_across_dp",
+    "maybe_create_ubatch_slices",
     "Graph",
     "GraphPool",
     "capture",

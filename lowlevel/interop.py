@@ -56,7 +56,8 @@ def _np_dtype(tdtype: Any) -> Any:
 
 
 def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
-    """A CuPy view of ``x`` (a torch CUDA tensor; a CuPy array is returned as is).
+    """A CuPy view of ``x`` (a torch CUDA tensor, or a pinned CPU tensor, which the device reads
+    through unified addressing; a CuPy array is returned as is).
 
     The view shares memory with ``x`` and keeps it alive. ``stream`` (default CuPy's current
     stream) is ordered after the work pending on torch's current stream.
@@ -68,11 +69,13 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"as_cupy expects a torch.Tensor or cupy.ndarray, got {type(x).__qualname__}")
-    if x.device.type != "cuda":
-        raise ValueError(f"as_cupy needs a CUDA tensor, got one on {x.device}")
+    pinned = x.device.type == "cpu" and x.is_pinned()
+    if x.device.type != "cuda" and not pinned:
+        raise ValueError(f"as_cupy needs a CUDA tensor or a pinned CPU tensor, got one on {x.device}")
     t = _tops()
+    device_index = cp.cuda.runtime.getDevice() if pinned else x.device.index
     consumer = cp.cuda.get_current_stream().ptr if stream is None else stream_handle(stream)
-    _order(t.get_raw(x.device.index), consumer)
+    _order(t.get_raw(device_index), consumer)
     dt = _np_dtype(x.dtype)
     if dt is None:
         arr = _cupy_from_dlpack(x)
@@ -86,7 +89,8 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
     extent = 1
     for n, st in zip(shape, x.stride()):
         extent += (n - 1) * st
-    mem = cp.cuda.UnownedMemory(x.data_ptr(), extent * itemsize, x, x.device.index)
+    # A pinned host tensor is addressable from the device at the same pointer (unified addressing).
+    mem = cp.cuda.UnownedMemory(x.data_ptr(), extent * itemsize, x, device_index)
     return cp.ndarray(shape, dt, cp.cuda.MemoryPointer(mem, 0), strides)
 
 

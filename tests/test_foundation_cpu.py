@@ -65,7 +65,7 @@ def test_interop_rejects_wrong_types():
 
 def test_as_cupy_rejects_cpu_tensor():
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match="CUDA tensor"):
+    with pytest.raises(ValueError, match="CUDA tensor or a pinned"):
         lowlevel.as_cupy(torch.randn(3))
 
 
