@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 TORCH_CPU ?= torch==2.13.0
 TRITON_CPU ?= triton==3.6.0
+# Triton 3.6's interpreter calls int() on 1-element arrays, which NumPy 2.4 refuses.
+NUMPY_CPU ?= numpy<2.4
 
 HAVE_STACK := $(shell $(PYTHON) -c "import torch, triton, cupy" >/dev/null 2>&1 && echo yes)
 ifeq ($(HAVE_STACK),yes)
@@ -29,8 +31,8 @@ setup: $(STAMP)
 $(VENV)/.stamp: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(TORCH_CPU) $(TRITON_CPU)
-	$(VENV)/bin/python -m pip install -q -e '.[cuda12,test,bench]'
+	$(VENV)/bin/python -m pip install -q $(TORCH_CPU) $(TRITON_CPU) '$(NUMPY_CPU)'
+	$(VENV)/bin/python -m pip install -q -e '.[cuda12,test,bench]' '$(NUMPY_CPU)'
 	touch $@
 
 test: $(STAMP)

@@ -1,1 +1,14 @@
-"""SM-limited persistent Triton kernels (installed as ``lowlevel.kernels``)."""
+"""SM-limited persistent Triton kernels (installed as ``lowlevel.kernels``).
+
+Each kernel launches ``min(cap, work)`` programs that stride over the work, where the cap is
+:func:`get_num_sms` (see :func:`set_num_sms` and :func:`lowlevel.sm_limit`); changing the cap
+never recompiles. Inputs may be torch tensors or CuPy arrays; launches go to lowlevel's current
+stream (:func:`lowlevel.use_stream`).
+"""
+from lowlevel.sm_control import get_num_sms, set_num_sms, sm_limit
+
+from .copy import copy
+from .matmul import matmul
+from .rms_norm import rms_norm
+
+__all__ = ["copy", "get_num_sms", "matmul", "rms_norm", "set_num_sms", "sm_limit"]

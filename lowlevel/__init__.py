@@ -22,6 +22,7 @@ from .graph_runner import CUDAGraphRunner
 from .graphs import Graph, GraphPool, capture
 from .interop import as_cupy, as_torch
 from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
+from .sm_control import SMControlContextManager, SMPartition, sm_limit, sm_partition
 from .stream import Stream, current_stream, stream_handle, use_stream
 from .ubatch_slices import UBatchSlice, check_ubatch_thresholds, maybe_create_ubatch_slices
 
@@ -49,7 +50,11 @@ __all__ = [
     "Event",
     "LowlevelError",
     "ParallelRunner",
+    "SMControlContextManager",
+    "SMPartition",
     "Stream",
+    "sm_limit",
+    "sm_partition",
     "as_cupy",
     "as_torch",
     "cuda_available",

@@ -4,6 +4,10 @@ import pytest
 
 import lowlevel
 
+if not lowlevel.cuda_available():
+    # Triton kernels run under its interpreter on the CPU; set before lowlevel.kernels is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if lowlevel.cuda_available():

@@ -1,0 +1,45 @@
+"""SM-limited copy: a memory-bound kernel that stays on at most ``get_num_sms()`` SMs, the
+stand-in for SM-bound communication kernels (DeepEP-style) in overlap experiments."""
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+
+from lowlevel.sm_control import get_num_sms
+
+from ._launch import INTERPRET, FastLauncher, check_device, to_torch
+
+
+@triton.jit(do_not_specialize=["num_progs"])
+def _copy_kernel(src_ptr, dst_ptr, n, num_progs, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: arrays may exceed 2**31 elements
+    for chunk in range(pid, tl.cdiv(n, BLOCK), num_progs):
+        idx = chunk * block + offs
+        m = idx < n
+        tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=m), mask=m)
+
+
+_launch = FastLauncher(_copy_kernel, ("num_progs",))
+
+
+def copy(src: Any, dst: Any) -> Any:
+    """Copy ``src`` into ``dst`` (same shape and dtype, both contiguous) on at most
+    :func:`~lowlevel.sm_control.get_num_sms` SMs, on lowlevel's current stream. Returns ``dst``."""
+    st, _ = to_torch(src, "src")
+    dt, _ = to_torch(dst, "dst")
+    if st.shape != dt.shape or st.dtype != dt.dtype:
+        raise ValueError(f"src and dst must match: {tuple(st.shape)} {st.dtype} vs {tuple(dt.shape)} {dt.dtype}")
+    if not (st.is_contiguous() and dt.is_contiguous()):
+        raise ValueError("copy needs contiguous src and dst")
+    check_device("copy", st, dt)
+    n = st.numel()
+    if n:
+        # one program per SM at most (so the cap bounds the SMs in use), each moving 32 KiB a step
+        block = 128 if INTERPRET else 32768 // st.element_size()
+        grid = max(1, min(get_num_sms(), triton.cdiv(n, block)))
+        _launch(grid, (st.view(-1), dt.view(-1), n, grid), {"BLOCK": block}, 1 if INTERPRET else 16, 1)
+    return dst

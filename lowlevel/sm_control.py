@@ -1,0 +1,214 @@
+"""How many SMs compute may use: a software cap for lowlevel's persistent kernels, vLLM's
+SM control context manager, and hardware SM partitions (green contexts).
+
+The cap: lowlevel's persistent kernels launch ``min(cap, tiles)`` programs that stride over the
+tiles, so a cap of ``k`` keeps them on at most ``k`` SMs at a time and changing it never
+recompiles. The cap is resolved per call as: the innermost :func:`sm_limit` of the calling
+thread, else the process-wide value of :func:`set_num_sms`, else every SM of the device.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Iterator
+
+from .device import cuda_available, require_cuda
+from .errors import LowlevelError
+
+__all__ = ["set_num_sms", "get_num_sms", "device_sm_count", "sm_limit", "SMControlContextManager",
+           "SMPartition", "sm_partition"]
+
+INTERPRETER_SMS = 8
+"""The SM count assumed where no GPU exists (Triton's interpreter on the CPU)."""
+
+_global_cap: int | None = None
+_tls = threading.local()
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
+def device_sm_count(device: int | None = None) -> int:
+    """SMs of ``device`` (default: the current one); :data:`INTERPRETER_SMS` without a GPU."""
+    if not cuda_available():
+        return INTERPRETER_SMS
+    if device is None:
+        import cupy
+
+        device = cupy.cuda.runtime.getDevice()
+    return _sm_count(device)
+
+
+def _check(n: Any, what: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{what} must be a positive int, got {n!r}")
+    return n
+
+
+def set_num_sms(n: int | None) -> None:
+    """Set the process-wide SM cap of lowlevel's kernels (None: every SM). Threads inside an
+    :func:`sm_limit` block keep their own cap."""
+    global _global_cap
+    _global_cap = None if n is None else _check(n, "num_sms")
+
+
+def get_num_sms() -> int:
+    """The SM cap that a kernel launched now from this thread uses (never above the device's)."""
+    stack = getattr(_tls, "stack", None)
+    total = device_sm_count()
+    if stack:
+        return min(stack[-1], total)
+    return total if _global_cap is None else min(_global_cap, total)
+
+
+class sm_limit:
+    """Cap lowlevel's kernels launched from this thread to ``n`` SMs inside the block; nests
+    (the innermost wins) and restores on exit, exceptions included. Other threads are not
+    affected."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = _check(n, "sm_limit")
+
+    def __enter__(self) -> int:
+        stack = getattr(_tls, "stack", None)
+        if stack is None:
+            stack = _tls.stack = []
+        stack.append(self.n)
+        return self.n
+
+    def __exit__(self, *exc: object) -> None:
+        _tls.stack.pop()
+
+
+class SMControlContextManager:
+    """vLLM's SM control for overlap: on entry give ``comm_sms`` to communication kernels and
+    the rest to compute (``set_comm_sms(comm_sms)`` then ``set_compute_sms(total - comm_sms)``);
+    on exit, exceptions included, give both every SM again.
+
+    ``total_sms`` defaults to the device's SM count. ``comm_sms`` must be in ``[0, total)``."""
+
+    def __init__(self, comm_sms: int, set_comm_sms: Callable[[int], Any], set_compute_sms: Callable[[int], Any], *,
+                 total_sms: int | None = None) -> None:
+        total = device_sm_count() if total_sms is None else _check(total_sms, "total_sms")
+        if isinstance(comm_sms, bool) or not isinstance(comm_sms, int) or comm_sms < 0 or comm_sms >= total:
+            raise ValueError(f"comm_sms must be an int in [0, {total}), got {comm_sms!r}")
+        self.total_sms = total
+        self.comm_sms = comm_sms
+        self.compute_sms = total - comm_sms
+        self.set_comm_sms = set_comm_sms
+        self.set_compute_sms = set_compute_sms
+
+    def __enter__(self) -> "SMControlContextManager":
+        self.set_comm_sms(self.comm_sms)
+        self.set_compute_sms(self.compute_sms)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.set_comm_sms(self.total_sms)
+        self.set_compute_sms(self.total_sms)
+
+
+# --- hardware partitions ----------------------------------------------------------------------
+
+def _drv() -> Any:
+    try:
+        from cuda.bindings import driver
+    except Exception as exc:
+        raise LowlevelError(f"SM partitions need cuda-bindings (cuda.bindings.driver): {exc}") from exc
+    if not hasattr(driver, "cuGreenCtxCreate"):
+        raise LowlevelError("this cuda-bindings has no green-context API (cuGreenCtxCreate)")
+    return driver
+
+
+def _ok(result: Any, call: str) -> Any:
+    err = result[0]
+    if int(err) != 0:
+        raise LowlevelError(f"{call} failed: {err!r} (the driver may lack green-context support)")
+    return result[1] if len(result) == 2 else result[1:]
+
+
+class SMPartition:
+    """Streams confined to disjoint groups of SMs (green contexts). Work on ``streams[i]`` runs
+    only on its group of ``sm_counts[i]`` SMs. :meth:`close` (or leaving a ``with`` block)
+    destroys the streams and contexts; synchronize them first."""
+
+    def __init__(self, streams: list[Any], sm_counts: list[int], handles: list[tuple[Any, Any]], drv: Any) -> None:
+        self.streams = streams
+        self.sm_counts = sm_counts
+        self._handles = handles
+        self._drv = drv
+
+    def close(self) -> None:
+        for stream, ctx in self._handles:
+            self._drv.cuStreamDestroy(stream)
+            self._drv.cuGreenCtxDestroy(ctx)
+        self._handles = []
+        self.streams = []
+
+    def __enter__(self) -> "SMPartition":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.streams)
+
+
+def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition:
+    """Split the device's SMs into disjoint groups of ``sm_counts[i]`` SMs and return an
+    :class:`SMPartition` with one :class:`~lowlevel.Stream` per group.
+
+    On sm_90 a group has at least 8 SMs and a multiple of 8 (``ValueError`` otherwise, and
+    when the counts add up to more SMs than the device has); SMs left over get no stream.
+    Raises :class:`~lowlevel.LowlevelError` where the driver or bindings lack green contexts.
+    """
+    require_cuda()
+    import cupy
+
+    from .stream import Stream
+
+    if not sm_counts:
+        raise ValueError("sm_counts must name at least one group")
+    dev = cupy.cuda.runtime.getDevice() if device is None else device
+    props = cupy.cuda.runtime.getDeviceProperties(dev)
+    total = int(props["multiProcessorCount"])
+    gran = 8 if int(props["major"]) >= 9 else 2
+    for c in sm_counts:
+        if isinstance(c, bool) or not isinstance(c, int) or c < gran or c % gran:
+            raise ValueError(f"each SM group needs at least {gran} SMs and a multiple of {gran} on this "
+                             f"device (compute capability {props['major']}.{props['minor']}), got {c!r}")
+    if sum(sm_counts) > total:
+        raise ValueError(f"the groups ask for {sum(sm_counts)} SMs; the device has {total}")
+    drv = _drv()
+    cupy.cuda.runtime.free(0)  # make sure the primary context exists
+    _ok(drv.cuInit(0), "cuInit")
+    cu_dev = _ok(drv.cuDeviceGet(dev), "cuDeviceGet")
+    current = _ok(drv.cuDeviceGetDevResource(cu_dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
+                  "cuDeviceGetDevResource")
+    groups = []
+    for c in sm_counts:
+        res, _n, remaining = _ok(drv.cuDevSmResourceSplitByCount(1, current, 0, c), "cuDevSmResourceSplitByCount")
+        groups.append(res[0])
+        current = remaining
+    handles, streams, counts = [], [], []
+    try:
+        for g in groups:
+            desc = _ok(drv.cuDevResourceGenerateDesc([g], 1), "cuDevResourceGenerateDesc")
+            ctx = _ok(drv.cuGreenCtxCreate(desc, cu_dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
+                      "cuGreenCtxCreate")
+            st = _ok(drv.cuGreenCtxStreamCreate(ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
+                     "cuGreenCtxStreamCreate")
+            handles.append((st, ctx))
+            streams.append(Stream.from_external(int(st)))
+            counts.append(int(g.sm.smCount))
+    except BaseException:
+        SMPartition([], [], handles, drv).close()
+        raise
+    return SMPartition(streams, counts, handles, drv)

@@ -1,0 +1,154 @@
+"""Kernels on small shapes: under TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import lowlevel
+from lowlevel.sm_control import device_sm_count
+
+K = pytest.importorskip("lowlevel.kernels")
+DEV = "cuda" if lowlevel.cuda_available() else "cpu"
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.from_numpy(np.random.default_rng().standard_normal(shape)).to(dtype).to(DEV)
+
+
+def _rel(got, ref):
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return float((got - ref).norm() / ref.norm())
+
+
+CAPS = [1, 3, None]
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("mnk", [(37, 45, 29), (16, 16, 16), (1, 50, 7), (33, 1, 40)])
+def test_matmul_against_float64(cap, dtype, tol, mnk):
+    M, N, Kd = mnk
+    a, b = _rand(M, Kd, dtype=dtype), _rand(Kd, N, dtype=dtype)
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+    with lowlevel.sm_limit(cap or device_sm_count()):
+        K.matmul(a, b, out=out, precision="ieee")
+    ref = a.double() @ b.double()
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < tol
+
+
+def test_matmul_strided_inputs():
+    a = _rand(40, 60)[:, ::2]  # (40, 30) with stride 2 along K
+    b = _rand(30, 24).t().contiguous().t()  # column-major
+    got = K.matmul(a, b, precision="ieee")
+    assert _rel(got, a.double() @ b.double()) < 1e-5
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_rms_norm_with_and_without_residual(cap, dtype, tol):
+    rows, n = 13, 100
+    x, w, r = _rand(rows, n, dtype=dtype), _rand(n, dtype=dtype), _rand(rows, n, dtype=dtype)
+    with lowlevel.sm_limit(cap or device_sm_count()):
+        y = K.rms_norm(x, w, 1e-6)
+        y2, new_r = K.rms_norm(x, w, 1e-6, residual=r)
+
+    def ref(v):
+        v = v.double()
+        return v / torch.sqrt((v * v).mean(dim=1, keepdim=True) + 1e-6) * w.double()
+
+    assert _rel(y, ref(x)) < tol
+    assert _rel(new_r, x.double() + r.double()) < tol
+    assert _rel(y2, ref(x.double() + r.double())) < tol
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("n", [1, 127, 1000, 4099])
+def test_copy(cap, n):
+    src = _rand(n)
+    dst = torch.full((n,), float("nan"), device=DEV)
+    with lowlevel.sm_limit(cap or device_sm_count()):
+        assert K.copy(src, dst) is dst
+    assert torch.equal(dst, src)
+
+
+def test_cap_changes_do_not_add_kernels():
+    a, b = _rand(20, 20), _rand(20, 20)
+    from lowlevel.kernels.matmul import _launch
+    K.matmul(a, b)
+    before = len(_launch.cache)
+    for cap in (1, 2, 3, 5, 7, device_sm_count()):
+        with lowlevel.sm_limit(cap):
+            K.matmul(a, b)
+    assert len(_launch.cache) == before
+
+
+def test_validation():
+    a = _rand(4, 5)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        K.matmul(a, _rand(4, 5))
+    with pytest.raises(TypeError, match="same dtype"):
+        K.matmul(a, _rand(5, 3, dtype=torch.float16))
+    with pytest.raises(TypeError, match="supports"):
+        K.matmul(a.double(), _rand(5, 3).double())
+    with pytest.raises(ValueError, match="2-D"):
+        K.matmul(_rand(2, 2, 2), a)
+    with pytest.raises(TypeError, match="torch.Tensor or cupy"):
+        K.matmul(np.ones((2, 2)), a)
+    with pytest.raises(ValueError, match="out must be"):
+        K.matmul(a, _rand(5, 3), out=_rand(4, 4))
+    with pytest.raises(ValueError, match="weight"):
+        K.rms_norm(a, _rand(4))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.rms_norm(_rand(5, 4).t(), _rand(5))
+    with pytest.raises(ValueError, match="must match"):
+        K.copy(_rand(3), _rand(4))
+    with pytest.raises(ValueError):
+        lowlevel.sm_limit(0)
+    with pytest.raises(ValueError):
+        K.set_num_sms(-2)
+
+
+def test_sm_limit_nests_per_thread_and_set_num_sms():
+    total = device_sm_count()
+    assert K.get_num_sms() == total
+    K.set_num_sms(2)
+    try:
+        assert K.get_num_sms() == 2
+        with lowlevel.sm_limit(5):
+            assert K.get_num_sms() == min(5, total)
+            with lowlevel.sm_limit(1):
+                assert K.get_num_sms() == 1
+                seen = []
+                th = threading.Thread(target=lambda: seen.append(K.get_num_sms()))
+                th.start()
+                th.join()
+                assert seen == [2]  # another thread sees the process-wide value
+            assert K.get_num_sms() == min(5, total)
+        with pytest.raises(KeyError):
+            with lowlevel.sm_limit(3):
+                raise KeyError
+        assert K.get_num_sms() == 2
+    finally:
+        K.set_num_sms(None)
+    assert K.get_num_sms() == total
+
+
+def test_sm_control_context_manager():
+    log = []
+    ctl = lowlevel.SMControlContextManager(20, lambda n: log.append(("comm", n)), lambda n: log.append(("comp", n)),
+                                           total_sms=132)
+    with pytest.raises(RuntimeError):
+        with ctl:
+            assert log == [("comm", 20), ("comp", 112)]
+            raise RuntimeError
+    assert log[2:] == [("comm", 132), ("comp", 132)]
+    for bad in (132, 200, -1):
+        with pytest.raises(ValueError):
+            lowlevel.SMControlContextManager(bad, print, print, total_sms=132)
+    # with lowlevel's own setters
+    with lowlevel.SMControlContextManager(3, lambda n: None, K.set_num_sms, total_sms=8):
+        assert K.get_num_sms() == min(5, device_sm_count())
+    assert K.get_num_sms() == min(8, device_sm_count())
+    K.set_num_sms(None)

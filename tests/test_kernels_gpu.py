@@ -1,0 +1,141 @@
+"""GPU tier of the kernels: real sizes, every dtype, cap sweep, CuPy inputs, recompilation, partitions."""
+import time
+
+import numpy as np
+import pytest
+
+import lowlevel
+from lowlevel.sm_control import device_sm_count
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+cp = pytest.importorskip("cupy")
+K = pytest.importorskip("lowlevel.kernels")
+
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # tf32 / half operands (METHOD.md)
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def _rel(got, ref):
+    got, ref = got.double(), ref.double()
+    return float((got - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("mnk", [(1024, 1024, 1024), (1000, 1500, 700), (4096, 512, 2048), (17, 4000, 333)])
+def test_matmul_real_sizes(dtype, mnk):
+    M, N, Kd = mnk
+    a, b = _rand(M, Kd, dtype=dtype), _rand(Kd, N, dtype=dtype)
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+    K.matmul(a, b, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    assert _rel(out, a.double() @ b.double()) < TOL[dtype]
+
+
+def test_matmul_cap_sweep_and_no_recompile():
+    from lowlevel.kernels.matmul import _launch, _matmul_kernel
+
+    a, b = _rand(2048, 1024, dtype=torch.bfloat16), _rand(1024, 2048, dtype=torch.bfloat16)
+    ref = a.double() @ b.double()
+    K.matmul(a, b)
+    dev = torch.cuda.current_device()
+    compiled = len(_matmul_kernel.device_caches[dev][0])
+    ours = len(_launch.cache)
+    total = device_sm_count()
+    for cap in sorted({1, 2, 3, 7, 16, 33, 64, 100, total}):
+        out = torch.full((2048, 2048), float("nan"), device="cuda", dtype=torch.bfloat16)
+        with lowlevel.sm_limit(cap):
+            K.matmul(a, b, out=out)
+        torch.cuda.synchronize()
+        assert _rel(out, ref) < 1e-2, cap
+    assert len(_matmul_kernel.device_caches[dev][0]) == compiled  # Triton compiled nothing new
+    assert len(_launch.cache) == ours
+
+
+def test_kernels_take_cupy_arrays_and_return_cupy():
+    a = cp.random.standard_normal((300, 200)).astype(cp.float32)
+    b = cp.random.standard_normal((200, 100)).astype(cp.float32)
+    c = K.matmul(a, b, precision="ieee")
+    assert isinstance(c, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(c), cp.asnumpy(a).astype(np.float64) @ cp.asnumpy(b), rtol=1e-4,
+                               atol=1e-4)
+    x = cp.random.standard_normal((64, 4096)).astype(cp.float16)
+    w = cp.random.standard_normal(4096).astype(cp.float16)
+    y = K.rms_norm(x, w)
+    assert isinstance(y, cp.ndarray)
+    xd = cp.asnumpy(x).astype(np.float64)
+    ref = xd / np.sqrt((xd * xd).mean(axis=1, keepdims=True) + 1e-6) * cp.asnumpy(w)
+    assert np.linalg.norm(cp.asnumpy(y) - ref) / np.linalg.norm(ref) < 2e-3
+    src = cp.random.standard_normal(1 << 20).astype(cp.float32)
+    dst = cp.full(1 << 20, cp.nan, dtype=cp.float32)
+    K.copy(src, dst)
+    assert bool((dst == src).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_rms_norm_real_sizes_and_cap_sweep(dtype):
+    x, w, r = _rand(4096, 8192, dtype=dtype), _rand(8192, dtype=dtype), _rand(4096, 8192, dtype=dtype)
+    s = (x.double() + r.double())
+    ref = s / torch.sqrt((s * s).mean(dim=1, keepdim=True) + 1e-6) * w.double()
+    for cap in (1, 5, 66, device_sm_count()):
+        out = torch.full_like(x, float("nan"))
+        with lowlevel.sm_limit(cap):
+            y, new_r = K.rms_norm(x, w, residual=r, out=out)
+        torch.cuda.synchronize()
+        assert y is out and _rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert _rel(new_r, s) < (1e-7 if dtype == torch.float32 else 5e-3)
+
+
+def test_copy_cap_sweep_large():
+    src = _rand(1 << 26)
+    for cap in (1, 3, 32, device_sm_count()):
+        dst = torch.full_like(src, float("nan"))
+        with lowlevel.sm_limit(cap):
+            K.copy(src, dst)
+        torch.cuda.synchronize()
+        assert torch.equal(dst, src)
+
+
+def _time_ms(fn, stream=None, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def test_green_context_partition_slows_a_full_grid_kernel():
+    from lowlevel.testing import spin
+
+    total = device_sm_count()
+    part = lowlevel.sm_partition([64])
+    try:
+        assert part.sm_counts == [64]
+        (s,) = part.streams
+        # `total` blocks that each spin 2 ms: one wave on the whole GPU, total/64 waves on 64 SMs
+        whole = _time_ms(lambda: spin(2_000_000, blocks=total))
+        with lowlevel.use_stream(s):
+            inside = _time_ms(lambda: spin(2_000_000, blocks=total))
+        ratio = inside / whole
+        expected = -(-total // 64)  # ceil(132 / 64) = 3 waves for 132 SMs
+        print(f"whole GPU {whole:.2f} ms, 64-SM partition {inside:.2f} ms, ratio {ratio:.2f}")
+        assert 0.75 * expected <= ratio <= 1.3 * expected
+        # the partition's stream computes correctly
+        with lowlevel.use_stream(s):
+            a, b = _rand(512, 256), _rand(256, 128)
+            c = K.matmul(a, b, precision="ieee")
+        s.synchronize()
+        assert _rel(c, a.double() @ b.double()) < 1e-5
+    finally:
+        torch.cuda.synchronize()
+        part.close()
+    with pytest.raises(ValueError, match="multiple of"):
+        lowlevel.sm_partition([12])
+    with pytest.raises(ValueError, match="device has"):
+        lowlevel.sm_partition([128, 64])
