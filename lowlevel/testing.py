@@ -22,12 +22,20 @@ def _spin_kernel() -> Any:
     return _cp.RawKernel(_SPIN_SRC, "lowlevel_spin")
 
 
-def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None) -> None:
+def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None, whole_sm: bool = False) -> None:
     """Enqueue a kernel of ``blocks`` one-thread blocks that each busy-wait ``ns`` nanoseconds
-    on ``stream`` (default: lowlevel's current stream). With ``blocks`` equal to the SM count it
-    occupies every SM."""
+    on ``stream`` (default: lowlevel's current stream). ``whole_sm=True`` gives each block
+    enough shared memory that no two blocks share an SM, so ``blocks`` blocks run in
+    ``ceil(blocks / SMs)`` waves."""
     h = _current_handle() if stream is None else stream_handle(stream)
-    _spin_kernel()((blocks,), (1,), (_cp.uint64(ns),), stream=_cupy_external(h))
+    k = _spin_kernel()
+    smem = 0
+    if whole_sm:
+        dev = _cp.cuda.runtime.getDevice()
+        smem = int(_cp.cuda.runtime.getDeviceProperties(dev)["sharedMemPerMultiprocessor"]) // 2 + 1024
+        if k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+    k((blocks,), (1,), (_cp.uint64(ns),), stream=_cupy_external(h), shared_mem=smem)
 
 
 @functools.cache
