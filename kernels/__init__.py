@@ -7,8 +7,10 @@ stream (:func:`lowlevel.use_stream`).
 """
 from lowlevel.sm_control import get_num_sms, set_num_sms, sm_limit
 
-from .copy import copy
-from .matmul import matmul
-from .rms_norm import rms_norm
+from ._launch import PreparedLaunch
+from .copy import copy, prepare_copy
+from .matmul import matmul, prepare_matmul
+from .rms_norm import prepare_rms_norm, rms_norm
 
-__all__ = ["copy", "get_num_sms", "matmul", "rms_norm", "set_num_sms", "sm_limit"]
+__all__ = ["PreparedLaunch", "copy", "get_num_sms", "matmul", "prepare_copy", "prepare_matmul",
+           "prepare_rms_norm", "rms_norm", "set_num_sms", "sm_limit"]

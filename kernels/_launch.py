@@ -12,6 +12,7 @@ import os
 from typing import Any, Sequence
 
 from lowlevel import stream as _st
+from lowlevel.stream import _current_handle
 from lowlevel.interop import as_cupy, as_torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -63,14 +64,17 @@ class FastLauncher:
         self.cache: dict[tuple[Any, ...], Any] = {}
         self.compiles = 0  # kernels this launcher obtained from Triton (one per key)
 
+    def key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int) -> tuple:
+        free = self._free
+        return (tuple(None if i in free else _spec(a) for i, a in enumerate(args)), tuple(constexprs.values()),
+                num_warps, num_stages)
+
     def __call__(self, grid: int, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
                  num_stages: int) -> None:
         if INTERPRET:
             self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return
-        free = self._free
-        key = (tuple(None if i in free else _spec(a) for i, a in enumerate(args)), tuple(constexprs.values()),
-               num_warps, num_stages)
+        key = self.key(args, constexprs, num_warps, num_stages)
         ck = self.cache.get(key)
         if ck is None:
             import torch
@@ -82,8 +86,74 @@ class FastLauncher:
             self.cache[key] = ck
             self.compiles += 1
             return
-        ck.run(grid, 1, 1, _st._current_handle(), ck.function, ck.packed_metadata, None, None, None,
+        ck.run(grid, 1, 1, _current_handle(), ck.function, ck.packed_metadata, None, None, None,
                *args, *constexprs.values())
+
+
+class Plan:
+    """One validated launch: the work in tiles, the arguments (``args[grid_at]`` is the program
+    count, filled in at launch), the constexprs and options, and the value to return."""
+
+    __slots__ = ("launcher", "tiles", "args", "grid_at", "constexprs", "num_warps", "num_stages", "result")
+
+    def __init__(self, launcher: "FastLauncher", tiles: int, args: tuple[Any, ...], grid_at: int,
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any) -> None:
+        self.launcher, self.tiles, self.args, self.grid_at = launcher, tiles, args, grid_at
+        self.constexprs, self.num_warps, self.num_stages, self.result = constexprs, num_warps, num_stages, result
+
+    def launch(self) -> Any:
+        """Launch now with ``min(cap, tiles)`` programs; return the result."""
+        from lowlevel.sm_control import get_num_sms
+
+        if self.tiles:
+            grid = max(1, min(get_num_sms(), self.tiles))
+            args = self.args[:self.grid_at] + (grid,) + self.args[self.grid_at + 1:]
+            self.launcher(grid, args, self.constexprs, self.num_warps, self.num_stages)
+        return self.result
+
+    def prepare(self) -> "PreparedLaunch":
+        return PreparedLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
+                              self.num_warps, self.num_stages)
+
+
+class PreparedLaunch:
+    """A kernel launch with its arguments fixed: calling it re-reads the SM cap, sets the grid
+    and launches the compiled kernel on lowlevel's current stream, with no validation, no
+    argument parsing and no specialisation lookup. Keep the arrays it was prepared with alive
+    (it holds references) and unchanged in shape, or prepare again."""
+
+    __slots__ = ("_ck", "_args", "_tiles", "_grid_at", "_keep", "_launcher", "_constexprs", "_opts")
+
+    def __init__(self, launcher: "FastLauncher", tiles: int, args: Sequence[Any], grid_at: int,
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int) -> None:
+        from lowlevel.sm_control import get_num_sms
+
+        grid = max(1, min(get_num_sms(), tiles))
+        call_args = list(args)
+        call_args[grid_at] = grid
+        launcher(grid, call_args, constexprs, num_warps, num_stages)  # compiles if needed, launches once
+        self._keep = args
+        self._tiles = tiles
+        self._grid_at = grid_at
+        self._ck = None if INTERPRET else launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
+        # pointers as ints: the launcher takes them as they are, skipping data_ptr() calls
+        self._args = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in call_args] + list(constexprs.values())
+        self._launcher, self._constexprs, self._opts = launcher, constexprs, (num_warps, num_stages)
+
+    def __call__(self) -> None:
+        from lowlevel.sm_control import get_num_sms
+
+        grid = get_num_sms()
+        if grid > self._tiles:
+            grid = self._tiles
+        args = self._args
+        args[self._grid_at] = grid
+        ck = self._ck
+        if ck is None:  # the interpreter
+            self._launcher(grid, self._keep[:self._grid_at] + (grid,) + tuple(self._keep[self._grid_at + 1:]),
+                           self._constexprs, *self._opts)
+            return
+        ck.run(grid, 1, 1, _current_handle(), ck.function, ck.packed_metadata, None, None, None, *args)
 
 
 class _nullctx:

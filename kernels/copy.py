@@ -7,9 +7,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from lowlevel.sm_control import get_num_sms
-
-from ._launch import INTERPRET, FastLauncher, check_device, to_torch
+from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, to_torch
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -26,9 +24,7 @@ def _copy_kernel(src_ptr, dst_ptr, n, num_progs, BLOCK: tl.constexpr):
 _launch = FastLauncher(_copy_kernel, ("num_progs",))
 
 
-def copy(src: Any, dst: Any) -> Any:
-    """Copy ``src`` into ``dst`` (same shape and dtype, both contiguous) on at most
-    :func:`~lowlevel.sm_control.get_num_sms` SMs, on lowlevel's current stream. Returns ``dst``."""
+def _plan(src: Any, dst: Any) -> Plan:
     st, _ = to_torch(src, "src")
     dt, _ = to_torch(dst, "dst")
     if st.shape != dt.shape or st.dtype != dt.dtype:
@@ -37,9 +33,18 @@ def copy(src: Any, dst: Any) -> Any:
         raise ValueError("copy needs contiguous src and dst")
     check_device("copy", st, dt)
     n = st.numel()
-    if n:
-        # one program per SM at most (so the cap bounds the SMs in use), each moving 32 KiB a step
-        block = 128 if INTERPRET else 32768 // st.element_size()
-        grid = max(1, min(get_num_sms(), triton.cdiv(n, block)))
-        _launch(grid, (st.view(-1), dt.view(-1), n, grid), {"BLOCK": block}, 1 if INTERPRET else 16, 1)
-    return dst
+    # one program per SM at most (so the cap bounds the SMs in use), each moving 32 KiB a step
+    block = 128 if INTERPRET else 32768 // st.element_size()
+    return Plan(_launch, triton.cdiv(n, block), (st.view(-1), dt.view(-1), n, 0), 3, {"BLOCK": block},
+                1 if INTERPRET else 16, 1, dst)
+
+
+def copy(src: Any, dst: Any) -> Any:
+    """Copy ``src`` into ``dst`` (same shape and dtype, both contiguous) on at most
+    :func:`~lowlevel.sm_control.get_num_sms` SMs, on lowlevel's current stream. Returns ``dst``."""
+    return _plan(src, dst).launch()
+
+
+def prepare_copy(src: Any, dst: Any) -> PreparedLaunch:
+    """Validate once; the returned :class:`PreparedLaunch` copies ``src`` into ``dst`` per call."""
+    return _plan(src, dst).prepare()

@@ -11,9 +11,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from lowlevel.sm_control import get_num_sms
-
-from ._launch import INTERPRET, FastLauncher, check_device, like_input, to_torch
+from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, like_input, to_torch
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -73,13 +71,7 @@ def _config(M: int, N: int, itemsize: int) -> tuple[int, ...]:
     return cfg
 
 
-def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
-    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N) of the same dtype (bf16, fp16 or fp32),
-    accumulated in fp32, written to ``out`` (M, N) (new if None) on lowlevel's current stream.
-
-    Runs on at most :func:`~lowlevel.sm_control.get_num_sms` SMs. Inputs may be torch tensors
-    or CuPy arrays (viewed, not copied); any strides; the result is of the kind of ``a``.
-    ``precision`` for fp32 inputs: ``"tf32"`` (tensor cores) or ``"ieee"`` (exact fp32)."""
+def _plan(a: Any, b: Any, out: Any, precision: str) -> Plan:
     import torch
 
     at, a_cp = to_torch(a, "a")
@@ -98,18 +90,34 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
         raise ValueError(f"inner dimensions differ: a is {tuple(at.shape)}, b is {tuple(bt.shape)}")
     if out is None:
         ct = torch.empty((M, N), dtype=at.dtype, device=at.device)
+        result = like_input(ct, a_cp)
     else:
         ct, _ = to_torch(out, "out")
+        result = out
         if tuple(ct.shape) != (M, N) or ct.dtype != at.dtype:
             raise ValueError(f"out must be ({M}, {N}) {at.dtype}, got {tuple(ct.shape)} {ct.dtype}")
     check_device("matmul", at, bt, ct)
-    if M == 0 or N == 0:
-        return like_input(ct, a_cp) if out is None else out
     bm, bn, bk, gm, warps, stages = _config(M, N, at.element_size())
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    grid = max(1, min(get_num_sms(), tiles))
-    _launch(grid, (at, bt, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
-                   ct.stride(0), ct.stride(1), grid),
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
-             "INPUT_PRECISION": precision if at.dtype == torch.float32 else "ieee"}, warps, stages)
-    return like_input(ct, a_cp) if out is None else out
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) if M and N else 0
+    args = (at, bt, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), ct.stride(0), ct.stride(1), 0)
+    cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
+           "INPUT_PRECISION": precision if at.dtype == torch.float32 else "ieee"}
+    return Plan(_launch, tiles, args, 12, cex, warps, stages, result)
+
+
+def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
+    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N) of the same dtype (bf16, fp16 or fp32),
+    accumulated in fp32, written to ``out`` (M, N) (new if None) on lowlevel's current stream.
+
+    Runs on at most :func:`~lowlevel.sm_control.get_num_sms` SMs. Inputs may be torch tensors
+    or CuPy arrays (viewed, not copied); any strides; the result is of the kind of ``a``.
+    ``precision`` for fp32 inputs: ``"tf32"`` (tensor cores) or ``"ieee"`` (exact fp32)."""
+    return _plan(a, b, out, precision).launch()
+
+
+def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32") -> PreparedLaunch:
+    """Validate once and return a :class:`PreparedLaunch` that recomputes ``a @ b`` into
+    ``out`` each time it is called (the cheapest launch path; the cap is read per call)."""
+    if out is None:
+        raise ValueError("prepare_matmul needs out=")
+    return _plan(a, b, out, precision).prepare()

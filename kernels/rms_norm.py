@@ -10,36 +10,33 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from lowlevel.sm_control import get_num_sms
-
-from ._launch import INTERPRET, FastLauncher, check_device, like_input, to_torch
+from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, like_input, to_torch
 
 
 @triton.jit(do_not_specialize=["num_progs", "eps"])
 def _rms_norm_kernel(x_ptr, w_ptr, r_ptr, y_ptr, rout_ptr, rows, N, stride_x, stride_r, stride_y, stride_ro,
-                     eps, num_progs, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     eps, num_progs, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    for row in range(pid, rows, num_progs):
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    for rb in range(pid, tl.cdiv(rows, ROWS), num_progs):
+        # ROWS rows at a time: more bytes in flight per program
+        r = rb * ROWS + tl.arange(0, ROWS)
+        mask = (r[:, None] < rows) & (cols[None, :] < N)
+        x = tl.load(x_ptr + r[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(rout_ptr + row * stride_ro + cols, x.to(rout_ptr.dtype.element_ty), mask=mask)
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-        tl.store(y_ptr + row * stride_y + cols, (x * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+            x += tl.load(r_ptr + r[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(rout_ptr + r[:, None] * stride_ro + cols[None, :], x.to(rout_ptr.dtype.element_ty), mask=mask)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = x * inv[:, None] * w[None, :]
+        tl.store(y_ptr + r[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _launch = FastLauncher(_rms_norm_kernel, ("num_progs", "eps"))
 MAX_N = 65536
 
 
-def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, out: Any = None) -> Any:
-    """RMSNorm of each row of ``x`` (rows, N) with ``weight`` (N,); rows must be contiguous.
-
-    Returns ``out`` (new if None), or ``(out, new_residual)`` when ``residual`` is given, where
-    ``new_residual = x + residual`` is a new array. Torch or CuPy inputs; the current stream."""
+def _plan(x: Any, weight: Any, eps: float, residual: Any, out: Any) -> Plan:
     import torch
 
     xt, x_cp = to_torch(x, "x")
@@ -67,14 +64,29 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, ou
             raise ValueError("residual must have x's shape and dtype, with contiguous rows")
         rot = torch.empty_like(rt)
     check_device("rms_norm", *[t for t in (xt, wt, yt, rt) if t is not None])
-    if rows and N:
-        block = triton.next_power_of_2(N)
-        warps = 1 if INTERPRET else min(16, max(1, block // 512))
-        grid = max(1, min(get_num_sms(), rows))
-        r_args = (rt, rot, rt.stride(0), rot.stride(0)) if rt is not None else (xt, yt, 0, 0)
-        _launch(grid, (xt, wt, r_args[0], yt, r_args[1], rows, N, xt.stride(0), r_args[2], yt.stride(0), r_args[3],
-                       float(eps), grid), {"BLOCK": block, "HAS_RESIDUAL": rt is not None}, warps, 1)
+    block = triton.next_power_of_2(max(N, 1))
+    rows_per = 1 if INTERPRET else max(1, min(4, 16384 // block))
+    warps = 1 if INTERPRET else min(16, max(1, block * rows_per // 1024))
+    r_args = (rt, rot, rt.stride(0), rot.stride(0)) if rt is not None else (xt, yt, 0, 0)
+    args = (xt, wt, r_args[0], yt, r_args[1], rows, N, xt.stride(0), r_args[2], yt.stride(0), r_args[3],
+            float(eps), 0)
     y = like_input(yt, x_cp) if out is None else out
-    if residual is None:
-        return y
-    return y, like_input(rot, x_cp)
+    result = y if residual is None else (y, like_input(rot, x_cp))
+    tiles = triton.cdiv(rows, rows_per) if N else 0
+    return Plan(_launch, tiles, args, 12, {"BLOCK": block, "ROWS": rows_per, "HAS_RESIDUAL": rt is not None},
+                warps, 1, result)
+
+
+def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, out: Any = None) -> Any:
+    """RMSNorm of each row of ``x`` (rows, N) with ``weight`` (N,); rows must be contiguous.
+
+    Returns ``out`` (new if None), or ``(out, new_residual)`` when ``residual`` is given, where
+    ``new_residual = x + residual`` is a new array. Torch or CuPy inputs; the current stream."""
+    return _plan(x, weight, eps, residual, out).launch()
+
+
+def prepare_rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, out: Any) -> PreparedLaunch:
+    """Validate once; the returned :class:`PreparedLaunch` normalises ``x`` into ``out`` per call."""
+    if out is None:
+        raise ValueError("prepare_rms_norm needs out=")
+    return _plan(x, weight, eps, None, out).prepare()

@@ -129,7 +129,8 @@ def _drv() -> Any:
 def _ok(result: Any, call: str) -> Any:
     err = result[0]
     if int(err) != 0:
-        raise LowlevelError(f"{call} failed: {err!r} (the driver may lack green-context support)")
+        name = getattr(err, "name", str(err))
+        raise LowlevelError(f"{call} failed with {name} ({int(err)})")
     return result[1] if len(result) == 2 else result[1:]
 
 
@@ -193,8 +194,10 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     current = _ok(drv.cuDeviceGetDevResource(cu_dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
                   "cuDeviceGetDevResource")
     groups = []
-    for c in sm_counts:
-        res, _n, remaining = _ok(drv.cuDevSmResourceSplitByCount(1, current, 0, c), "cuDevSmResourceSplitByCount")
+    for i, c in enumerate(sm_counts):
+        left = int(current.sm.smCount)
+        res, _n, remaining = _ok(drv.cuDevSmResourceSplitByCount(1, current, 0, c),
+                                 f"cuDevSmResourceSplitByCount (group {i}: {c} of the {left} SMs left)")
         groups.append(res[0])
         current = remaining
     handles, streams, counts = [], [], []

@@ -152,3 +152,29 @@ def test_sm_control_context_manager():
         assert K.get_num_sms() == min(5, device_sm_count())
     assert K.get_num_sms() == min(8, device_sm_count())
     K.set_num_sms(None)
+
+
+def test_prepared_launches_recompute_with_new_data_and_caps():
+    a, b = _rand(30, 20), _rand(20, 10)
+    out = torch.full((30, 10), float("nan"), device=DEV)
+    run = K.prepare_matmul(a, b, out=out, precision="ieee")
+    for cap in (1, 3, None):
+        a.copy_(_rand(30, 20))
+        out.fill_(float("nan"))
+        with lowlevel.sm_limit(cap or device_sm_count()):
+            run()
+        assert _rel(out, a.double() @ b.double()) < 1e-5
+    src, dst = _rand(300), torch.full((300,), float("nan"), device=DEV)
+    cp_run = K.prepare_copy(src, dst)
+    src.copy_(_rand(300))
+    cp_run()
+    assert torch.equal(src, dst)
+    x, w = _rand(7, 33), _rand(33)
+    y = torch.full_like(x, float("nan"))
+    rn = K.prepare_rms_norm(x, w, out=y)
+    x.copy_(_rand(7, 33))
+    rn()
+    xd = x.double()
+    assert _rel(y, xd / torch.sqrt((xd * xd).mean(1, keepdim=True) + 1e-6) * w.double()) < 1e-6
+    with pytest.raises(ValueError):
+        K.prepare_matmul(a, b, out=None)
