@@ -140,7 +140,7 @@ def run(rep: Report) -> None:
     rep.add(f"overlap: best software split (copy on {best[1]} SMs)", best[0], "ms", "both uncapped", t_free)
     try:
         for k in (16, 32):
-            with lowlevel.sm_partition([total // 8 * 8 - k, k]) as part:
+            with lowlevel.sm_partition([total // 8 * 8 - k - 8, k]) as part:
                 sa, sb = part.streams
                 t = wall_ms(lambda: fork(sa, sb, part.sm_counts[0], part.sm_counts[1]))
                 rep.add(f"overlap: green contexts, matmul {part.sm_counts[0]} SMs || copy {part.sm_counts[1]} SMs",

@@ -65,7 +65,7 @@ def _plan(x: Any, weight: Any, eps: float, residual: Any, out: Any) -> Plan:
         rot = torch.empty_like(rt)
     check_device("rms_norm", *[t for t in (xt, wt, yt, rt) if t is not None])
     block = triton.next_power_of_2(max(N, 1))
-    rows_per = 1 if INTERPRET else max(1, min(4, 16384 // block))
+    rows_per = 1 if INTERPRET else max(1, min(8, 32768 // block))
     warps = 1 if INTERPRET else min(16, max(1, block * rows_per // 1024))
     r_args = (rt, rot, rt.stride(0), rot.stride(0)) if rt is not None else (xt, yt, 0, 0)
     args = (xt, wt, r_args[0], yt, r_args[1], rows, N, xt.stride(0), r_args[2], yt.stride(0), r_args[3],

@@ -37,9 +37,9 @@ def device_sm_count(device: int | None = None) -> int:
     if not cuda_available():
         return INTERPRETER_SMS
     if device is None:
-        import cupy
+        from .stream import _tops
 
-        device = cupy.cuda.runtime.getDevice()
+        device = _tops().get_device()
     return _sm_count(device)
 
 
@@ -167,7 +167,9 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     :class:`SMPartition` with one :class:`~lowlevel.Stream` per group.
 
     On sm_90 a group has at least 8 SMs and a multiple of 8 (``ValueError`` otherwise, and
-    when the counts add up to more SMs than the device has); SMs left over get no stream.
+    when the counts add up to more SMs than the device has). The driver splits into equal
+    groups, so either all counts are equal (SMs left over get no stream), or there are two and
+    the second group is everything the first leaves (``sm_counts`` on the result says how many).
     Raises :class:`~lowlevel.LowlevelError` where the driver or bindings lack green contexts.
     """
     require_cuda()
@@ -193,13 +195,20 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     cu_dev = _ok(drv.cuDeviceGet(dev), "cuDeviceGet")
     current = _ok(drv.cuDeviceGetDevResource(cu_dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
                   "cuDeviceGetDevResource")
-    groups = []
-    for i, c in enumerate(sm_counts):
-        left = int(current.sm.smCount)
-        res, _n, remaining = _ok(drv.cuDevSmResourceSplitByCount(1, current, 0, c),
-                                 f"cuDevSmResourceSplitByCount (group {i}: {c} of the {left} SMs left)")
-        groups.append(res[0])
-        current = remaining
+    # The driver splits a resource once: into equal groups plus what is left. Unequal sizes are
+    # served as one group plus the remainder (which may hold a few more SMs than asked).
+    split = "cuDevSmResourceSplitByCount"
+    if len(set(sm_counts)) == 1:
+        res, _n, _rest = _ok(drv.cuDevSmResourceSplitByCount(len(sm_counts), current, 0, sm_counts[0]), split)
+        groups = list(res)[:len(sm_counts)]
+    elif len(sm_counts) == 2:
+        res, _n, rest = _ok(drv.cuDevSmResourceSplitByCount(1, current, 0, sm_counts[0]), split)
+        if int(rest.sm.smCount) < sm_counts[1]:
+            raise ValueError(f"only {int(rest.sm.smCount)} SMs are left for the second group of {sm_counts[1]}")
+        groups = [res[0], rest]
+    else:
+        raise ValueError("the driver splits SMs into equal groups (plus the remainder): give equal counts, "
+                         f"or two counts, the second served by the remainder; got {sm_counts}")
     handles, streams, counts = [], [], []
     try:
         for g in groups:

@@ -136,6 +136,12 @@ def test_green_context_partition_slows_a_full_grid_kernel():
     finally:
         torch.cuda.synchronize()
         part.close()
+    with lowlevel.sm_partition([32, 32]) as two:
+        assert two.sm_counts == [32, 32] and len(two.streams) == 2
+    with lowlevel.sm_partition([96, 32]) as uneven:
+        assert uneven.sm_counts[0] == 96 and uneven.sm_counts[1] >= 32
+    with pytest.raises(ValueError, match="equal"):
+        lowlevel.sm_partition([64, 32, 16])
     with pytest.raises(ValueError, match="multiple of"):
         lowlevel.sm_partition([12])
     with pytest.raises(ValueError, match="device has"):
