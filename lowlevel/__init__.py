@@ -24,6 +24,8 @@ from .interop import as_cupy, as_torch
 from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
 from .sm_control import SMControlContextManager, SMPartition, sm_limit, sm_partition
 from .stream import Stream, current_stream, stream_handle, use_stream
+from .ubatch_runner import UBatchRunner
+from .ubatching import TO_COMM, TO_COMPUTE, YIELD, UBatchAbort, UBatchContext, make_ubatch_contexts, run_generators
 from .ubatch_slices import UBatchSlice, check_ubatch_thresholds, maybe_create_ubatch_slices
 
 __version__ = "0.1.0"
@@ -35,7 +37,15 @@ __all__ = [
     "CudagraphDispatcher",
     "DPConfig",
     "DPSyncError",
+    "UBatchRunner",
     "UBatchSlice",
+    "UBatchAbort",
+    "UBatchContext",
+    "make_ubatch_contexts",
+    "run_generators",
+    "TO_COMM",
+    "TO_COMPUTE",
+    "YIELD",
     "check_ubatch_thresholds",
     "coordinate_batch_across_dp",
     "maybe_create_ubatch_slices",

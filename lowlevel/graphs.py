@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from typing import Any, Iterator
 
 from . import stream as _st
@@ -40,16 +39,16 @@ class GraphPool:
         import torch
 
         self.torch_pool = torch.cuda.MemPool()
-        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def active(self) -> Iterator["GraphPool"]:
-        """Route this thread's CuPy and torch allocations to the pool inside the block."""
+        """Route the calling thread's CuPy and torch allocations to the pool inside the block.
+        Threads that enqueue work into a capture (microbatch threads) enter it too. One capture
+        at a time per pool."""
         import torch
 
-        with self._lock:  # one capture at a time per pool
-            with _st._cp.cuda.using_allocator(self.cupy_pool.malloc), torch.cuda.use_mem_pool(self.torch_pool):
-                yield self
+        with _st._cp.cuda.using_allocator(self.cupy_pool.malloc), torch.cuda.use_mem_pool(self.torch_pool):
+            yield self
 
     def cupy_bytes(self) -> int:
         """Bytes the CuPy side of the pool holds from the device."""

@@ -1,0 +1,137 @@
+"""UBatchRunner: split a batch into microbatches, run them overlapped, concatenate the outputs;
+eagerly, or as one CUDA graph of the whole overlapped run."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Sequence
+
+from . import ubatching as ub
+from .graphs import Graph, GraphPool, capture
+from .stream import Stream, StreamLike, adopt, current_stream, use_stream
+from .ubatch_slices import UBatchSlice
+
+__all__ = ["UBatchRunner"]
+
+
+def _concat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if type(first).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.concatenate(outs, axis=0)
+    import torch
+
+    return torch.cat(outs, dim=0)
+
+
+class UBatchRunner:
+    """vLLM's UBatchWrapper without its forward context.
+
+    ``fn(ubatch_id, *inputs)`` computes one microbatch from its slices of the inputs (rows
+    ``slice.token_slice`` of each input, as views) and returns an array; with
+    ``mode="threads"`` it switches streams through the ``dbo_*`` helpers, with
+    ``mode="generators"`` it is a generator function that yields ``TO_COMM`` / ``TO_COMPUTE`` /
+    ``YIELD`` and returns its output. ``runner(inputs, slices)`` returns the microbatch outputs
+    concatenated in order along dim 0, on the caller's current stream (the compute stream).
+
+    ``graph=True`` captures the whole overlapped run into one FULL graph keyed by *all* slice
+    sizes (on first use, after an eager warm-up) and replays it afterwards with no threads;
+    the inputs must then be the same buffers at every call with those sizes, and the returned
+    output is the graph's static buffer. ``sm_control`` (e.g. a
+    :class:`~lowlevel.SMControlContextManager`) is entered around each eager run and capture.
+    ``timeout_s`` bounds every wait of a microbatch thread, so nothing hangs.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, comm_stream: StreamLike | None = None,
+                 sm_control: Any = None, num_ubatches: int = 2, mode: str = "threads", stage_offset: int = 1,
+                 timeout_s: float = 60.0) -> None:
+        if mode not in ("threads", "generators"):
+            raise ValueError(f"mode must be 'threads' or 'generators', got {mode!r}")
+        if isinstance(num_ubatches, bool) or not isinstance(num_ubatches, int) or num_ubatches < 2:
+            raise ValueError(f"num_ubatches must be an int >= 2, got {num_ubatches!r}")
+        self.fn = fn
+        self.mode = mode
+        self.num_ubatches = num_ubatches
+        self.stage_offset = stage_offset
+        self.timeout_s = timeout_s
+        self.sm_control = sm_control
+        self.comm_stream = Stream() if comm_stream is None else adopt(comm_stream)
+        self.graphs: dict[tuple[int, ...], tuple[Graph, Any]] = {}
+        self.pool: GraphPool | None = None
+
+    def __call__(self, inputs: Sequence[Any], slices: Sequence[UBatchSlice], *, graph: bool = False) -> Any:
+        if len(slices) != self.num_ubatches:
+            raise ValueError(f"expected {self.num_ubatches} slices, got {len(slices)}")
+        for s in slices:
+            if not isinstance(s, UBatchSlice):
+                raise TypeError(f"slices must be UBatchSlice objects, got {type(s).__qualname__}")
+            if s.num_tokens <= 0:
+                raise ValueError(f"empty microbatch {s}: abort microbatching for this step instead")
+        per_ub = [tuple(x[s.token_slice] for x in inputs) for s in slices]
+        if not graph:
+            with self.sm_control if self.sm_control is not None else contextlib.nullcontext():
+                return _concat(self._run(per_ub))
+        key = tuple(s.num_tokens for s in slices)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, per_ub)
+        entry[0].replay()
+        return entry[1]
+
+    def _capture(self, key: tuple[int, ...], per_ub: list[tuple[Any, ...]]) -> tuple[Graph, Any]:
+        if self.pool is None:
+            self.pool = GraphPool()
+        with self.sm_control if self.sm_control is not None else contextlib.nullcontext():
+            self._run(per_ub)  # warm-up: compilation and lazy allocations outside the capture
+            cap_stream = Stream()
+            with capture(stream=cap_stream, pool=self.pool) as g:
+                out = _concat(self._run(per_ub, pool=self.pool))
+        g.keep(per_ub, out)
+        self.graphs[key] = (g, out)
+        return g, out
+
+    def _run(self, per_ub: list[tuple[Any, ...]], pool: GraphPool | None = None) -> list[Any]:
+        compute = current_stream()
+        if self.mode == "generators":
+            gens = [self.fn(i, *args) for i, args in enumerate(per_ub)]
+            return ub.run_generators(gens, compute, self.comm_stream, stage_offset=self.stage_offset)
+        return self._run_threads(per_ub, compute, pool)
+
+    def _run_threads(self, per_ub: list[tuple[Any, ...]], compute: Stream, pool: GraphPool | None) -> list[Any]:
+        n = self.num_ubatches
+        barrier = threading.Barrier(n + 1)
+        ctxs = ub.make_ubatch_contexts(n, compute, self.comm_stream, barrier, timeout_s=self.timeout_s)
+        results: list[Any] = [None] * n
+        errors: list[BaseException | None] = [None] * n
+
+        def worker(i: int) -> None:
+            try:
+                with pool.active() if pool is not None else contextlib.nullcontext():
+                    with ctxs[i]:
+                        results[i] = self.fn(i, *per_ub[i])
+            except BaseException as exc:  # reported by the launching thread
+                errors[i] = exc
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"ubatch-{i}", daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            barrier.wait(self.timeout_s)
+            ub.start(ctxs)
+        except threading.BrokenBarrierError:
+            ctxs[0]._ring.abort.set()
+        for t in threads:
+            t.join(self.timeout_s)
+        hung = [t.name for t in threads if t.is_alive()]
+        ub._join(self.comm_stream, compute)
+        if hung:
+            ctxs[0]._ring.abort.set()
+            for ev in ctxs[0]._ring.cpu_events:
+                ev.set()
+            raise ub.UBatchAbort(f"microbatch threads {hung} did not finish within {self.timeout_s} s")
+        err = ub.first_error(ctxs) or next((e for e in errors if e is not None and not isinstance(e, ub.UBatchAbort)),
+                                           None) or next((e for e in errors if e is not None), None)
+        if err is not None:
+            raise err
+        return results

@@ -1,0 +1,206 @@
+"""CPU tier of microbatch overlap: ring order, hooks, no-op helpers, generators, abort paths."""
+import threading
+
+import pytest
+
+import lowlevel
+from lowlevel import ubatching as ub
+
+
+class FakeEvent:
+    log = None
+
+    def record(self, stream=None):
+        FakeEvent.log.append(("record", getattr(stream, "name", stream)))
+        return self
+
+    def wait(self, stream=None):
+        FakeEvent.log.append(("wait", getattr(stream, "name", stream)))
+
+
+class FakeStream:
+    def __init__(self, name, ptr):
+        self.name, self.ptr = name, ptr
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    log = []
+    FakeEvent.log = log
+    tl = threading.local()
+    monkeypatch.setattr(ub, "Event", FakeEvent)
+    monkeypatch.setattr(ub, "adopt", lambda s: s)
+    monkeypatch.setattr(ub, "_save", lambda: "prev")
+    monkeypatch.setattr(ub, "_restore", lambda prev: None)
+
+    def switch(s):
+        tl.cur = s.name
+
+    monkeypatch.setattr(ub, "_switch", switch)
+    monkeypatch.setattr(ub, "_join", lambda comm, compute: log.append(("join", comm.name, compute.name)))
+    return log, tl
+
+
+def _run_threads(n, body, timeout=10):
+    compute, comm = FakeStream("compute", 1), FakeStream("comm", 2)
+    barrier = threading.Barrier(n + 1)
+    ctxs = lowlevel.make_ubatch_contexts(n, compute, comm, barrier, timeout_s=timeout)
+    errors = [None] * n
+
+    def worker(i):
+        try:
+            with ctxs[i]:
+                body(i, ctxs[i])
+        except BaseException as e:
+            errors[i] = e
+
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in ts:
+        t.start()
+    barrier.wait(timeout)
+    ub.start(ctxs)
+    for t in ts:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in ts), "a microbatch thread hung"
+    return ctxs, errors
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_ring_order(fakes, n):
+    log, tl = fakes
+    order = []
+
+    def body(i, ctx):
+        for stage in range(3):
+            order.append((i, stage, tl.cur))
+            if stage == 0:
+                ub.dbo_yield_and_switch_from_compute_to_comm()
+            elif stage == 1:
+                ub.dbo_yield_and_switch_from_comm_to_compute()
+        assert ub.dbo_current_ubatch_id() == i and ub.dbo_enabled()
+
+    ctxs, errors = _run_threads(n, body)
+    assert errors == [None] * n
+    # one microbatch runs Python at a time, in ring order, and each stage is on the right stream
+    expected = [(i, 0, "compute") for i in range(n)] + [(i, 1, "comm") for i in range(n)] + \
+               [(i, 2, "compute") for i in range(n)]
+    assert order == expected
+    # compute->comm: record on compute, then the comm stream waits (after the CPU yield)
+    assert log.count(("record", "compute")) == n and log.count(("wait", "comm")) == n
+    assert log.count(("record", "comm")) == n and log.count(("wait", "compute")) == n
+    assert not ub.dbo_enabled() and ub.active_ubatch_contexts() == {}
+
+
+def test_sync_switches_and_plain_switches(fakes):
+    log, tl = fakes
+    seen = []
+
+    def body(i, ctx):
+        ub.dbo_switch_to_comm_sync()
+        seen.append((i, tl.cur))
+        ub.dbo_switch_to_compute_sync()
+        seen.append((i, tl.cur))
+        ub.dbo_switch_to_comm()
+        seen.append((i, tl.cur))
+        ub.dbo_yield()  # resumes on the same stream
+        seen.append((i, tl.cur))
+        ub.dbo_switch_to_compute()
+
+    _run_threads(2, body)
+    assert seen == [(0, "comm"), (0, "compute"), (0, "comm"), (1, "comm"), (1, "compute"), (1, "comm"),
+                    (0, "comm"), (1, "comm")]
+
+
+def test_recv_hooks_go_to_the_next_microbatch(fakes):
+    ran = []
+
+    def body(i, ctx):
+        ub.dbo_register_recv_hook(lambda i=i: ran.append((f"hook from {i}", ub.dbo_current_ubatch_id())))
+        ub.dbo_yield()
+        ub.dbo_maybe_run_recv_hook()
+
+    _run_threads(2, body)
+    # 0's hook runs in 1 at its maybe_run; 1's hook runs in 0 when 0 resumes
+    assert sorted(ran) == [("hook from 0", 1), ("hook from 1", 0)]
+
+
+def test_helpers_are_noops_outside_microbatches():
+    assert not ub.dbo_enabled() and ub.dbo_current_ubatch_id() == 0
+    for f in (ub.dbo_yield, ub.dbo_yield_and_switch_from_compute_to_comm, ub.dbo_yield_and_switch_from_comm_to_compute,
+              ub.dbo_switch_to_comm, ub.dbo_switch_to_compute, ub.dbo_switch_to_comm_sync,
+              ub.dbo_switch_to_compute_sync, ub.dbo_maybe_run_recv_hook):
+        assert f() is None
+    ub.dbo_register_recv_hook(lambda: pytest.fail("must not run"))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3])
+def test_abort_at_every_yield_point(fakes, n, fail_at):
+    """Microbatch 1 raises at its k-th switch point; nobody hangs, the others get UBatchAbort."""
+    def body(i, ctx):
+        for k in range(3):
+            if i == 1 and k == fail_at:
+                raise KeyError(f"boom at {k}")
+            [ub.dbo_yield, ub.dbo_yield_and_switch_from_compute_to_comm,
+             ub.dbo_yield_and_switch_from_comm_to_compute][k]()
+        if i == 1 and fail_at == 3:
+            raise KeyError("boom at exit")
+
+    ctxs, errors = _run_threads(n, body, timeout=10)
+    assert isinstance(errors[1], KeyError)
+    assert isinstance(ub.first_error(ctxs), KeyError)
+    for i in range(n):
+        if i != 1:
+            assert errors[i] is None or isinstance(errors[i], lowlevel.UBatchAbort)
+    assert ub.active_ubatch_contexts() == {}
+
+
+def test_make_contexts_validates():
+    with pytest.raises(ValueError):
+        lowlevel.make_ubatch_contexts(1, FakeStream("a", 1), FakeStream("b", 2))
+
+
+def test_generator_scheduler_order(fakes):
+    log, tl = fakes
+    order = []
+
+    def mb(i):
+        order.append((i, "attn", tl.cur))
+        yield lowlevel.TO_COMM
+        order.append((i, "dispatch", tl.cur))
+        yield lowlevel.TO_COMPUTE
+        order.append((i, "mlp", tl.cur))
+        return i * 10
+
+    res = lowlevel.run_generators([mb(0), mb(1)], FakeStream("compute", 1), FakeStream("comm", 2))
+    assert res == [0, 10]
+    assert order == [(0, "attn", "compute"), (1, "attn", "compute"), (0, "dispatch", "comm"),
+                     (1, "dispatch", "comm"), (0, "mlp", "compute"), (1, "mlp", "compute")]
+    assert ("join", "comm", "compute") in log
+    order.clear()
+    res = lowlevel.run_generators([mb(0), mb(1), mb(2)], FakeStream("compute", 1), FakeStream("comm", 2),
+                                  stage_offset=2)
+    # microbatch 1 starts after two steps of microbatch 0, microbatch 2 after four
+    assert [o[:2] for o in order[:4]] == [(0, "attn"), (0, "dispatch"), (1, "attn"), (0, "mlp")]
+    assert res == [0, 10, 20]
+
+
+def test_generator_exception_closes_the_others(fakes):
+    closed = []
+
+    def good():
+        try:
+            yield lowlevel.TO_COMM
+            yield lowlevel.TO_COMPUTE
+        finally:
+            closed.append("good")
+
+    def bad():
+        yield lowlevel.TO_COMM
+        raise ValueError("bad microbatch")
+
+    with pytest.raises(ValueError, match="bad microbatch"):
+        lowlevel.run_generators([good(), bad()], FakeStream("compute", 1), FakeStream("comm", 2))
+    assert closed == ["good"]
+    with pytest.raises(ValueError, match="expected"):
+        lowlevel.run_generators([(x for x in ["sideways"])], FakeStream("compute", 1), FakeStream("comm", 2))
