@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from .common import Report
+from .report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=[], help="run modules whose name contains one of these")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results files")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON and pictures")
+    p.add_argument("--report", metavar="RESULTS_JSON", help="only (re)write bench/REPORT.md from a results file")
     args = p.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
+    if args.report:
+        print(f"wrote {write_report(args.report, os.path.join(HERE, 'REPORT.md'))}")
+        return 0
 
     import lowlevel
     from lowlevel.info import device_info
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"wrote {path}")
+    report_dir = HERE if os.path.abspath(args.out) == os.path.join(HERE, "results") else args.out
+    print(f"wrote {write_report(path, os.path.join(report_dir, 'REPORT.md'))}")
     return 1 if any(w.startswith("failed") for _, w in skipped) else 0
 
 

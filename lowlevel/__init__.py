@@ -24,6 +24,7 @@ from .interop import as_cupy, as_torch
 from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
 from .sm_control import SMControlContextManager, SMPartition, sm_limit, sm_partition
 from .stream import Stream, current_stream, stream_handle, use_stream
+from .timeline import Span, Timeline
 from .ubatch_runner import UBatchRunner
 from .ubatching import TO_COMM, TO_COMPUTE, YIELD, UBatchAbort, UBatchContext, make_ubatch_contexts, run_generators
 from .ubatch_slices import UBatchSlice, check_ubatch_thresholds, maybe_create_ubatch_slices
@@ -63,6 +64,8 @@ __all__ = [
     "SMControlContextManager",
     "SMPartition",
     "Stream",
+    "Span",
+    "Timeline",
     "sm_limit",
     "sm_partition",
     "as_cupy",

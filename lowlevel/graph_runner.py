@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Hashable
 
+from . import timeline as _timeline
 from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher
 from .graphs import Graph, GraphPool, capture
 from .stream import Stream, use_stream
@@ -66,7 +67,12 @@ class CUDAGraphRunner:
             entry = self._capture(desc, args, kwargs)
         else:
             self.hits += 1
-        entry[0].replay()
+        tl = _timeline._ACTIVE
+        if tl is None:
+            entry[0].replay()
+        else:
+            with tl.span(f"graph {desc.num_tokens}"):
+                entry[0].replay()
         if num_tokens is not None:
             self.padded_tokens += desc.num_tokens - num_tokens
         return entry[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from . import stream as _st
+from . import timeline as _timeline
 from .event import Event, EventLike, _rt_record, _rt_wait, record_event, wait_event
 from .lifetime import iter_arrays, protect_outputs
 from .stream import Stream, StreamLike, adopt
@@ -57,6 +58,13 @@ def _wait(ev: Any, handle: int) -> None:
         _rt_wait(handle, ev.ptr, 0)
     else:
         wait_event(ev, handle)
+
+
+def _spanned(tl: Any, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with tl.span(name):
+            return fn()
+    return run
 
 
 def _is_capturing(handle: int) -> bool:
@@ -109,6 +117,10 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                done_events: Sequence[Any], aux_streams: Sequence[Any], enqueue_default_first: bool,
                cur: int) -> tuple[Any, list[Any]]:
     """The parallel path of execute_in_parallel, on the current stream ``cur`` (validated)."""
+    tl = _timeline._ACTIVE
+    if tl is not None:  # an active Timeline gets a span per branch
+        default_fn = _spanned(tl, "default", default_fn)
+        aux_fns = [None if f is None else _spanned(tl, f"aux{i}", f) for i, f in enumerate(aux_fns)]
     n = len(aux_fns)
     _rec(start_event, cur)
     results: list[Any] = [None] * n

@@ -28,6 +28,7 @@ from typing import Any, Callable, Generator, Iterable, Sequence
 from .errors import LowlevelError
 from .event import Event
 from . import stream as _st
+from . import timeline as _timeline
 from .stream import Stream, StreamLike, adopt
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
     "dbo_enabled", "dbo_current_ubatch_id", "dbo_yield", "dbo_yield_and_switch_from_compute_to_comm",
     "dbo_yield_and_switch_from_comm_to_compute", "dbo_switch_to_comm", "dbo_switch_to_compute",
     "dbo_switch_to_comm_sync", "dbo_switch_to_compute_sync", "dbo_register_recv_hook", "dbo_maybe_run_recv_hook",
-    "active_ubatch_contexts",
+    "active_ubatch_contexts", "thread_fn_from_generator",
 ]
 
 TO_COMM = "to_comm"
@@ -105,6 +106,21 @@ class UBatchContext:
         self.recv_hook: Callable[[], Any] | None = None
         self._current = compute
         self._prev: tuple[Any, Any] | None = None
+        self._span: Any = None
+        self._stage = 0
+
+    # --- timeline: one span per stage (between two switch points), when a Timeline is active ---
+    def _open(self) -> None:
+        tl = _timeline._ACTIVE
+        if tl is not None:
+            self._span = tl.span(f"ub{self.id}.{self._stage}", self._current)
+            self._span.__enter__()
+        self._stage += 1
+
+    def _close(self) -> None:
+        if self._span is not None:
+            self._span.__exit__(None, None, None)
+            self._span = None
 
     # --- entry and exit ------------------------------------------------------------------------
     def __enter__(self) -> "UBatchContext":
@@ -120,6 +136,7 @@ class UBatchContext:
             raise
         self._current = self.compute_stream
         _switch(self.compute_stream)
+        self._open()
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -128,6 +145,7 @@ class UBatchContext:
             if exc is None:
                 self.maybe_run_recv_hook()
         finally:
+            self._close()
             self._unregister()
             if self._prev is not None:
                 _restore(self._prev)
@@ -167,40 +185,59 @@ class UBatchContext:
     # --- switch points -------------------------------------------------------------------------
     def yield_(self) -> None:
         """Let the next microbatch run Python; resume on the same stream."""
+        self._close()
         s = self._current
         self._cpu_yield()
         _switch(s)
+        self._open()
 
     def yield_and_switch_from_compute_to_comm(self) -> None:
+        """Record this microbatch's compute work, let the next microbatch run, then continue on
+        the comm stream after that compute work."""
+        self._close()
         self.gpu_compute_done.record(self.compute_stream)
         self._cpu_yield()
         self._to(self.comm_stream, self.gpu_compute_done)
 
     def yield_and_switch_from_comm_to_compute(self) -> None:
+        """Record this microbatch's comm work, let the next microbatch run, then continue on the
+        compute stream after that comm work."""
+        self._close()
         self.gpu_comm_done.record(self.comm_stream)
         self._cpu_yield()
         self._to(self.compute_stream, self.gpu_comm_done)
 
     def switch_to_comm_sync(self) -> None:
+        """Continue on the comm stream, after this microbatch's compute work (no CPU yield)."""
+        self._close()
         self.gpu_compute_done.record(self.compute_stream)
         self._to(self.comm_stream, self.gpu_compute_done)
 
     def switch_to_compute_sync(self) -> None:
+        """Continue on the compute stream, after this microbatch's comm work (no CPU yield)."""
+        self._close()
         self.gpu_comm_done.record(self.comm_stream)
         self._to(self.compute_stream, self.gpu_comm_done)
 
     def switch_to_comm(self) -> None:
+        """Continue on the comm stream with no ordering against the compute stream."""
+        self._close()
         self._current = self.comm_stream
         _switch(self.comm_stream)
+        self._open()
 
     def switch_to_compute(self) -> None:
+        """Continue on the compute stream with no ordering against the comm stream."""
+        self._close()
         self._current = self.compute_stream
         _switch(self.compute_stream)
+        self._open()
 
     def _to(self, s: Stream, after: Event) -> None:
         self._current = s
         _switch(s)
         after.wait(s)
+        self._open()
 
     # --- receive hooks -------------------------------------------------------------------------
     def register_recv_hook(self, hook: Callable[[], Any]) -> None:
@@ -285,6 +322,27 @@ def dbo_register_recv_hook(hook: Callable[[], Any]) -> None:
         c.register_recv_hook(hook)
 
 
+def thread_fn_from_generator(gen_fn: Callable[..., Generator[str, None, Any]]) -> Callable[..., Any]:
+    """Turn a generator-style microbatch (yielding TO_COMM / TO_COMPUTE / YIELD) into a
+    thread-style one that calls the matching ``dbo_*`` helper at each marker, so one body serves
+    both runtimes (and, run outside a microbatch thread, runs sequentially on one stream)."""
+    actions = {TO_COMM: dbo_yield_and_switch_from_compute_to_comm,
+               TO_COMPUTE: dbo_yield_and_switch_from_comm_to_compute, YIELD: dbo_yield}
+
+    def run(*args: Any) -> Any:
+        g = gen_fn(*args)
+        try:
+            while True:
+                marker = next(g)
+                act = actions.get(marker)
+                if act is None:
+                    raise ValueError(f"microbatch yielded {marker!r}; expected TO_COMM, TO_COMPUTE or YIELD")
+                act()
+        except StopIteration as stop:
+            return stop.value
+    return run
+
+
 # --- generators -----------------------------------------------------------------------------------
 
 def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: StreamLike,
@@ -308,6 +366,7 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
     finished = [False] * n
     started = [False] * n
     steps0 = 0
+    steps = [0] * n
     prev = _save()
     try:
         while not all(finished):
@@ -323,8 +382,14 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
                 if pending[i] is not None:
                     pending[i].wait(s)  # type: ignore[union-attr]
                     pending[i] = None
+                tl = _timeline._ACTIVE
                 try:
-                    marker = next(gs[i])
+                    if tl is None:
+                        marker = next(gs[i])
+                    else:
+                        with tl.span(f"ub{i}.{steps[i]}", s):
+                            marker = next(gs[i])
+                    steps[i] += 1
                 except StopIteration as stop:
                     results[i] = stop.value
                     finished[i] = True

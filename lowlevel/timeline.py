@@ -1,0 +1,223 @@
+"""Timeline: what ran on which stream, when, measured with CUDA timing events.
+
+``with tl.span("name", stream=s):`` records a timing event on ``s`` (default: the current
+stream) at entry and at exit; :meth:`Timeline.resolve` synchronizes and turns every span into
+start/end milliseconds on one clock (the device's). From there: a Chrome trace / Perfetto JSON
+with one track per stream, a PNG Gantt chart, and overlap figures.
+
+``with tl.activate():`` also lets lowlevel's own runtimes add spans (execute_in_parallel's
+branches, CUDAGraphRunner replays, microbatch stages). A disabled timeline records nothing,
+and its ``span`` costs about a method call. NVTX ranges of the same names are pushed when the
+``nvtx`` package is installed, so Nsight Systems shows them too. Not thread-safe for
+concurrent ``resolve``; spans may be recorded from several threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+__all__ = ["Timeline", "Span", "active_timeline"]
+
+try:  # optional
+    import nvtx as _nvtx
+except Exception:  # pragma: no cover - not installed
+    _nvtx = None
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str
+    track: str
+    start_ms: float
+    end_ms: float
+
+    @property
+    def duration_ms(self) -> float:
+        return self.end_ms - self.start_ms
+
+
+class _NullSpan:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _NullSpan()
+_ACTIVE: "Timeline | None" = None
+
+
+def active_timeline() -> "Timeline | None":
+    """The timeline lowlevel's runtimes record into (set by :meth:`Timeline.activate`), or None."""
+    return _ACTIVE
+
+
+class _LiveSpan:
+    __slots__ = ("tl", "name", "stream", "h", "ev0")
+
+    def __init__(self, tl: "Timeline", name: str, stream: Any) -> None:
+        self.tl, self.name, self.stream = tl, name, stream
+
+    def __enter__(self) -> None:
+        from .event import Event
+        from .stream import stream_handle
+
+        self.h = stream_handle(self.stream)
+        self.ev0 = Event(timing=True).record(self.h)
+        if _nvtx is not None:
+            _nvtx.push_range(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        from .event import Event
+
+        ev1 = Event(timing=True).record(self.h)
+        if _nvtx is not None:
+            _nvtx.pop_range()
+        with self.tl._lock:
+            self.tl._pending.append((self.name, self.h, self.ev0, ev1))
+
+
+class Timeline:
+    """Spans per stream, resolved after a synchronize. ``labels`` maps stream handles (or
+    Streams) to track names; unnamed streams get ``stream 0x...``."""
+
+    def __init__(self, enabled: bool = True, labels: dict[Any, str] | None = None) -> None:
+        self.enabled = enabled
+        self._pending: list[tuple[str, int, Any, Any]] = []
+        self.spans: list[Span] = []
+        self._lock = threading.Lock()
+        self._labels: dict[int, str] = {}
+        self._base: Any = None
+        for k, v in (labels or {}).items():
+            self.label(k, v)
+
+    def label(self, stream: Any, name: str) -> None:
+        """Name the track of ``stream``."""
+        from .stream import stream_handle
+
+        self._labels[stream if isinstance(stream, int) else stream_handle(stream)] = name
+
+    def span(self, name: str, stream: Any = None) -> Any:
+        """A context manager timing the work enqueued on ``stream`` inside it."""
+        if not self.enabled:
+            return _NULL
+        return _LiveSpan(self, name, stream)
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator["Timeline"]:
+        """Let lowlevel's runtimes record their spans into this timeline inside the block."""
+        global _ACTIVE
+        prev, _ACTIVE = _ACTIVE, self
+        try:
+            yield self
+        finally:
+            _ACTIVE = prev
+
+    def add(self, name: str, track: str, start_ms: float, end_ms: float) -> None:
+        """Add an already-resolved span (for imported or synthetic timings)."""
+        if end_ms < start_ms:
+            raise ValueError(f"span {name!r} ends before it starts")
+        self.spans.append(Span(name, track, float(start_ms), float(end_ms)))
+
+    def resolve(self) -> list[Span]:
+        """Wait for the recorded spans to finish and convert them to milliseconds on one clock,
+        0 being the earliest span start seen so far. Returns all spans, sorted by start."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            for _, _, _, ev1 in pending:
+                ev1.synchronize()
+            if self._base is None:
+                self._base = min((p[2] for p in pending), key=lambda ev: pending[0][2].elapsed_ms(ev))
+            base = self._base
+            for name, h, ev0, ev1 in pending:
+                track = self._labels.get(h, "default stream" if h == 0 else f"stream 0x{h:x}")
+                self.spans.append(Span(name, track, base.elapsed_ms(ev0), base.elapsed_ms(ev1)))
+        self.spans.sort(key=lambda s: (s.start_ms, s.track))
+        return list(self.spans)
+
+    # --- figures ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Busy time per track (union of its spans), wall time (first start to last end), and
+        the achieved speedup (total busy time / wall) beside the ideal (total busy / busiest)."""
+        spans = self.resolve()
+        if not spans:
+            return {"wall_ms": 0.0, "busy_ms": {}, "total_busy_ms": 0.0, "achieved_speedup": 0.0,
+                    "ideal_speedup": 0.0}
+        busy: dict[str, float] = {}
+        for track in {s.track for s in spans}:
+            iv = sorted((s.start_ms, s.end_ms) for s in spans if s.track == track)
+            total, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+            for a, b in iv[1:]:
+                if a > cur_e:
+                    total += cur_e - cur_s
+                    cur_s, cur_e = a, b
+                else:
+                    cur_e = max(cur_e, b)
+            busy[track] = total + cur_e - cur_s
+        wall = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
+        tot = sum(busy.values())
+        return {"wall_ms": wall, "busy_ms": busy, "total_busy_ms": tot,
+                "achieved_speedup": tot / wall if wall else 0.0,
+                "ideal_speedup": tot / max(busy.values()) if tot else 0.0}
+
+    def overlap_ms(self, track_a: str, track_b: str) -> float:
+        """Milliseconds during which both tracks had a span running."""
+        spans = self.resolve()
+        a = [(s.start_ms, s.end_ms) for s in spans if s.track == track_a]
+        b = [(s.start_ms, s.end_ms) for s in spans if s.track == track_b]
+        return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+
+    def to_chrome_trace(self, path: str | None = None) -> dict[str, Any]:
+        """Chrome trace / Perfetto JSON: one complete ("X") event per span, one track (tid) per
+        stream, times in microseconds. Written to ``path`` if given."""
+        spans = self.resolve()
+        tracks = sorted({s.track for s in spans})
+        tid = {t: i for i, t in enumerate(tracks)}
+        events: list[dict[str, Any]] = [
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "lowlevel"}}]
+        events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid[t], "args": {"name": t}} for t in tracks]
+        events += [{"name": s.name, "cat": "gpu", "ph": "X", "pid": 0, "tid": tid[s.track],
+                    "ts": round(s.start_ms * 1e3, 3), "dur": round(s.duration_ms * 1e3, 3)} for s in spans]
+        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+        if path is not None:
+            with open(path, "w") as f:
+                json.dump(trace, f)
+        return trace
+
+    def plot(self, path: str, title: str = "timeline") -> str:
+        """Draw a Gantt chart (one row per stream) to a PNG at ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        spans = self.resolve()
+        tracks = sorted({s.track for s in spans})
+        names = sorted({s.name for s in spans})
+        cmap = plt.get_cmap("tab20")
+        color = {n: cmap(i % 20) for i, n in enumerate(names)}
+        fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * len(tracks)))
+        for row, t in enumerate(tracks):
+            for s in spans:
+                if s.track == t:
+                    ax.barh(row, s.duration_ms, left=s.start_ms, color=color[s.name], edgecolor="black", linewidth=0.4)
+                    if s.duration_ms > 0.04 * max(1e-9, max(x.end_ms for x in spans)):
+                        ax.text(s.start_ms + s.duration_ms / 2, row, s.name, ha="center", va="center", fontsize=7)
+        ax.set_yticks(range(len(tracks)))
+        ax.set_yticklabels(tracks)
+        ax.set_xlabel("ms")
+        st = self.stats()
+        ax.set_title(f"{title}: wall {st['wall_ms']:.2f} ms, achieved speedup {st['achieved_speedup']:.2f}x "
+                     f"(ideal {st['ideal_speedup']:.2f}x)")
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
