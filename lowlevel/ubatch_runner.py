@@ -124,7 +124,8 @@ class UBatchRunner:
         for t in threads:
             t.join(self.timeout_s)
         hung = [t.name for t in threads if t.is_alive()]
-        ub._join(self.comm_stream, compute)
+        if hung or any(e is not None for e in errors):  # normal exits joined comm into compute themselves
+            ub._join(self.comm_stream, compute)
         if hung:
             ctxs[0]._ring.abort.set()
             for ev in ctxs[0]._ring.cpu_events:

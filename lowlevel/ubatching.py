@@ -144,6 +144,9 @@ class UBatchContext:
         try:
             if exc is None:
                 self.maybe_run_recv_hook()
+                # Join the comm stream back into compute from this thread, the one whose events
+                # brought the comm stream into the work (and into a capture, when capturing).
+                _join(self.comm_stream, self.compute_stream)
         finally:
             self._close()
             self._unregister()
