@@ -125,7 +125,10 @@ class UBatchRunner:
             t.join(self.timeout_s)
         hung = [t.name for t in threads if t.is_alive()]
         if hung or any(e is not None for e in errors):  # normal exits joined comm into compute themselves
-            ub._join(self.comm_stream, compute)
+            try:
+                ub._join(self.comm_stream, compute)
+            except Exception:  # the microbatch's own error (raised below) is the one to report
+                pass
         if hung:
             ctxs[0]._ring.abort.set()
             for ev in ctxs[0]._ring.cpu_events:
