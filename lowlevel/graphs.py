@@ -42,12 +42,30 @@ class GraphPool:
 
     @contextlib.contextmanager
     def active(self) -> Iterator["GraphPool"]:
-        """Route the calling thread's CuPy and torch allocations to the pool inside the block.
-        Threads that enqueue work into a capture (microbatch threads) enter it too. One capture
-        at a time per pool."""
+        """Inside the block, route the calling thread's CuPy allocations and *every* thread's
+        torch allocations to the pool (torch lets one recorder per pool at a time; a capture
+        may have helper threads). Threads that enqueue work into a capture also enter
+        :meth:`cupy_active`. One capture at a time per pool."""
         import torch
 
-        with _st._cp.cuda.using_allocator(self.cupy_pool.malloc), torch.cuda.use_mem_pool(self.torch_pool):
+        begin = getattr(torch._C, "_cuda_beginAllocateToPool", None)
+        with self.cupy_active():
+            if begin is None:  # pragma: no cover - older torch: this thread only
+                with torch.cuda.use_mem_pool(self.torch_pool):
+                    yield self
+                return
+            dev = torch.cuda.current_device()
+            begin(dev, self.torch_pool.id)
+            try:
+                yield self
+            finally:
+                torch._C._cuda_endAllocateToPool(dev, self.torch_pool.id)
+                torch._C._cuda_releasePool(dev, self.torch_pool.id)
+
+    @contextlib.contextmanager
+    def cupy_active(self) -> Iterator["GraphPool"]:
+        """Route the calling thread's CuPy allocations to the pool inside the block."""
+        with _st._cp.cuda.using_allocator(self.cupy_pool.malloc):
             yield self
 
     def cupy_bytes(self) -> int:

@@ -107,7 +107,7 @@ class UBatchRunner:
 
         def worker(i: int) -> None:
             try:
-                with pool.active() if pool is not None else contextlib.nullcontext():
+                with pool.cupy_active() if pool is not None else contextlib.nullcontext():
                     with ctxs[i]:
                         results[i] = self.fn(i, *per_ub[i])
             except BaseException as exc:  # reported by the launching thread
