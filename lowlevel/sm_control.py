@@ -146,11 +146,17 @@ class SMPartition:
         self._drv = drv
 
     def close(self) -> None:
+        drv = self._drv
+        if not self._handles:
+            return
+        err, cur = drv.cuCtxGetCurrent()
         for stream, ctx in self._handles:
-            self._drv.cuStreamDestroy(stream)
-            self._drv.cuGreenCtxDestroy(ctx)
+            drv.cuStreamDestroy(stream)
+            drv.cuGreenCtxDestroy(ctx)
         self._handles = []
         self.streams = []
+        if int(err) == 0 and cur is not None:
+            drv.cuCtxSetCurrent(cur)  # leave the thread on the context it had
 
     def __enter__(self) -> "SMPartition":
         return self
@@ -210,6 +216,7 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
         raise ValueError("the driver splits SMs into equal groups (plus the remainder): give equal counts, "
                          f"or two counts, the second served by the remainder; got {sm_counts}")
     handles, streams, counts = [], [], []
+    _e, prev_ctx = drv.cuCtxGetCurrent()
     try:
         for g in groups:
             desc = _ok(drv.cuDevResourceGenerateDesc([g], 1), "cuDevResourceGenerateDesc")
@@ -223,4 +230,7 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     except BaseException:
         SMPartition([], [], handles, drv).close()
         raise
+    finally:
+        if int(_e) == 0 and prev_ctx is not None:
+            drv.cuCtxSetCurrent(prev_ctx)  # creating green contexts must not change the thread's context
     return SMPartition(streams, counts, handles, drv)
