@@ -82,11 +82,15 @@ def _cupy() -> Any:
     return _cp
 
 
+_OWNED: list[Any] = []  # every CUDA stream lowlevel created (see Stream.__init__)
+
+
 class Stream:
     """A CUDA stream usable from CuPy, torch and Triton.
 
     ``Stream()`` creates a new stream (non-blocking by default: it does not synchronise with the
-    legacy default stream). ``priority`` follows CUDA: lower numbers are higher priority.
+    legacy default stream); like torch's streams, it is never destroyed before the process ends,
+    so create streams once and reuse them. ``priority`` follows CUDA: lower numbers are higher priority.
     :meth:`from_external` adopts a stream made elsewhere without taking ownership of it.
 
     The handle is ``.ptr``; ``.cupy`` is a CuPy stream object and ``.torch`` a cached torch
@@ -99,6 +103,11 @@ class Stream:
         require_cuda()
         cp = _cupy()
         s = cp.cuda.Stream(non_blocking=non_blocking, priority=priority)
+        # Streams made here live until the process exits, as torch's pool streams do: torch's
+        # allocators may record events on a stream's handle after its Python objects are gone
+        # (a pinned buffer used by a non_blocking copy, a record_stream), and a destroyed
+        # handle there crashes the process.
+        _OWNED.append(s)
         self._init(s, None)
 
     def _init(self, cupy_stream: Any, torch_stream: Any) -> None:
