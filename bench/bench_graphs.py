@@ -20,17 +20,23 @@ def run(rep: Report) -> None:
         for _ in range(100):
             x.add_(1.0)
 
-    hundred()
-    sync()
-    with lowlevel.capture() as g:
-        hundred()
-    tg = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        hundred()
-    sync()
-    with torch.cuda.graph(tg):
-        hundred()
+
+    def both_graphs(fn):
+        """``fn`` captured by lowlevel and by torch, each after a warm-up run."""
+        fn()
+        sync()
+        with lowlevel.capture() as ours_g:
+            fn()
+        theirs_g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            fn()
+        sync()
+        with torch.cuda.graph(theirs_g):
+            fn()
+        return ours_g, theirs_g
+
+    g, tg = both_graphs(hundred)
 
     eager = host_us(hundred, n=50, trials=7, sync=sync, warmup=5)
     ours = host_us(g.replay, n=200, trials=7, sync=sync, warmup=10)
@@ -42,16 +48,7 @@ def run(rep: Report) -> None:
     # Overhead per replay on a 1-node graph (host-bound): ours, the runner, raw torch.
     y = torch.randn(16, device="cuda")
     one = lambda: y.mul_(1.0)  # noqa: E731
-    one()
-    sync()
-    with lowlevel.capture() as g1:
-        one()
-    t1 = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        one()
-    sync()
-    with torch.cuda.graph(t1):
-        one()
+    g1, t1 = both_graphs(one)
     runner = lowlevel.CUDAGraphRunner(lambda: one(), CUDAGraphMode.FULL)
     desc = BatchDescriptor(16, 16)
     runner(CUDAGraphMode.FULL, desc)
