@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     import lowlevel
     from lowlevel.info import device_info
 
+    if not lowlevel.cuda_available():  # Triton kernels can still run, under the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
     info = device_info()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(args.out, exist_ok=True)

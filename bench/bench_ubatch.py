@@ -9,7 +9,7 @@ import os
 from .common import Report, wall_ms
 
 NEEDS_GPU = True
-LAYERS = 4
+LAYERS = 8
 
 
 def run(rep: Report) -> None:

@@ -32,7 +32,7 @@ def test_compare_two_runs(tmp_path):
 
 
 def test_cpu_modules_run_and_gpu_ones_are_listed(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--only", "dispatch", "timeline", "streams", "--out",
+    r = subprocess.run([sys.executable, "-m", "bench", "--only", "dispatch", "timeline", "streams", "check", "--out",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (res,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
@@ -43,7 +43,9 @@ def test_cpu_modules_run_and_gpu_ones_are_listed(tmp_path):
     if lowlevel.cuda_available():
         assert "bench_streams" in mods
     else:
-        assert mods == {"bench_dispatch", "bench_timeline"}
+        assert mods == {"bench_dispatch", "bench_timeline", "bench_kernel_check"}
         assert [s[0] for s in run["skipped"]] == ["bench_streams"] and "needs a GPU" in run["skipped"][0][1]
-    assert all(f["value"] > 0 for m in run["results"] for f in m["figures"])
+    assert all(f["value"] > 0 for m in run["results"] for f in m["figures"] if f["unit"] != "rel err")
+    errs = [f["value"] for m in run["results"] for f in m["figures"] if f["unit"] == "rel err"]
+    assert len(errs) == 3 and all(e < 1e-5 for e in errs)
     assert os.path.exists(tmp_path / "REPORT.md") and not os.path.exists(os.path.join(ROOT, "bench", "REPORT.md.tmp"))
