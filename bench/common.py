@@ -69,24 +69,6 @@ def host_us(fn: Callable[[], Any], *, n: int = 2000, trials: int = 7, sync: Call
     return statistics.median(per)
 
 
-def device_ms(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 20) -> float:
-    """Median device time (ms) of ``fn`` measured with CUDA events on torch's current stream."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
 def wall_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 15) -> float:
     """Median wall time (ms) of ``fn`` followed by a device synchronize (for multi-stream work,
     where one stream's events do not bracket the others)."""
