@@ -1,7 +1,6 @@
 """CUDAGraphRunner: replay the graph captured for a batch descriptor, capturing on first use."""
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Hashable
 
 from . import timeline as _timeline

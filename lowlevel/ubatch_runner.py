@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from . import ubatching as ub
 from .graphs import Graph, GraphPool, capture
-from .stream import Stream, StreamLike, adopt, current_stream, use_stream
+from .stream import Stream, StreamLike, adopt, current_stream
 from .ubatch_slices import UBatchSlice
 
 __all__ = ["UBatchRunner"]

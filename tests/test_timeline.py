@@ -1,7 +1,6 @@
 """Timeline: trace JSON, overlap arithmetic (CPU, synthetic spans); real overlap on a GPU."""
 import json
 import os
-import time
 
 import pytest
 
