@@ -25,6 +25,33 @@ def _vllm_pattern(torch, streams, start, done):
     return run
 
 
+def _raw_floor(aux, start, done, fn):
+    """What one fork/join must do at least, with nothing checked or cached: record start on the
+    current stream, switch CuPy and torch to the aux stream, wait, run, record done, switch
+    back, run the default fn, wait on done."""
+    import cupy
+
+    from lowlevel import stream as st
+
+    rec, wait = cupy.cuda.runtime.eventRecord, cupy.cuda.runtime.streamWaitEvent
+    sp, dp, hp, cs, key = start.ptr, done.ptr, aux.ptr, aux.cupy, aux._key()
+
+    def floor():
+        c = st._t_get_raw(-1)
+        rec(sp, c)
+        pt, pc = st._t_get_current(-1), st._c_get_current()
+        cs.use()
+        st._t_set_current(*key)
+        wait(hp, sp, 0)
+        fn()
+        rec(dp, hp)
+        st._t_set_current(*pt)
+        pc.use()
+        fn()
+        wait(c, dp, 0)
+    return floor
+
+
 def run(rep: Report) -> None:
     import torch
 
@@ -47,6 +74,14 @@ def run(rep: Report) -> None:
                 target="<= 5 us, >= 7x" if n == 1 else "")
         rep.add(f"ParallelRunner, {n} aux slot(s), empty fns", host_us(lambda: runner(noop, fns), sync=sync), "us",
                 "vLLM torch-event pattern", theirs)
+        if n == 1:
+            floor = _raw_floor(runner.streams[0], start, done[0], noop)
+            rep.add("execute_in_parallel, 1 aux slot, empty fns (bursts of 100 calls)",
+                    host_us(lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True), n=100,
+                            trials=41, sync=sync),
+                    "us", "the same, bursts of 2000 calls", ours)
+            rep.add("execute_in_parallel, 1 aux slot, empty fns", ours, "us",
+                    "raw floor: its 4 runtime calls + 2-framework switch, inline", host_us(floor, sync=sync))
     e0, e1, aux = lowlevel.Event(), lowlevel.Event(), lowlevel.Stream()
     rep.add("maybe_execute_in_parallel, empty fns",
             host_us(lambda: lowlevel.maybe_execute_in_parallel(noop, noop, e0, e1, aux), sync=sync), "us",

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from lowlevel import stream as _st
 from lowlevel.stream import _current_handle
 from lowlevel.interop import as_cupy, as_torch
+from lowlevel.sm_control import capped as _capped
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -120,40 +121,68 @@ class PreparedLaunch:
     """A kernel launch with its arguments fixed: calling it re-reads the SM cap, sets the grid
     and launches the compiled kernel on lowlevel's current stream, with no validation, no
     argument parsing and no specialisation lookup. Keep the arrays it was prepared with alive
-    (it holds references) and unchanged in shape, or prepare again."""
+    (it holds references) and unchanged in shape, or prepare again.
 
-    __slots__ = ("_ck", "_args", "_tiles", "_grid_at", "_keep", "_launcher", "_constexprs", "_opts")
+    A call goes straight to the C entry point of Triton's launcher for this kernel (what
+    ``CompiledKernel.run`` calls after allocating scratch memory), with the argument tuple built
+    once per grid size; kernels that need scratch memory go through ``run`` itself. Triton's
+    launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are not called."""
+
+    __slots__ = ("_keep", "_tiles", "_grid_at", "_launcher", "_constexprs", "_opts", "_total", "_grid",
+                 "_entry", "_prefix", "_args", "_argv")
 
     def __init__(self, launcher: "FastLauncher", tiles: int, args: Sequence[Any], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int) -> None:
-        from lowlevel.sm_control import get_num_sms
+        from lowlevel.sm_control import capped, device_sm_count
 
-        grid = max(1, min(get_num_sms(), tiles))
+        dev = next((a.device.index for a in args if hasattr(a, "device") and a.device.type == "cuda"), None)
+        self._total = device_sm_count(dev)
+        grid = max(1, min(capped(self._total), tiles))
         call_args = list(args)
         call_args[grid_at] = grid
         launcher(grid, call_args, constexprs, num_warps, num_stages)  # compiles if needed, launches once
         self._keep = args
         self._tiles = tiles
         self._grid_at = grid_at
-        self._ck = None if INTERPRET else launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
+        self._launcher, self._constexprs, self._opts = launcher, constexprs, (num_warps, num_stages)
+        self._grid = grid
+        self._entry: Any = None
+        self._prefix: tuple[Any, ...] = ()
         # pointers as ints: the launcher takes them as they are, skipping data_ptr() calls
         self._args = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in call_args] + list(constexprs.values())
-        self._launcher, self._constexprs, self._opts = launcher, constexprs, (num_warps, num_stages)
+        if INTERPRET:
+            return
+        ck = launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
+        run = ck.run  # Triton's launcher object for this kernel
+        if (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+                and hasattr(run, "launch")):
+            self._entry = run.launch
+            self._prefix = (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                            ck.packed_metadata, None, None, None)
+        else:  # scratch memory to allocate per launch: Triton's own path
+            self._entry = lambda gx, gy, gz, stream, *rest: run(gx, gy, gz, stream, *rest)
+            self._prefix = (ck.function, ck.packed_metadata, None, None, None)
+        self._argv = self._prefix + tuple(self._args)
+
+    def _regrid(self, grid: int) -> None:
+        self._grid = grid
+        self._args[self._grid_at] = grid
+        self._argv = self._prefix + tuple(self._args)
 
     def __call__(self) -> None:
-        from lowlevel.sm_control import get_num_sms
-
-        grid = get_num_sms()
+        grid = _capped(self._total)
         if grid > self._tiles:
             grid = self._tiles
-        args = self._args
-        args[self._grid_at] = grid
-        ck = self._ck
-        if ck is None:  # the interpreter
+        if grid != self._grid:
+            self._regrid(grid)
+        if self._entry is None:  # the interpreter
             self._launcher(grid, self._keep[:self._grid_at] + (grid,) + tuple(self._keep[self._grid_at + 1:]),
                            self._constexprs, *self._opts)
             return
-        ck.run(grid, 1, 1, _current_handle(), ck.function, ck.packed_metadata, None, None, None, *args)
+        h = _st._t_get_raw(-1)  # lowlevel's current stream, as _current_handle() finds it
+        if not h:
+            h = _st._c_get_current().ptr
+        self._entry(grid, 1, 1, h, *self._argv)
 
 
 class _nullctx:

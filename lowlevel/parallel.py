@@ -27,9 +27,8 @@ from .stream import Stream, StreamLike, adopt
 __all__ = ["execute_in_parallel", "maybe_execute_in_parallel", "ParallelRunner"]
 
 
-# The stream switch, in three small functions (tests replace them with logging fakes).
-def _current() -> int:
-    return _st._current_handle()
+# The stream switch, in small functions (tests replace them with logging fakes).
+_current: Callable[[], int] = _st._current_handle
 
 
 def _save() -> tuple[Any, Any]:
@@ -72,7 +71,7 @@ def _is_capturing(handle: int) -> bool:
 
 
 def _protect(results: Any, cur: int) -> None:
-    if results is None or (type(results) is list and not any(r is not None for r in results)):
+    if results is None:
         return
     for _ in iter_arrays(results):
         if not _is_capturing(cur):
@@ -116,7 +115,11 @@ def execute_in_parallel(
 def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
                done_events: Sequence[Any], aux_streams: Sequence[Any], enqueue_default_first: bool,
                cur: int) -> tuple[Any, list[Any]]:
-    """The parallel path of execute_in_parallel, on the current stream ``cur`` (validated)."""
+    """The parallel path of execute_in_parallel, on the current stream ``cur`` (validated).
+
+    Written for host cost: per launched slot one stream switch, one wait and one record; the
+    current streams are saved once, lazily, and results are inspected for arrays only when a
+    slot returned something."""
     tl = _timeline._ACTIVE
     if tl is not None:  # an active Timeline gets a span per branch
         default_fn = _spanned(tl, "default", default_fn)
@@ -124,45 +127,54 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
     n = len(aux_fns)
     _rec(start_event, cur)
     results: list[Any] = [None] * n
-    forked: list[int] = []  # slots whose stream waited on start and has not recorded done
-    joined: list[int] = []
-    prev = _save()
-    switched = False
+    reached = 0  # slots [0, reached) are done: each launched one recorded its done event
+    forked = -1  # the slot whose stream waited on start and has not recorded done yet
+    prev = None  # the current streams, saved at the first switch
     default_result = None
+    returned = False
     try:
         if enqueue_default_first:
             default_result = default_fn()
         for i in range(n):
             fn = aux_fns[i]
-            if fn is None:
-                continue
-            s = adopt(aux_streams[i])
-            _enter(s)
-            switched = True
-            _wait(start_event, s.ptr)
-            forked.append(i)
-            results[i] = fn()
-            _rec(done_events[i], s.ptr)
-            forked.pop()
-            joined.append(i)
-        if switched:
-            switched = False
-            _leave(prev)
+            if fn is not None:
+                s = adopt(aux_streams[i])
+                if prev is None:
+                    prev = _save()
+                _enter(s)
+                _wait(start_event, s.ptr)
+                forked = i
+                r = fn()
+                _rec(done_events[i], s.ptr)
+                forked = -1
+                if r is not None:
+                    results[i] = r
+                    returned = True
+            reached = i + 1
+        if prev is not None:
+            p, prev = prev, None
+            _leave(p)
         if not enqueue_default_first:
             default_result = default_fn()
     except BaseException:
-        if switched:
+        if prev is not None:
             _leave(prev)
-        for i in forked:  # the slot that raised: capture what it enqueued, then join it
-            _rec(done_events[i], adopt(aux_streams[i]).ptr)
-            joined.append(i)
-        for i in joined:
-            _wait(done_events[i], cur)
+        if forked >= 0:  # the slot that raised: capture what it enqueued, then join it
+            _rec(done_events[forked], adopt(aux_streams[forked]).ptr)
+            reached = forked + 1
+        _join(aux_fns, done_events, reached, cur)
         raise
-    for i in joined:
-        _wait(done_events[i], cur)
-    _protect(results, cur)
+    _join(aux_fns, done_events, reached, cur)
+    if returned:
+        _protect(results, cur)
     return default_result, results
+
+
+def _join(aux_fns: Sequence[Any], done_events: Sequence[Any], upto: int, cur: int) -> None:
+    """The current stream ``cur`` waits on the done event of every launched slot below ``upto``."""
+    for i in range(upto):
+        if aux_fns[i] is not None:
+            _wait(done_events[i], cur)
 
 
 def maybe_execute_in_parallel(

@@ -58,11 +58,15 @@ def set_num_sms(n: int | None) -> None:
 
 def get_num_sms() -> int:
     """The SM cap that a kernel launched now from this thread uses (never above the device's)."""
+    return capped(device_sm_count())
+
+
+def capped(total: int) -> int:
+    """The calling thread's SM cap on a device with ``total`` SMs (the launch paths' fast form
+    of :func:`get_num_sms`, for callers that know their device)."""
     stack = getattr(_tls, "stack", None)
-    total = device_sm_count()
-    if stack:
-        return min(stack[-1], total)
-    return total if _global_cap is None else min(_global_cap, total)
+    cap = stack[-1] if stack else _global_cap
+    return total if cap is None or cap > total else cap
 
 
 class sm_limit:

@@ -146,3 +146,26 @@ def test_green_context_partition_slows_a_full_grid_kernel():
         lowlevel.sm_partition([12])
     with pytest.raises(ValueError, match="device has"):
         lowlevel.sm_partition([128, 64])
+
+
+@pytest.mark.parametrize("kind", ["lowlevel", "torch", "cupy"])
+def test_prepared_launch_goes_to_the_current_stream(kind):
+    """Behind a 20 ms spin on stream s, s fills src with fresh values, then a prepared copy runs
+    inside use_stream(s): only a launch on s itself sees the new values."""
+    from lowlevel.testing import spin
+
+    s = {"lowlevel": lambda: lowlevel.Stream(), "torch": lambda: torch.cuda.Stream(),
+         "cupy": lambda: cp.cuda.Stream(non_blocking=True)}[kind]()
+    src, dst = _rand(1 << 20), torch.full((1 << 20,), float("nan"), device="cuda")
+    run = K.prepare_copy(src, dst)
+    torch.cuda.synchronize()
+    fresh = _rand(1 << 20)
+    for cap in (device_sm_count(), 5):
+        dst.fill_(float("nan"))
+        torch.cuda.synchronize()
+        with lowlevel.use_stream(s), lowlevel.sm_limit(cap):
+            spin(20_000_000, blocks=1)
+            src.copy_(fresh + cap)
+            run()
+        lowlevel.Stream.from_external(s).synchronize()
+        assert torch.equal(dst, fresh + cap)
