@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import Report, host_us, wall_ms
+from .common import Report, host_us_side_by_side, wall_ms
 
 NEEDS_GPU = True
 
@@ -156,12 +156,16 @@ def run(rep: Report) -> None:
     d_small = torch.empty_like(s_small)
     K.copy(s_small, d_small)
     prepared = K.prepare_copy(s_small, d_small)
-    full = host_us(lambda: K.copy(s_small, d_small), n=3000, sync=torch.cuda.synchronize)
-    fast = host_us(prepared, n=3000, sync=torch.cuda.synchronize)
-    triton_path = host_us(lambda: _copy_kernel[(1,)](s_small, d_small, 1024, 1, BLOCK=8192, num_warps=16,
-                                                     num_stages=1), n=3000, sync=torch.cuda.synchronize)
+    entry, argv = prepared._entry, (1, 1, 1, torch.cuda.current_stream().cuda_stream) + prepared._argv
+    fast, triton_path, full, floor = host_us_side_by_side(
+        prepared,
+        lambda: _copy_kernel[(1,)](s_small, d_small, 1024, 1, BLOCK=8192, num_warps=16, num_stages=1),
+        lambda: K.copy(s_small, d_small),
+        lambda: entry(*argv), sync=torch.cuda.synchronize)
     rep.add("kernel launch: prepare_copy(...)() (cached kernel + arguments)", fast, "us",
             "kernel[grid](...) (Triton's launch path)", triton_path, target="<= 5 us")
     rep.add("kernel launch: lowlevel.kernels.copy (validation each call)", full, "us",
             "kernel[grid](...) (Triton's launch path)", triton_path)
+    rep.add("kernel launch: prepare_copy(...)()", fast, "us", "floor: Triton's C launcher entry, called directly",
+            floor)
 

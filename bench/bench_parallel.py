@@ -1,7 +1,7 @@
 """Fork/join host cost (execute_in_parallel vs vLLM's torch-event pattern) and real overlap."""
 from __future__ import annotations
 
-from .common import Report, host_us, wall_ms
+from .common import Report, host_us_side_by_side, wall_ms
 
 NEEDS_GPU = True
 
@@ -65,29 +65,26 @@ def run(rep: Report) -> None:
         streams = runner.streams
         start, done = lowlevel.Event(), [lowlevel.Event() for _ in range(n)]
         fns = [noop] * n
-        ours = host_us(lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True), sync=sync)
         tstreams = [torch.cuda.Stream() for _ in range(n)]
         tstart, tdone = torch.cuda.Event(), [torch.cuda.Event() for _ in range(n)]
         vllm = _vllm_pattern(torch, tstreams, tstart, tdone)
-        theirs = host_us(lambda: vllm(noop, fns), sync=sync)
+        ours, theirs, run_us = host_us_side_by_side(
+            lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True), lambda: vllm(noop, fns),
+            lambda: runner(noop, fns), sync=sync)
         rep.add(f"execute_in_parallel, {n} aux slot(s), empty fns", ours, "us", "vLLM torch-event pattern", theirs,
                 target="<= 5 us, >= 7x" if n == 1 else "")
-        rep.add(f"ParallelRunner, {n} aux slot(s), empty fns", host_us(lambda: runner(noop, fns), sync=sync), "us",
-                "vLLM torch-event pattern", theirs)
+        rep.add(f"ParallelRunner, {n} aux slot(s), empty fns", run_us, "us", "vLLM torch-event pattern", theirs)
         if n == 1:
-            floor = _raw_floor(runner.streams[0], start, done[0], noop)
-            rep.add("execute_in_parallel, 1 aux slot, empty fns (bursts of 100 calls)",
-                    host_us(lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True), n=100,
-                            trials=41, sync=sync),
-                    "us", "the same, bursts of 2000 calls", ours)
+            ours, floor = host_us_side_by_side(
+                lambda: lowlevel.execute_in_parallel(noop, fns, start, done, streams, True),
+                _raw_floor(runner.streams[0], start, done[0], noop), sync=sync)
             rep.add("execute_in_parallel, 1 aux slot, empty fns", ours, "us",
-                    "raw floor: its 4 runtime calls + 2-framework switch, inline", host_us(floor, sync=sync))
+                    "raw floor: its 4 runtime calls + 2-framework switch, inline", floor)
     e0, e1, aux = lowlevel.Event(), lowlevel.Event(), lowlevel.Stream()
-    rep.add("maybe_execute_in_parallel, empty fns",
-            host_us(lambda: lowlevel.maybe_execute_in_parallel(noop, noop, e0, e1, aux), sync=sync), "us",
-            "vLLM torch-event pattern (1 slot)",
-            host_us(lambda: _vllm_pattern(torch, [torch.cuda.Stream()], torch.cuda.Event(),
-                                          [torch.cuda.Event()])(noop, [noop]), sync=sync))
+    vllm1 = _vllm_pattern(torch, [torch.cuda.Stream()], torch.cuda.Event(), [torch.cuda.Event()])
+    ours, theirs = host_us_side_by_side(lambda: lowlevel.maybe_execute_in_parallel(noop, noop, e0, e1, aux),
+                                        lambda: vllm1(noop, [noop]), sync=sync)
+    rep.add("maybe_execute_in_parallel, empty fns", ours, "us", "vLLM torch-event pattern (1 slot)", theirs)
 
     # Overlap of two half-SM kernels: parallel wall time vs the longer branch alone.
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -69,6 +69,28 @@ def host_us(fn: Callable[[], Any], *, n: int = 2000, trials: int = 7, sync: Call
     return statistics.median(per)
 
 
+def host_us_side_by_side(*fns: Callable[[], Any], n: int = 500, trials: int = 31,
+                         sync: Callable[[], Any] | None = None, warmup: int = 200) -> list[float]:
+    """:func:`host_us` of each of ``fns``, their trials interleaved (a trial of the first, of the
+    second, ..., then again), so that a host whose speed drifts during the run (shared machines
+    do) slows all of them alike and their ratios stay meaningful."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    per: list[list[float]] = [[] for _ in fns]
+    for _ in range(trials):
+        for fn, out in zip(fns, per):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if sync:
+                sync()
+            out.append((time.perf_counter() - t0) / n * 1e6)
+    return [statistics.median(p) for p in per]
+
+
 def wall_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 15) -> float:
     """Median wall time (ms) of ``fn`` followed by a device synchronize (for multi-stream work,
     where one stream's events do not bracket the others)."""

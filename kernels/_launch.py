@@ -1,8 +1,8 @@
 """What the kernels share: input coercion and validation, and a cached launch path.
 
-``FastLauncher`` keeps the compiled kernel per specialisation key and launches it through the
-compiled kernel's ``run`` with the arguments as given, skipping Triton's per-call binder (most
-of its ~15 µs launch cost). The key is computed here from what Triton specialises on: dtypes,
+``FastLauncher`` keeps the compiled kernel per specialisation key and launches it through the C
+entry point of Triton's launcher (:class:`_Entry`) with the arguments as given, skipping
+Triton's per-call binder (most of its ~15 µs launch cost). The key is computed here from what Triton specialises on: dtypes,
 which integer arguments equal 1 or are multiples of 16, which pointers are 16-byte aligned,
 and the constexprs. Under ``TRITON_INTERPRET=1`` it simply calls ``kernel[grid]``.
 """
@@ -55,6 +55,28 @@ def _spec(v: Any) -> Any:
     return v
 
 
+class _Entry:
+    """The cheapest way into one compiled kernel: the C entry point of Triton's launcher for it
+    (what ``CompiledKernel.run`` calls after allocating scratch memory), with the arguments that
+    never change as a prefix. Kernels that need scratch memory go through ``run`` itself.
+    Triton's launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are not called.
+
+    ``entry.launch(grid_x, 1, 1, stream, *entry.prefix, *kernel_args)`` launches."""
+
+    __slots__ = ("launch", "prefix")
+
+    def __init__(self, ck: Any) -> None:
+        run = ck.run  # Triton's launcher object for this kernel
+        if (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+                and hasattr(run, "launch")):
+            self.launch = run.launch
+            self.prefix: tuple[Any, ...] = (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                                            ck.packed_metadata, None, None, None)
+        else:
+            self.launch = run
+            self.prefix = (ck.function, ck.packed_metadata, None, None, None)
+
+
 class FastLauncher:
     """Launch ``jit_fn`` on lowlevel's current stream, reusing its compiled kernel."""
 
@@ -62,7 +84,7 @@ class FastLauncher:
         self.fn = jit_fn
         names = list(getattr(jit_fn, "arg_names", []))
         self._free = frozenset(names.index(n) for n in unspecialized)  # arguments left out of the key
-        self.cache: dict[tuple[Any, ...], Any] = {}
+        self.cache: dict[tuple[Any, ...], _Entry] = {}
         self.compiles = 0  # kernels this launcher obtained from Triton (one per key)
 
     def key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int) -> tuple:
@@ -76,19 +98,18 @@ class FastLauncher:
             self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return
         key = self.key(args, constexprs, num_warps, num_stages)
-        ck = self.cache.get(key)
-        if ck is None:
+        e = self.cache.get(key)
+        if e is None:
             import torch
 
             # the first launch goes through Triton (on torch's current stream, set to ours)
             h = _st._current_handle()
             with torch.cuda.stream(torch.cuda.ExternalStream(h)) if h != _st._t_get_raw(-1) else _nullctx():
                 ck = self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
-            self.cache[key] = ck
+            self.cache[key] = _Entry(ck)
             self.compiles += 1
             return
-        ck.run(grid, 1, 1, _current_handle(), ck.function, ck.packed_metadata, None, None, None,
-               *args, *constexprs.values())
+        e.launch(grid, 1, 1, _current_handle(), *e.prefix, *args, *constexprs.values())
 
 
 class Plan:
@@ -123,10 +144,8 @@ class PreparedLaunch:
     argument parsing and no specialisation lookup. Keep the arrays it was prepared with alive
     (it holds references) and unchanged in shape, or prepare again.
 
-    A call goes straight to the C entry point of Triton's launcher for this kernel (what
-    ``CompiledKernel.run`` calls after allocating scratch memory), with the argument tuple built
-    once per grid size; kernels that need scratch memory go through ``run`` itself. Triton's
-    launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are not called."""
+    A call goes straight into the kernel's :class:`_Entry` with the argument tuple built once
+    per grid size."""
 
     __slots__ = ("_keep", "_tiles", "_grid_at", "_launcher", "_constexprs", "_opts", "_total", "_grid",
                  "_entry", "_prefix", "_args", "_argv")
@@ -152,16 +171,8 @@ class PreparedLaunch:
         self._args = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in call_args] + list(constexprs.values())
         if INTERPRET:
             return
-        ck = launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
-        run = ck.run  # Triton's launcher object for this kernel
-        if (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
-                and hasattr(run, "launch")):
-            self._entry = run.launch
-            self._prefix = (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-                            ck.packed_metadata, None, None, None)
-        else:  # scratch memory to allocate per launch: Triton's own path
-            self._entry = lambda gx, gy, gz, stream, *rest: run(gx, gy, gz, stream, *rest)
-            self._prefix = (ck.function, ck.packed_metadata, None, None, None)
+        e = launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
+        self._entry, self._prefix = e.launch, e.prefix
         self._argv = self._prefix + tuple(self._args)
 
     def _regrid(self, grid: int) -> None:

@@ -121,5 +121,6 @@ def as_torch(x: Any, stream: StreamLike | None = None) -> Any:
     dev = x.device.id
     consumer = t.get_raw(dev) if stream is None else stream_handle(stream)
     _order(cp.cuda.get_current_stream().ptr, consumer)
-    # toDlpack() exports without a stream handshake; the ordering was done just above.
-    return torch.utils.dlpack.from_dlpack(x.toDlpack())
+    # stream=-1: export without a stream handshake (DLPack's "no synchronisation"); the
+    # ordering was done just above.
+    return torch.utils.dlpack.from_dlpack(x.__dlpack__(stream=-1))

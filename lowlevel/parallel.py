@@ -117,15 +117,19 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                cur: int) -> tuple[Any, list[Any]]:
     """The parallel path of execute_in_parallel, on the current stream ``cur`` (validated).
 
-    Written for host cost: per launched slot one stream switch, one wait and one record; the
-    current streams are saved once, lazily, and results are inspected for arrays only when a
-    slot returned something."""
+    Written for host cost: lowlevel Events go straight to the runtime (other events through
+    record_event/wait_event), the current streams are saved once, at the first switch, and
+    results are inspected for arrays only when a slot returned something."""
     tl = _timeline._ACTIVE
     if tl is not None:  # an active Timeline gets a span per branch
         default_fn = _spanned(tl, "default", default_fn)
         aux_fns = [None if f is None else _spanned(tl, f"aux{i}", f) for i, f in enumerate(aux_fns)]
     n = len(aux_fns)
-    _rec(start_event, cur)
+    sp = start_event.ptr if type(start_event) is Event else 0
+    if sp:
+        _rt_record(sp, cur)
+    else:
+        record_event(start_event, cur)
     results: list[Any] = [None] * n
     reached = 0  # slots [0, reached) are done: each launched one recorded its done event
     forked = -1  # the slot whose stream waited on start and has not recorded done yet
@@ -138,14 +142,24 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
         for i in range(n):
             fn = aux_fns[i]
             if fn is not None:
-                s = adopt(aux_streams[i])
+                s = aux_streams[i]
+                if type(s) is not Stream:
+                    s = adopt(s)
                 if prev is None:
                     prev = _save()
                 _enter(s)
-                _wait(start_event, s.ptr)
+                h = s.ptr
+                if sp:
+                    _rt_wait(h, sp, 0)
+                else:
+                    wait_event(start_event, h)
                 forked = i
                 r = fn()
-                _rec(done_events[i], s.ptr)
+                d = done_events[i]
+                if type(d) is Event:
+                    _rt_record(d.ptr, h)
+                else:
+                    record_event(d, h)
                 forked = -1
                 if r is not None:
                     results[i] = r
@@ -164,7 +178,11 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
             reached = forked + 1
         _join(aux_fns, done_events, reached, cur)
         raise
-    _join(aux_fns, done_events, reached, cur)
+    if n == 1:  # the common case, without the loop
+        if aux_fns[0] is not None:
+            _wait(done_events[0], cur)
+    else:
+        _join(aux_fns, done_events, n, cur)
     if returned:
         _protect(results, cur)
     return default_result, results

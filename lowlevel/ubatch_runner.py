@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 from . import ubatching as ub
@@ -41,6 +42,9 @@ class UBatchRunner:
     output is the graph's static buffer. ``sm_control`` (e.g. a
     :class:`~lowlevel.SMControlContextManager`) is entered around each eager run and capture.
     ``timeout_s`` bounds every wait of a microbatch thread, so nothing hangs.
+
+    Threads mode keeps ``num_ubatches`` daemon threads parked between runs (:meth:`close` ends
+    them). Calls from several threads are serialised; a microbatch must not call its own runner.
     """
 
     def __init__(self, fn: Callable[..., Any], *, comm_stream: StreamLike | None = None,
@@ -59,6 +63,8 @@ class UBatchRunner:
         self.comm_stream = Stream() if comm_stream is None else adopt(comm_stream)
         self.graphs: dict[tuple[int, ...], tuple[Graph, Any]] = {}
         self.pool: GraphPool | None = None
+        self._workers: _Workers | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, inputs: Sequence[Any], slices: Sequence[UBatchSlice], *, graph: bool = False) -> Any:
         if len(slices) != self.num_ubatches:
@@ -100,12 +106,11 @@ class UBatchRunner:
 
     def _run_threads(self, per_ub: list[tuple[Any, ...]], compute: Stream, pool: GraphPool | None) -> list[Any]:
         n = self.num_ubatches
-        barrier = threading.Barrier(n + 1)
-        ctxs = ub.make_ubatch_contexts(n, compute, self.comm_stream, barrier, timeout_s=self.timeout_s)
+        ctxs = ub.make_ubatch_contexts(n, compute, self.comm_stream, None, timeout_s=self.timeout_s)
         results: list[Any] = [None] * n
         errors: list[BaseException | None] = [None] * n
 
-        def worker(i: int) -> None:
+        def job(i: int) -> None:
             try:
                 with pool.cupy_active() if pool is not None else contextlib.nullcontext():
                     with ctxs[i]:
@@ -113,17 +118,16 @@ class UBatchRunner:
             except BaseException as exc:  # reported by the launching thread
                 errors[i] = exc
 
-        threads = [threading.Thread(target=worker, args=(i,), name=f"ubatch-{i}", daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        try:
-            barrier.wait(self.timeout_s)
+        with self._lock:  # one run at a time on this runner's threads
+            if self._workers is None:
+                self._workers = _Workers(n)
+            workers = self._workers
+            workers.submit([lambda i=i: job(i) for i in range(n)])
             ub.start(ctxs)
-        except threading.BrokenBarrierError:
-            ctxs[0]._ring.abort.set()
-        for t in threads:
-            t.join(self.timeout_s)
-        hung = [t.name for t in threads if t.is_alive()]
+            hung = workers.wait(self.timeout_s)
+            if hung:  # those threads are lost to this runner; the next run starts new ones
+                self._workers = None
+                workers.close()
         if hung or any(e is not None for e in errors):  # normal exits joined comm into compute themselves
             try:
                 ub._join(self.comm_stream, compute)
@@ -139,3 +143,64 @@ class UBatchRunner:
         if err is not None:
             raise err
         return results
+
+    def close(self) -> None:
+        """End the parked microbatch threads (threads mode); a later run starts new ones."""
+        with self._lock:
+            if self._workers is not None:
+                self._workers.close()
+                self._workers = None
+
+
+class _Workers:
+    """``n`` daemon threads parked between runs, each running one microbatch per run.
+
+    Starting threads, and the per-thread state that CUDA, torch and CuPy build on a thread's
+    first use, cost more host time per run than the microbatch switches themselves; parked
+    threads pay them once."""
+
+    POLL_S = 0.05
+
+    def __init__(self, n: int) -> None:
+        self.jobs: list[Callable[[], None] | None] = [None] * n
+        self.go = [ub._Baton() for _ in range(n)]
+        self.done = [ub._Baton() for _ in range(n)]
+        self.closed = False
+        self.threads = [threading.Thread(target=self._loop, args=(i,), name=f"ubatch-{i}", daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self, i: int) -> None:
+        go, done = self.go[i], self.done[i]
+        while True:
+            while not go.take(self.POLL_S):
+                if self.closed:
+                    return
+            if self.closed:
+                return
+            job, self.jobs[i] = self.jobs[i], None
+            try:
+                if job is not None:
+                    job()
+            finally:
+                done.set()
+
+    def submit(self, jobs: list[Callable[[], None]]) -> None:
+        for i, job in enumerate(jobs):
+            self.jobs[i] = job
+            self.go[i].set()
+
+    def wait(self, timeout_s: float) -> list[str]:
+        """Wait until every thread finished its job; the names of those that did not in time."""
+        deadline = time.monotonic() + timeout_s
+        hung = []
+        for i, done in enumerate(self.done):
+            if not done.take(max(0.0, deadline - time.monotonic())):
+                hung.append(self.threads[i].name)
+        return hung
+
+    def close(self) -> None:
+        self.closed = True
+        for go in self.go:
+            go.set()

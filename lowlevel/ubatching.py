@@ -68,9 +68,30 @@ def _join(comm: Any, compute: Any) -> None:
     Event().record(comm).wait(compute)
 
 
+class _Baton:
+    """A microbatch's turn to run Python: ``set`` gives it (again: no effect), ``take`` waits for
+    it and takes it back in one step. A bare lock, so that a hand-over between threads costs one
+    futex wake-up rather than ``threading.Event``'s condition-variable machinery."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already given and not taken yet
+            pass
+
+    def take(self, timeout: float) -> bool:
+        return self._lock.acquire(True, timeout)
+
+
 class _Ring:
     def __init__(self, n: int) -> None:
-        self.cpu_events = [threading.Event() for _ in range(n)]
+        self.cpu_events = [_Baton() for _ in range(n)]
         self.abort = threading.Event()
         self.error: BaseException | None = None
         self.contexts: list[UBatchContext] = []
@@ -167,9 +188,9 @@ class UBatchContext:
                 del _THREAD_CTX[threading.get_ident()]
 
     def _wait_turn(self) -> None:
-        ev, ring = self._ring.cpu_events[self.id], self._ring
+        baton, ring = self._ring.cpu_events[self.id], self._ring
         waited = 0.0
-        while not ev.wait(self.POLL_S):
+        while not baton.take(self.POLL_S):
             waited += self.POLL_S
             if ring.abort.is_set():
                 break
@@ -178,7 +199,6 @@ class UBatchContext:
                 raise UBatchAbort(f"microbatch {self.id} waited {self._timeout} s for its turn")
         if ring.abort.is_set():
             raise UBatchAbort(f"microbatch {self.id} stopped: another microbatch failed")
-        ev.clear()
 
     def _cpu_yield(self) -> None:
         ring = self._ring

@@ -144,10 +144,11 @@ def test_lifetime_17_93(framework, nested):
             v = cp.full((n,), 17.0, dtype=cp.float32)
         return {"output": (v,)} if nested else v
 
+    cp.full((8,), 1.0, dtype=cp.float32).copy()  # CuPy compiles its fill and copy kernels outside the timed part
     torch.cuda.synchronize()
     _, (res,) = lowlevel.execute_in_parallel(lambda: None, [produce], start, done, [aux], True)
     val = res["output"][0] if nested else res
-    torch.cuda._sleep(200_000_000)  # the consumer stream is busy ...
+    torch.cuda._sleep(400_000_000)  # the consumer stream is busy (~0.2 s) ...
     copied = lowlevel.as_torch(val).clone() if framework == "torch" else val.copy()  # ... then reads
     del res, val
     with lowlevel.use_stream(aux):

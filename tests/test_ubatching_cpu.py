@@ -204,3 +204,25 @@ def test_generator_exception_closes_the_others(fakes):
     assert closed == ["good"]
     with pytest.raises(ValueError, match="expected"):
         lowlevel.run_generators([(x for x in ["sideways"])], FakeStream("compute", 1), FakeStream("comm", 2))
+
+
+def test_parked_workers_run_each_job_on_the_same_threads_and_report_hangs():
+    from lowlevel.ubatch_runner import _Workers
+
+    w = _Workers(3)
+    seen = []
+    for step in range(5):
+        out = [None] * 3
+        w.submit([lambda i=i: out.__setitem__(i, (threading.current_thread().name, step * 10 + i)) for i in range(3)])
+        assert w.wait(5.0) == []
+        assert [v for _, v in out] == [step * 10 + i for i in range(3)]
+        seen.append(tuple(name for name, _ in out))
+    assert len(set(seen)) == 1 and len(set(seen[0])) == 3  # the same three threads every step
+    release = threading.Event()
+    w.submit([lambda: None, lambda: release.wait(10), lambda: None])
+    assert w.wait(0.3) == ["ubatch-1"]
+    release.set()
+    w.close()
+    for t in w.threads:
+        t.join(2.0)
+    assert not any(t.is_alive() for t in w.threads)
