@@ -126,14 +126,18 @@ def run(rep: Report) -> None:
     rep.add("H2D comm stage: host time to enqueue a run, threads", host_thr, "ms", "generators", host_gen)
     rep.add("H2D comm stage: overlap, generators, FULL graph replay", t_graph_h, "ms", "sequential, one stream",
             t_seq_h)
-    tl_h = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", gen_nosplit.comm_stream: "comm (H2D)"})
-    torch.cuda.synchronize()
-    with tl_h.activate():
-        gen_nosplit([x], slices)
-    png_h = tl_h.plot(os.path.join(rep.out_dir, "ubatch_timeline_h2d.png"), "two microbatches, H2D comm stage")
-    trace_h = os.path.join(rep.out_dir, "ubatch_trace_h2d.json")
-    tl_h.to_chrome_trace(trace_h)
-    rep.files += [png_h, trace_h]
+    for mode, runner in (("generators", gen_nosplit), ("threads", thr_nosplit)):
+        tl_h = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", runner.comm_stream: "comm (H2D)"})
+        torch.cuda.synchronize()
+        with tl_h.activate():
+            runner([x], slices)
+        suffix = "" if mode == "generators" else "_threads"
+        rep.files.append(tl_h.plot(os.path.join(rep.out_dir, f"ubatch_timeline_h2d{suffix}.png"),
+                                   f"two microbatches, H2D comm stage, {mode}"))
+        if not suffix:
+            trace_h = os.path.join(rep.out_dir, "ubatch_trace_h2d.json")
+            tl_h.to_chrome_trace(trace_h)
+            rep.files.append(trace_h)
     stage[0] = "copy"
     gen([x], slices)  # warm up
     n_copy, busy_c = _balance(torch, lowlevel, gen, lambda: gen([x], slices), n_copy, lambda n: resize("copy", n))

@@ -38,12 +38,12 @@ def check_device(name: str, *ts: Any) -> None:
     if INTERPRET:
         return
     for t in ts:
-        if t.device.type != "cuda":
+        if not t.is_cuda:
             raise ValueError(f"{name}: tensors must be on a CUDA device, got one on {t.device}")
-    dev = ts[0].device
+    dev = ts[0].get_device()
     for t in ts[1:]:
-        if t.device != dev:
-            raise ValueError(f"{name}: tensors are on different devices ({dev} and {t.device})")
+        if t.get_device() != dev:
+            raise ValueError(f"{name}: tensors are on different devices ({ts[0].device} and {t.device})")
 
 
 def _spec(v: Any) -> Any:
@@ -92,12 +92,30 @@ class FastLauncher:
         return (tuple(None if i in free else _spec(a) for i, a in enumerate(args)), tuple(constexprs.values()),
                 num_warps, num_stages)
 
+    def _key_and_ptrs(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
+                      num_stages: int) -> tuple[tuple, list[Any]]:
+        """:meth:`key`, and the arguments with each tensor replaced by its data pointer (the
+        launcher then skips its own pointer look-ups), in one pass."""
+        free = self._free
+        spec: list[Any] = []
+        flat: list[Any] = []
+        for i, a in enumerate(args):
+            dp = getattr(a, "data_ptr", None)
+            if dp is not None:
+                p = dp()
+                flat.append(p)
+                spec.append(None if i in free else (a.dtype, p % 16 == 0))
+            else:
+                flat.append(a)
+                spec.append(None if i in free else _spec(a))
+        return (tuple(spec), tuple(constexprs.values()), num_warps, num_stages), flat
+
     def __call__(self, grid: int, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
                  num_stages: int) -> None:
         if INTERPRET:
             self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return
-        key = self.key(args, constexprs, num_warps, num_stages)
+        key, flat = self._key_and_ptrs(args, constexprs, num_warps, num_stages)
         e = self.cache.get(key)
         if e is None:
             import torch
@@ -109,7 +127,7 @@ class FastLauncher:
             self.cache[key] = _Entry(ck)
             self.compiles += 1
             return
-        e.launch(grid, 1, 1, _current_handle(), *e.prefix, *args, *constexprs.values())
+        e.launch(grid, 1, 1, _current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
 class Plan:

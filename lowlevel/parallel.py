@@ -27,22 +27,11 @@ from .stream import Stream, StreamLike, adopt
 __all__ = ["execute_in_parallel", "maybe_execute_in_parallel", "ParallelRunner"]
 
 
-# The stream switch, in small functions (tests replace them with logging fakes).
+# The current stream and the stream switch (_fork_join inlines the switch in its loop).
 _current: Callable[[], int] = _st._current_handle
-
-
-def _save() -> tuple[Any, Any]:
-    return _st._t_get_current(-1), _st._c_get_current()
-
-
-def _enter(s: Stream) -> None:
-    s._cupy.use()
-    _st._t_set_current(*(s._torch_key or s._key()))
-
-
-def _leave(prev: tuple[Any, Any]) -> None:
-    _st._t_set_current(*prev[0])
-    prev[1].use()
+_save = _st._save_current
+_enter = _st._make_current
+_leave = _st._restore_current
 
 
 def _rec(ev: Any, handle: int) -> None:
@@ -145,9 +134,10 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                 s = aux_streams[i]
                 if type(s) is not Stream:
                     s = adopt(s)
-                if prev is None:
-                    prev = _save()
-                _enter(s)
+                if prev is None:  # _save() and _enter(s), inlined: this loop is the hot path
+                    prev = (_st._t_get_current(-1), _st._c_get_current())
+                s._cupy.use()
+                _st._t_set_current(*(s._torch_key or s._key()))
                 h = s.ptr
                 if sp:
                     _rt_wait(h, sp, 0)
@@ -165,9 +155,10 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                     results[i] = r
                     returned = True
             reached = i + 1
-        if prev is not None:
+        if prev is not None:  # _leave(prev), inlined
             p, prev = prev, None
-            _leave(p)
+            _st._t_set_current(*p[0])
+            p[1].use()
         if not enqueue_default_first:
             default_result = default_fn()
     except BaseException:

@@ -334,6 +334,23 @@ class use_stream:
 _c_get_current: Callable[[], Any] = _cp.cuda.get_current_stream if _cp is not None else None  # type: ignore
 
 
+# The stream switch of the fork/join and microbatch runtimes (use_stream inlines the same steps).
+def _save_current() -> tuple[Any, Any]:
+    """torch's and CuPy's current streams of this thread, for :func:`_restore_current`."""
+    return _t_get_current(-1), _c_get_current()
+
+
+def _make_current(s: Stream) -> None:
+    """Make ``s`` current for CuPy and torch (hence Triton) in this thread."""
+    s._cupy.use()
+    _t_set_current(*(s._torch_key or s._key()))
+
+
+def _restore_current(prev: tuple[Any, Any]) -> None:
+    _t_set_current(*prev[0])
+    prev[1].use()
+
+
 def _cupy_external(handle: int) -> Any:
     """A CuPy stream object for a foreign handle (CuPy does not own it)."""
     cls = _cp.cuda.Stream

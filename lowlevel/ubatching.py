@@ -48,19 +48,10 @@ class UBatchAbort(LowlevelError):
     """Raised inside a microbatch when another microbatch of the same step failed."""
 
 
-# The stream switches, in small functions (the CPU tests replace them with logging fakes).
-def _switch(s: Stream) -> None:
-    s._cupy.use()
-    _st._t_set_current(*(s._torch_key or s._key()))
-
-
-def _save() -> tuple[Any, Any]:
-    return _st._t_get_current(-1), _st._c_get_current()
-
-
-def _restore(prev: tuple[Any, Any]) -> None:
-    _st._t_set_current(*prev[0])
-    prev[1].use()
+# The stream switches (the CPU tests replace these names with logging fakes).
+_switch = _st._make_current
+_save = _st._save_current
+_restore = _st._restore_current
 
 
 def _join(comm: Any, compute: Any) -> None:

@@ -178,3 +178,16 @@ def test_prepared_launches_recompute_with_new_data_and_caps():
     assert _rel(y, xd / torch.sqrt((xd * xd).mean(1, keepdim=True) + 1e-6) * w.double()) < 1e-6
     with pytest.raises(ValueError):
         K.prepare_matmul(a, b, out=None)
+
+
+def test_launch_key_is_the_same_on_both_paths():
+    """The validated path keys its cache in one pass with the pointers; prepared launches look the
+    same entry up with key(): the two must agree, or a prepared launch would miss its kernel."""
+    from lowlevel.kernels.copy import _launch
+
+    for n in (16, 17, 1):
+        src, dst = _rand(n), _rand(n)
+        for args in [(src, dst, n, 3), (src[1:], dst, n, 1)]:
+            key, flat = _launch._key_and_ptrs(args, {"BLOCK": 128}, 4, 1)
+            assert key == _launch.key(args, {"BLOCK": 128}, 4, 1)
+            assert flat[:2] == [args[0].data_ptr(), args[1].data_ptr()] and flat[2:] == list(args[2:])

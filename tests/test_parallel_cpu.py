@@ -39,21 +39,45 @@ class FakeEvent:
         self.log.append(f"{self.name}.wait@{stream}")
 
 
+class FakeCupyStream:
+    """Logs being made current: "<name>.enter" for an aux stream, "exit->main" for the caller's."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def use(self):
+        self.log.append("exit->main" if self.name == "main" else f"{self.name}.enter")
+
+
 class FakeStream:
+    log: list = []
+
     def __init__(self, name, ptr):
         self.name, self.ptr = name, ptr
+        self._torch_key = (ptr, 0, 1)
+
+    @property
+    def _cupy(self):
+        return FakeCupyStream(self.name, FakeStream.log)
 
 
 @pytest.fixture
 def fake_switch(monkeypatch):
+    """Fakes below the stream switch: torch's and CuPy's current-stream calls (the switch itself,
+    inlined or not, runs as written)."""
+    from lowlevel import stream as st
+
     log = []
+    torch_current = [("main-key",)]
     monkeypatch.setattr(parallel, "_current", lambda: 1)
-    monkeypatch.setattr(parallel, "_save", lambda: "main")
-    monkeypatch.setattr(parallel, "_enter", lambda s: log.append(f"{s.name}.enter"))
-    monkeypatch.setattr(parallel, "_leave", lambda prev: log.append(f"exit->{prev}"))
+    monkeypatch.setattr(st, "_t_get_current", lambda dev: torch_current[0], raising=False)
+    monkeypatch.setattr(st, "_t_set_current", lambda *key: torch_current.__setitem__(0, key), raising=False)
+    monkeypatch.setattr(st, "_c_get_current", lambda: FakeCupyStream("main", log))
     monkeypatch.setattr(parallel, "adopt", lambda s: s)
     monkeypatch.setattr(parallel, "_protect", lambda results, cur: None)
-    return log
+    FakeStream.log = log
+    yield log
+    assert torch_current[0] == ("main-key",), "torch's current stream was not restored"
 
 
 def _fn(log, name, result=None):
