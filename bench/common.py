@@ -54,19 +54,7 @@ def host_us(fn: Callable[[], Any], *, n: int = 2000, trials: int = 7, sync: Call
             warmup: int = 200) -> float:
     """Median over ``trials`` of the mean host time per call (µs) of ``n`` calls, with ``sync``
     (if given) inside each timed trial, so device back-pressure is counted."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    per = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if sync:
-            sync()
-        per.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(per)
+    return host_us_side_by_side(fn, n=n, trials=trials, sync=sync, warmup=warmup)[0]
 
 
 def host_us_side_by_side(*fns: Callable[[], Any], n: int = 500, trials: int = 31,
