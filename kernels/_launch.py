@@ -2,9 +2,10 @@
 
 ``FastLauncher`` keeps the compiled kernel per specialisation key and launches it through the C
 entry point of Triton's launcher (:class:`_Entry`) with the arguments as given, skipping
-Triton's per-call binder (most of its ~15 µs launch cost). The key is computed here from what Triton specialises on: dtypes,
-which integer arguments equal 1 or are multiples of 16, which pointers are 16-byte aligned,
-and the constexprs. Under ``TRITON_INTERPRET=1`` it simply calls ``kernel[grid]``.
+Triton's per-call binder (most of its ~15 µs launch cost). The key is computed here from what
+Triton specialises on: dtypes, which integer arguments equal 1 or are multiples of 16, which
+pointers are 16-byte aligned, and the constexprs. Under ``TRITON_INTERPRET=1`` it simply calls
+``kernel[grid]``.
 """
 from __future__ import annotations
 
