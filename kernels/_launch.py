@@ -12,18 +12,19 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import torch
+
 from lowlevel import stream as _st
-from lowlevel.stream import _current_handle
 from lowlevel.interop import as_cupy, as_torch
 from lowlevel.sm_control import capped as _capped
+from lowlevel.sm_control import device_sm_count, get_num_sms
+from lowlevel.stream import _current_handle
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def to_torch(x: Any, name: str) -> tuple[Any, bool]:
     """(torch view of ``x``, whether ``x`` was a CuPy array). No copies."""
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x, False
     if _st._cp is not None and isinstance(x, _st._cp.ndarray):
@@ -119,8 +120,6 @@ class FastLauncher:
         key, flat = self._key_and_ptrs(args, constexprs, num_warps, num_stages)
         e = self.cache.get(key)
         if e is None:
-            import torch
-
             # the first launch goes through Triton (on torch's current stream, set to ours)
             h = _st._current_handle()
             with torch.cuda.stream(torch.cuda.ExternalStream(h)) if h != _st._t_get_raw(-1) else _nullctx():
@@ -144,8 +143,6 @@ class Plan:
 
     def launch(self) -> Any:
         """Launch now with ``min(cap, tiles)`` programs; return the result."""
-        from lowlevel.sm_control import get_num_sms
-
         if self.tiles:
             grid = max(1, min(get_num_sms(), self.tiles))
             args = self.args[:self.grid_at] + (grid,) + self.args[self.grid_at + 1:]
@@ -171,11 +168,9 @@ class PreparedLaunch:
 
     def __init__(self, launcher: "FastLauncher", tiles: int, args: Sequence[Any], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int) -> None:
-        from lowlevel.sm_control import capped, device_sm_count
-
         dev = next((a.device.index for a in args if hasattr(a, "device") and a.device.type == "cuda"), None)
         self._total = device_sm_count(dev)
-        grid = max(1, min(capped(self._total), tiles))
+        grid = max(1, min(_capped(self._total), tiles))
         call_args = list(args)
         call_args[grid_at] = grid
         launcher(grid, call_args, constexprs, num_warps, num_stages)  # compiles if needed, launches once

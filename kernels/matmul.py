@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -72,8 +73,6 @@ def _config(M: int, N: int, itemsize: int) -> tuple[int, ...]:
 
 
 def _plan(a: Any, b: Any, out: Any, precision: str) -> Plan:
-    import torch
-
     at, a_cp = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
     if at.dim() != 2 or bt.dim() != 2:

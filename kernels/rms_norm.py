@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -37,8 +38,6 @@ MAX_N = 65536
 
 
 def _plan(x: Any, weight: Any, eps: float, residual: Any, out: Any) -> Plan:
-    import torch
-
     xt, x_cp = to_torch(x, "x")
     wt, _ = to_torch(weight, "weight")
     if xt.dim() != 2:
