@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 from . import ubatching as ub
@@ -43,8 +44,9 @@ class UBatchRunner:
     :class:`~lowlevel.SMControlContextManager`) is entered around each eager run and capture.
     ``timeout_s`` bounds every wait of a microbatch thread, so nothing hangs.
 
-    Threads mode keeps ``num_ubatches`` daemon threads parked between runs (:meth:`close` ends
-    them). Calls from several threads are serialised; a microbatch must not call its own runner.
+    Threads mode keeps ``num_ubatches`` daemon threads parked between runs; :meth:`close`, or
+    the runner being garbage-collected, ends them. Calls from several threads are serialised; a
+    microbatch must not call its own runner.
     """
 
     def __init__(self, fn: Callable[..., Any], *, comm_stream: StreamLike | None = None,
@@ -121,6 +123,7 @@ class UBatchRunner:
         with self._lock:  # one run at a time on this runner's threads
             if self._workers is None:
                 self._workers = _Workers(n)
+                weakref.finalize(self, self._workers.close)  # a dropped runner ends its threads
             workers = self._workers
             workers.submit([lambda i=i: job(i) for i in range(n)])
             ub.start(ctxs)
@@ -184,6 +187,7 @@ class _Workers:
                 if job is not None:
                     job()
             finally:
+                job = None  # the job holds its runner: a parked thread must not keep it alive
                 done.set()
 
     def submit(self, jobs: list[Callable[[], None]]) -> None:

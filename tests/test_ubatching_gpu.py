@@ -105,3 +105,29 @@ def test_gpu_abort_restores_streams(weights):
     assert torch.cuda.current_stream().cuda_stream == cur
     assert not ub.dbo_enabled()
     torch.cuda.synchronize()
+
+
+def test_parked_threads_end_on_close_and_when_the_runner_is_dropped(weights):
+    import gc
+
+    w1, w2 = weights
+    x = torch.randn(64, H, device="cuda")
+    s = [lowlevel.UBatchSlice(slice(0, 1), slice(0, 32)), lowlevel.UBatchSlice(slice(1, 2), slice(32, 64))]
+    runner = lowlevel.UBatchRunner(_thread_layer(w1, w2), timeout_s=30)
+    runner([x], s)
+    first = list(runner._workers.threads)
+    runner([x], s)
+    assert runner._workers.threads == first  # parked, not restarted
+    runner.close()
+    for t in first:
+        t.join(2.0)
+    assert not any(t.is_alive() for t in first)
+    out = runner([x], s)  # a run after close starts new threads
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.double(), _ref(x, w1, w2), rtol=1e-4, atol=1e-4)
+    second = list(runner._workers.threads)
+    del runner, out
+    gc.collect()
+    for t in second:
+        t.join(2.0)
+    assert not any(t.is_alive() for t in second)
