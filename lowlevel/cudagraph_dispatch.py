@@ -12,6 +12,8 @@ import enum
 import operator
 from typing import Iterable, NamedTuple
 
+from .errors import check_int
+
 __all__ = [
     "CUDAGraphMode",
     "BatchDescriptor",
@@ -112,8 +114,7 @@ def _check_sizes(sizes: Iterable[int], what: str) -> list[int]:
 def default_capture_sizes(max_size: int) -> list[int]:
     """vLLM's default capture sizes up to ``max_size``: 1, 2, 4, then every 8 below 256, then
     every 16 from 256."""
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+    check_int(max_size, "max_size", 1)
     sizes = [s for s in (1, 2, 4) if s <= max_size]
     sizes += range(8, min(max_size + 1, 256), 8)
     sizes += range(256, max_size + 1, 16)
@@ -126,8 +127,7 @@ def padding_table(capture_sizes: Iterable[int], max_size: int | None = None) -> 
     ``max_size`` defaults to the largest size and may not exceed it."""
     sizes = _check_sizes(capture_sizes, "capture sizes")
     top = sizes[-1] if max_size is None else max_size
-    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise ValueError(f"max_size must be a non-negative int, got {max_size!r}")
+    check_int(top, "max_size", 0)
     if top > sizes[-1]:
         raise ValueError(f"max_size {top} exceeds the largest capture size {sizes[-1]}: it could not be padded")
     table = [0] * (top + 1)
@@ -173,13 +173,10 @@ class CudagraphDispatcher:
     def __init__(self, capture_sizes: Iterable[int] | None = None, *, max_capture_size: int | None = None,
                  max_num_seqs: int = 256, max_loras: int = 0, specialize_lora: bool = True,
                  piecewise_supported: bool = True) -> None:
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
-        if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 0:
-            raise ValueError(f"max_loras must be a non-negative int, got {max_loras!r}")
-        if max_capture_size is not None and (isinstance(max_capture_size, bool)
-                                             or not isinstance(max_capture_size, int) or max_capture_size <= 0):
-            raise ValueError(f"max_capture_size must be a positive int, got {max_capture_size!r}")
+        check_int(max_num_seqs, "max_num_seqs", 1)
+        check_int(max_loras, "max_loras", 0)
+        if max_capture_size is not None:
+            check_int(max_capture_size, "max_capture_size", 1)
         if capture_sizes is None:
             top = max_capture_size if max_capture_size is not None else min(2 * max_num_seqs, 512)
             sizes = default_capture_sizes(top)
@@ -237,8 +234,7 @@ class CudagraphDispatcher:
         if not isinstance(cudagraph_mode, CUDAGraphMode):
             raise TypeError(f"cudagraph_mode must be a CUDAGraphMode, got {cudagraph_mode!r}")
         q = uniform_decode_query_len
-        if isinstance(q, bool) or not isinstance(q, int) or q <= 0:
-            raise ValueError(f"uniform_decode_query_len must be a positive int, got {q!r}")
+        check_int(q, "uniform_decode_query_len", 1)
         if cudagraph_mode.requires_piecewise_compilation() and not self.piecewise_supported:
             raise ValueError(f"{cudagraph_mode} needs piecewise graphs, but piecewise_supported=False")
         decode_sizes: list[int] = []

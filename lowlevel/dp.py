@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LowlevelError
+from .errors import LowlevelError, check_int
 from .ubatch_slices import check_ubatch_thresholds
 
 __all__ = ["DPConfig", "DPSyncError", "coordinate_batch_across_dp", "post_process_dp_table"]
@@ -37,9 +37,7 @@ class DPSyncError(LowlevelError):
 
 
 def _pos_int(name: str, v: Any, minimum: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
+    return check_int(v, name, minimum, types=(int, np.integer))
 
 
 class DPConfig:

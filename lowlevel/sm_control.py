@@ -13,7 +13,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from .device import cuda_available, require_cuda
-from .errors import LowlevelError
+from .errors import LowlevelError, check_int
 
 __all__ = ["set_num_sms", "get_num_sms", "device_sm_count", "sm_limit", "SMControlContextManager",
            "SMPartition", "sm_partition"]
@@ -43,17 +43,11 @@ def device_sm_count(device: int | None = None) -> int:
     return _sm_count(device)
 
 
-def _check(n: Any, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what} must be a positive int, got {n!r}")
-    return n
-
-
 def set_num_sms(n: int | None) -> None:
     """Set the process-wide SM cap of lowlevel's kernels (None: every SM). Threads inside an
     :func:`sm_limit` block keep their own cap."""
     global _global_cap
-    _global_cap = None if n is None else _check(n, "num_sms")
+    _global_cap = None if n is None else check_int(n, "num_sms", 1)
 
 
 def get_num_sms() -> int:
@@ -77,7 +71,7 @@ class sm_limit:
     __slots__ = ("n",)
 
     def __init__(self, n: int) -> None:
-        self.n = _check(n, "sm_limit")
+        self.n = check_int(n, "sm_limit", 1)
 
     def __enter__(self) -> int:
         stack = getattr(_tls, "stack", None)
@@ -99,7 +93,7 @@ class SMControlContextManager:
 
     def __init__(self, comm_sms: int, set_comm_sms: Callable[[int], Any], set_compute_sms: Callable[[int], Any], *,
                  total_sms: int | None = None) -> None:
-        total = device_sm_count() if total_sms is None else _check(total_sms, "total_sms")
+        total = device_sm_count() if total_sms is None else check_int(total_sms, "total_sms", 1)
         if isinstance(comm_sms, bool) or not isinstance(comm_sms, int) or comm_sms < 0 or comm_sms >= total:
             raise ValueError(f"comm_sms must be an int in [0, {total}), got {comm_sms!r}")
         self.total_sms = total

@@ -9,6 +9,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 from . import ubatching as ub
+from .errors import check_int
 from .graphs import Graph, GraphPool, capture
 from .stream import Stream, StreamLike, adopt, current_stream
 from .ubatch_slices import UBatchSlice
@@ -54,8 +55,7 @@ class UBatchRunner:
                  timeout_s: float = 60.0) -> None:
         if mode not in ("threads", "generators"):
             raise ValueError(f"mode must be 'threads' or 'generators', got {mode!r}")
-        if isinstance(num_ubatches, bool) or not isinstance(num_ubatches, int) or num_ubatches < 2:
-            raise ValueError(f"num_ubatches must be an int >= 2, got {num_ubatches!r}")
+        check_int(num_ubatches, "num_ubatches", 2)
         self.fn = fn
         self.mode = mode
         self.num_ubatches = num_ubatches

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Generator, Iterable, Sequence
 
-from .errors import LowlevelError
+from .errors import LowlevelError, check_int
 from .event import Event
 from . import stream as _st
 from . import timeline as _timeline
@@ -273,8 +273,7 @@ def make_ubatch_contexts(num_micro_batches: int, compute_stream: StreamLike, com
     ``i`` runs after context ``i - 1`` yields. ``ready_barrier`` (for n threads plus the
     launching thread) lets the launcher know every thread is parked before it starts the ring
     with :func:`start`; ``timeout_s`` bounds every wait."""
-    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 2:
-        raise ValueError(f"num_micro_batches must be an int >= 2, got {num_micro_batches!r}")
+    check_int(num_micro_batches, "num_micro_batches", 2)
     compute, comm = adopt(compute_stream), adopt(comm_stream)
     if compute.ptr == comm.ptr:
         raise ValueError("the compute and comm streams must differ")
@@ -368,8 +367,7 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
     take one step each in turn. Streams and events are as in the thread runtime; the calling
     thread's current streams are restored at the end, and the comm stream is joined into the
     compute stream. An exception in one generator closes the others and propagates."""
-    if isinstance(stage_offset, bool) or not isinstance(stage_offset, int) or stage_offset < 0:
-        raise ValueError(f"stage_offset must be an int >= 0, got {stage_offset!r}")
+    check_int(stage_offset, "stage_offset", 0)
     gs = list(gens)
     n = len(gs)
     compute, comm = adopt(compute_stream), adopt(comm_stream)
@@ -379,8 +377,7 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
     results: list[Any] = [None] * n
     finished = [False] * n
     started = [False] * n
-    steps0 = 0
-    steps = [0] * n
+    steps = [0] * n  # steps each microbatch has taken
     prev = _save()
     try:
         while not all(finished):
@@ -388,7 +385,7 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
                 if finished[i]:
                     continue
                 if not started[i]:
-                    if i and steps0 < i * stage_offset and not finished[0]:
+                    if i and steps[0] < i * stage_offset and not finished[0]:
                         continue
                     started[i] = True
                 s = on[i]
@@ -408,8 +405,6 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
                     results[i] = stop.value
                     finished[i] = True
                     continue
-                if i == 0:
-                    steps0 += 1
                 if marker == TO_COMM:
                     pending[i] = done_ev[i][0].record(compute)
                     on[i] = comm
