@@ -11,6 +11,7 @@ not move an earlier wait. Waiting on a never-recorded event is a no-op (CUDA's r
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from .device import require_cuda
@@ -83,6 +84,22 @@ def _rt_wait(stream: int, ev: int, flags: int) -> None:
 if _cp is not None:  # bind the runtime calls directly: one Python frame less per call
     _rt_record = _cp.cuda.runtime.eventRecord  # noqa: F811
     _rt_wait = _cp.cuda.runtime.streamWaitEvent  # noqa: F811
+
+
+_tls = threading.local()
+
+
+def _order(producer: int, consumer: int) -> None:
+    """Make stream ``consumer`` wait for the work enqueued so far on stream ``producer`` (raw
+    handles). One reused event per thread: a wait binds to the record that precedes it, so
+    reuse is safe, in a graph capture too."""
+    if producer == consumer:
+        return
+    ev = getattr(_tls, "event", None)
+    if ev is None:
+        ev = _tls.event = _cp.cuda.Event(disable_timing=True)
+    _rt_record(ev.ptr, producer)
+    _rt_wait(consumer, ev.ptr, 0)
 
 
 # --- foreign events ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from typing import Any, Callable, Hashable
 from . import timeline as _timeline
 from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher
 from .graphs import Graph, GraphPool, capture
-from .stream import Stream, use_stream
+from .event import _order
+from .stream import Stream, _current_handle, use_stream
 
 __all__ = ["CUDAGraphRunner"]
 
@@ -82,16 +83,12 @@ class CUDAGraphRunner:
                                "(capture it at start-up with capture_all)")
         if self._side is None:
             self._side = Stream()
-        from .event import Event
-
-        ev = Event()
-        ev.record()
+        cur = _current_handle()
+        _order(cur, self._side.ptr)  # warm up on the side stream, after the caller's work ...
         with use_stream(self._side):
-            ev.wait()
             for _ in range(self.warmup):
                 self.fn(*args, **kwargs)
-        ev.record(self._side)
-        ev.wait()
+        _order(self._side.ptr, cur)  # ... and capture after the warm-up
         with capture(pool=self.pool) as g:
             out = self.fn(*args, **kwargs)
         g.keep(args, kwargs, out)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from . import stream as _st
 from .errors import CaptureError
+from .event import _order
 from .stream import Stream, StreamLike, adopt, use_stream
 
 __all__ = ["Graph", "GraphPool", "capture"]
@@ -162,10 +163,7 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     own_pool = pool is None
     gpool = GraphPool() if pool is None else pool
     graph = Graph()
-    # Order the capture after the caller's pending work, outside the capture.
-    ev = cp.cuda.Event(disable_timing=True)
-    cp.cuda.runtime.eventRecord(ev.ptr, _st._current_handle())
-    cp.cuda.runtime.streamWaitEvent(s.ptr, ev.ptr, 0)
+    _order(_st._current_handle(), s.ptr)  # the capture follows the caller's pending work
     failure: BaseException | None = None
     # No cyclic garbage collection inside the capture: a collected object's destructor (a
     # memory pool returning blocks, say) may call CUDA in ways a capture forbids.

@@ -9,26 +9,12 @@ the two current streams are the same, so a conversion enqueues nothing at all.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from .event import _order
 from .stream import StreamLike, _cp, _tops, stream_handle
 
 __all__ = ["as_torch", "as_cupy"]
-
-_tls = threading.local()
-
-
-def _order(producer: int, consumer: int) -> None:
-    """Make ``consumer`` wait for the work enqueued so far on ``producer`` (one reused event
-    per thread: a wait binds to the record that precedes it, so reuse is safe)."""
-    if producer == consumer:
-        return
-    ev = getattr(_tls, "event", None)
-    if ev is None:
-        ev = _tls.event = _cp.cuda.Event(disable_timing=True)
-    _cp.cuda.runtime.eventRecord(ev.ptr, producer)
-    _cp.cuda.runtime.streamWaitEvent(consumer, ev.ptr, 0)
 
 
 _torch_to_np: dict[Any, Any] = {}

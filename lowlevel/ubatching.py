@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable, Generator, Iterable, Sequence
 
 from .errors import LowlevelError, check_int
-from .event import Event
+from .event import Event, _order
 from . import stream as _st
 from . import timeline as _timeline
 from .stream import Stream, StreamLike, adopt
@@ -54,9 +54,9 @@ _save = _st._save_current
 _restore = _st._restore_current
 
 
-def _join(comm: Any, compute: Any) -> None:
+def _join(comm: Stream, compute: Stream) -> None:
     """Order later work on ``compute`` after everything enqueued on ``comm``."""
-    Event().record(comm).wait(compute)
+    _order(comm.ptr, compute.ptr)
 
 
 class _Baton:
