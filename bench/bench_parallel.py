@@ -31,21 +31,21 @@ def _raw_floor(aux, start, done, fn):
     back, run the default fn, wait on done."""
     import cupy
 
-    from lowlevel import stream as st
+    from lowlevel import _runtime as rt
 
     rec, wait = cupy.cuda.runtime.eventRecord, cupy.cuda.runtime.streamWaitEvent
     sp, dp, hp, cs, key = start.ptr, done.ptr, aux.ptr, aux.cupy, aux._key()
 
     def floor():
-        c = st._t_get_raw(-1)
+        c = rt.torch_get_raw(-1)
         rec(sp, c)
-        pt, pc = st._t_get_current(-1), st._c_get_current()
+        pt, pc = rt.torch_get_current(-1), rt.cupy_get_current()
         cs.use()
-        st._t_set_current(*key)
+        rt.torch_set_current(*key)
         wait(hp, sp, 0)
         fn()
         rec(dp, hp)
-        st._t_set_current(*pt)
+        rt.torch_set_current(*pt)
         pc.use()
         fn()
         wait(c, dp, 0)

@@ -9,86 +9,63 @@
 * SM control: :func:`sm_limit`, :class:`SMControlContextManager`, :func:`sm_partition`, and
   the persistent kernels of :mod:`lowlevel.kernels`;
 * DP padding sync: :class:`DPConfig`, :func:`coordinate_batch_across_dp`, microbatch slices;
-* microbatch overlap: :class:`UBatchRunner`, :mod:`lowlevel.ubatching`;
+* microbatch overlap: :class:`UBatchRunner`, the ``dbo_*`` helpers of :mod:`lowlevel.ubatching`,
+  the thread ring (:mod:`lowlevel.ubatch_ring`) and the generator runtime
+  (:mod:`lowlevel.ubatch_generators`);
 * :class:`Timeline`: what ran on which stream.
 
 Importing lowlevel needs no GPU; creating a stream or an event without one raises
 :class:`CudaUnavailableError`.
+
+The public API is exactly the union of the submodules' ``__all__`` lists (composed below);
+:mod:`lowlevel.kernels` is imported on its own (it needs Triton).
 """
 from __future__ import annotations
 
-from .device import cuda_available, device_count, require_cuda
-from .errors import CaptureError, CudaUnavailableError, LowlevelError
-from .cpu_gpu_event import CpuGpuEvent
-from .cudagraph_dispatch import (
-    BatchDescriptor,
-    CUDAGraphMode,
-    CudagraphDispatcher,
-    default_capture_sizes,
-    padding_table,
+from . import (
+    cpu_gpu_event,
+    cudagraph_dispatch,
+    device,
+    dp,
+    errors,
+    event,
+    graph_runner,
+    graphs,
+    interop,
+    lifetime,
+    parallel,
+    sm_control,
+    stream,
+    timeline,
+    ubatch_generators,
+    ubatch_ring,
+    ubatch_runner,
+    ubatch_slices,
+    ubatching,
 )
-from .dp import DPConfig, DPSyncError, coordinate_batch_across_dp
-from .event import Event, record_event, wait_event
-from .graph_runner import CUDAGraphRunner
-from .graphs import Graph, GraphPool, capture
-from .interop import as_cupy, as_torch
-from .parallel import ParallelRunner, execute_in_parallel, maybe_execute_in_parallel
-from .sm_control import SMControlContextManager, SMPartition, sm_limit, sm_partition
-from .stream import Stream, current_stream, stream_handle, use_stream
-from .timeline import Span, Timeline
-from .ubatch_runner import UBatchRunner
-from .ubatching import TO_COMM, TO_COMPUTE, YIELD, UBatchAbort, UBatchContext, make_ubatch_contexts, run_generators
-from .ubatch_slices import UBatchSlice, check_ubatch_thresholds, maybe_create_ubatch_slices
+from .cpu_gpu_event import *  # noqa: F403
+from .cudagraph_dispatch import *  # noqa: F403
+from .device import *  # noqa: F403
+from .dp import *  # noqa: F403
+from .errors import *  # noqa: F403
+from .event import *  # noqa: F403
+from .graph_runner import *  # noqa: F403
+from .graphs import *  # noqa: F403
+from .interop import *  # noqa: F403
+from .lifetime import *  # noqa: F403
+from .parallel import *  # noqa: F403
+from .sm_control import *  # noqa: F403
+from .stream import *  # noqa: F403
+from .timeline import *  # noqa: F403
+from .ubatch_generators import *  # noqa: F403
+from .ubatch_ring import *  # noqa: F403
+from .ubatch_runner import *  # noqa: F403
+from .ubatch_slices import *  # noqa: F403
+from .ubatching import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "as_cupy",
-    "as_torch",
-    "BatchDescriptor",
-    "capture",
-    "CaptureError",
-    "check_ubatch_thresholds",
-    "coordinate_batch_across_dp",
-    "CpuGpuEvent",
-    "cuda_available",
-    "CudagraphDispatcher",
-    "CUDAGraphMode",
-    "CUDAGraphRunner",
-    "CudaUnavailableError",
-    "current_stream",
-    "default_capture_sizes",
-    "device_count",
-    "DPConfig",
-    "DPSyncError",
-    "Event",
-    "execute_in_parallel",
-    "Graph",
-    "GraphPool",
-    "LowlevelError",
-    "make_ubatch_contexts",
-    "maybe_create_ubatch_slices",
-    "maybe_execute_in_parallel",
-    "padding_table",
-    "ParallelRunner",
-    "record_event",
-    "require_cuda",
-    "run_generators",
-    "sm_limit",
-    "sm_partition",
-    "SMControlContextManager",
-    "SMPartition",
-    "Span",
-    "Stream",
-    "stream_handle",
-    "Timeline",
-    "TO_COMM",
-    "TO_COMPUTE",
-    "UBatchAbort",
-    "UBatchContext",
-    "UBatchRunner",
-    "UBatchSlice",
-    "use_stream",
-    "wait_event",
-    "YIELD",
-]
+_MODULES = (errors, device, stream, event, interop, lifetime, graphs, sm_control, parallel, cpu_gpu_event,
+            cudagraph_dispatch, graph_runner, dp, ubatch_slices, ubatch_ring, ubatch_generators, ubatching,
+            ubatch_runner, timeline)
+__all__ = sorted({name for m in _MODULES for name in m.__all__}, key=str.lower)

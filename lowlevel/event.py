@@ -11,11 +11,10 @@ not move an earlier wait. Waiting on a never-recorded event is a no-op (CUDA's r
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
-from .device import require_cuda
-from .stream import StreamLike, _cp, _current_handle, stream_handle
+from . import _runtime as rt
+from ._runtime import StreamLike
 
 __all__ = ["Event", "EventLike", "record_event", "wait_event"]
 
@@ -35,34 +34,33 @@ class Event:
     __slots__ = ("_cupy", "ptr", "timing", "__weakref__")
 
     def __init__(self, timing: bool = False, *, blocking: bool = False) -> None:
-        require_cuda()
-        self._cupy = _cp.cuda.Event(block=blocking, disable_timing=not timing)
+        self._cupy = rt.create_event(timing=timing, blocking=blocking)
         self.ptr: int = int(self._cupy.ptr)
         self.timing = bool(timing)
 
     def record(self, stream: StreamLike | None = None) -> "Event":
         """Record the work enqueued so far on ``stream`` (default: the current stream)."""
-        _rt_record(self.ptr, _current_handle() if stream is None else stream_handle(stream))
+        rt.event_record(self.ptr, rt.current_handle() if stream is None else rt.stream_handle(stream))
         return self
 
     def wait(self, stream: StreamLike | None = None) -> None:
         """Make later work on ``stream`` (default: the current stream) wait for the last record."""
-        _rt_wait(_current_handle() if stream is None else stream_handle(stream), self.ptr, 0)
+        rt.stream_wait_event(rt.current_handle() if stream is None else rt.stream_handle(stream), self.ptr, 0)
 
     def synchronize(self) -> None:
         """Block the calling thread until the recorded work has finished."""
-        _cp.cuda.runtime.eventSynchronize(self.ptr)
+        rt.cp.cuda.runtime.eventSynchronize(self.ptr)
 
     def query(self) -> bool:
         """True when the recorded work has finished (or the event was never recorded)."""
-        return _cp.cuda.runtime.eventQuery(self.ptr) != _NOT_READY
+        return rt.cp.cuda.runtime.eventQuery(self.ptr) != _NOT_READY
 
     def elapsed_ms(self, end: "Event") -> float:
         """Milliseconds between this event's record and ``end``'s; both need ``timing=True`` and
         both must have completed."""
         if not (self.timing and getattr(end, "timing", False)):
             raise ValueError("elapsed_ms needs two events created with timing=True")
-        return float(_cp.cuda.runtime.eventElapsedTime(self.ptr, end.ptr))
+        return float(rt.cp.cuda.runtime.eventElapsedTime(self.ptr, end.ptr))
 
     @property
     def cupy(self) -> Any:
@@ -73,43 +71,10 @@ class Event:
         return f"<lowlevel.Event 0x{self.ptr:x}{' timing' if self.timing else ''}>"
 
 
-def _rt_record(ev: int, stream: int) -> None:
-    _cp.cuda.runtime.eventRecord(ev, stream)
-
-
-def _rt_wait(stream: int, ev: int, flags: int) -> None:
-    _cp.cuda.runtime.streamWaitEvent(stream, ev, flags)
-
-
-if _cp is not None:  # bind the runtime calls directly: one Python frame less per call
-    _rt_record = _cp.cuda.runtime.eventRecord  # noqa: F811
-    _rt_wait = _cp.cuda.runtime.streamWaitEvent  # noqa: F811
-
-
-_tls = threading.local()
-
-
-def _order(producer: int, consumer: int) -> None:
-    """Make stream ``consumer`` wait for the work enqueued so far on stream ``producer`` (raw
-    handles). One reused event per thread: a wait binds to the record that precedes it, so
-    reuse is safe, in a graph capture too."""
-    if producer == consumer:
-        return
-    ev = getattr(_tls, "event", None)
-    if ev is None:
-        ev = _tls.event = _cp.cuda.Event(disable_timing=True)
-    _rt_record(ev.ptr, producer)
-    _rt_wait(consumer, ev.ptr, 0)
-
-
 # --- foreign events ---------------------------------------------------------------------------
 
 def _torch_stream_for(stream: StreamLike | None) -> Any:
-    from .stream import Stream, current_stream
-
-    if stream is None:
-        return current_stream().torch
-    return Stream.from_external(stream).torch
+    return rt.torch_stream(rt.stream_handle(stream))
 
 
 def _record_torch(ev: Any, stream: StreamLike | None) -> None:
@@ -119,17 +84,17 @@ def _record_torch(ev: Any, stream: StreamLike | None) -> None:
 def _wait_torch(ev: Any, stream: StreamLike | None) -> None:
     handle = getattr(ev, "cuda_event", 0)
     if handle:
-        _rt_wait(_current_handle() if stream is None else stream_handle(stream), handle, 0)
+        rt.stream_wait_event(rt.stream_handle(stream), handle, 0)
     else:  # torch.Event, or a torch.cuda.Event never recorded (a no-op by torch's rule)
         ev.wait(_torch_stream_for(stream))
 
 
 def _record_ptr(ev: Any, stream: StreamLike | None) -> None:
-    _rt_record(ev.ptr, _current_handle() if stream is None else stream_handle(stream))
+    rt.event_record(ev.ptr, rt.stream_handle(stream))
 
 
 def _wait_ptr(ev: Any, stream: StreamLike | None) -> None:
-    _rt_wait(_current_handle() if stream is None else stream_handle(stream), ev.ptr, 0)
+    rt.stream_wait_event(rt.stream_handle(stream), ev.ptr, 0)
 
 
 def _record_duck(ev: Any, stream: StreamLike | None) -> None:
@@ -166,7 +131,7 @@ def _ops_for(ev: Any) -> tuple[Callable[[Any, Any], None], Callable[[Any, Any], 
 def record_event(event: EventLike, stream: StreamLike | None = None) -> None:
     """Record ``event`` (lowlevel, CuPy or torch) on ``stream`` (default: the current stream)."""
     if type(event) is Event:
-        _rt_record(event.ptr, _current_handle() if stream is None else stream_handle(stream))
+        rt.event_record(event.ptr, rt.current_handle() if stream is None else rt.stream_handle(stream))
     else:
         _ops_for(event)[0](event, stream)
 
@@ -174,6 +139,6 @@ def record_event(event: EventLike, stream: StreamLike | None = None) -> None:
 def wait_event(event: EventLike, stream: StreamLike | None = None) -> None:
     """Make later work on ``stream`` (default: the current stream) wait for ``event``'s last record."""
     if type(event) is Event:
-        _rt_wait(_current_handle() if stream is None else stream_handle(stream), event.ptr, 0)
+        rt.stream_wait_event(rt.current_handle() if stream is None else rt.stream_handle(stream), event.ptr, 0)
     else:
         _ops_for(event)[1](event, stream)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable
 
-from . import timeline as _timeline
+from . import _runtime as rt
 from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher
 from .graphs import Graph, GraphPool, capture
-from .event import _order
-from .stream import Stream, _current_handle, use_stream
+from .stream import Stream, use_stream
 
 __all__ = ["CUDAGraphRunner"]
 
@@ -67,7 +66,7 @@ class CUDAGraphRunner:
             entry = self._capture(desc, args, kwargs)
         else:
             self.hits += 1
-        tl = _timeline._ACTIVE
+        tl = rt.tracer
         if tl is None:
             entry[0].replay()
         else:
@@ -83,12 +82,12 @@ class CUDAGraphRunner:
                                "(capture it at start-up with capture_all)")
         if self._side is None:
             self._side = Stream()
-        cur = _current_handle()
-        _order(cur, self._side.ptr)  # warm up on the side stream, after the caller's work ...
+        cur = rt.current_handle()
+        rt.order(cur, self._side.ptr)  # warm up on the side stream, after the caller's work ...
         with use_stream(self._side):
             for _ in range(self.warmup):
                 self.fn(*args, **kwargs)
-        _order(self._side.ptr, cur)  # ... and capture after the warm-up
+        rt.order(self._side.ptr, cur)  # ... and capture after the warm-up
         with capture(pool=self.pool) as g:
             out = self.fn(*args, **kwargs)
         g.keep(args, kwargs, out)

@@ -20,9 +20,8 @@ import contextlib
 import gc
 from typing import Any, Iterator
 
-from . import stream as _st
+from . import _runtime as rt
 from .errors import CaptureError
-from .event import _order
 from .stream import Stream, StreamLike, adopt, use_stream
 
 __all__ = ["Graph", "GraphPool", "capture"]
@@ -35,8 +34,8 @@ class GraphPool:
     as any graph captured into it (each graph holds a reference)."""
 
     def __init__(self) -> None:
-        _st._tops()
-        self.cupy_pool = _st._cp.cuda.MemoryPool()
+        rt.bind()
+        self.cupy_pool = rt.cp.cuda.MemoryPool()
         import torch
 
         self.torch_pool = torch.cuda.MemPool()
@@ -66,7 +65,7 @@ class GraphPool:
     @contextlib.contextmanager
     def cupy_active(self) -> Iterator["GraphPool"]:
         """Route the calling thread's CuPy allocations to the pool inside the block."""
-        with _st._cp.cuda.using_allocator(self.cupy_pool.malloc):
+        with rt.cp.cuda.using_allocator(self.cupy_pool.malloc):
             yield self
 
     def cupy_bytes(self) -> int:
@@ -105,9 +104,9 @@ class Graph:
 
     def replay(self, stream: StreamLike | None = None) -> None:
         """Enqueue the graph on ``stream`` (default: the current stream)."""
-        h = _st._current_handle() if stream is None else _st.stream_handle(stream)
+        h = rt.current_handle() if stream is None else rt.stream_handle(stream)
         if self._exec:
-            _st._cp.cuda.runtime.graphLaunch(self._exec, h)
+            rt.cp.cuda.runtime.graphLaunch(self._exec, h)
         elif self._g is None:
             raise RuntimeError("this graph was never captured (the capture failed or is still open)")
         else:
@@ -117,7 +116,7 @@ class Graph:
         """Upload the graph to the device ahead of its first replay, on ``stream``."""
         if self._g is None:
             raise RuntimeError("this graph was never captured")
-        self._g.upload(adopt(stream if stream is not None else _st._current_handle()).cupy)
+        self._g.upload(adopt(stream if stream is not None else rt.current_handle()).cupy)
 
 
 _capture_streams: dict[int, Stream] = {}
@@ -125,7 +124,7 @@ _capture_streams: dict[int, Stream] = {}
 
 def _capture_stream() -> Stream:
     """One reusable capture stream per device (the legacy default stream cannot capture)."""
-    dev = _st._cp.cuda.runtime.getDevice()
+    dev = rt.cp.cuda.runtime.getDevice()
     s = _capture_streams.get(dev)
     if s is None:
         s = _capture_streams[dev] = Stream()
@@ -147,7 +146,7 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     and discarded, no stream is left capturing, a pool created here is freed, and
     :class:`~lowlevel.CaptureError` names the cause; the next capture works normally.
     """
-    cp = _st._cp
+    cp = rt.cp
     modes = {"relaxed": cp.cuda.runtime.streamCaptureModeRelaxed,
              "thread_local": cp.cuda.runtime.streamCaptureModeThreadLocal,
              "global": cp.cuda.runtime.streamCaptureModeGlobal}
@@ -163,7 +162,7 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     own_pool = pool is None
     gpool = GraphPool() if pool is None else pool
     graph = Graph()
-    _order(_st._current_handle(), s.ptr)  # the capture follows the caller's pending work
+    rt.order(rt.current_handle(), s.ptr)  # the capture follows the caller's pending work
     failure: BaseException | None = None
     # No cyclic garbage collection inside the capture: a collected object's destructor (a
     # memory pool returning blocks, say) may call CUDA in ways a capture forbids.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .event import _order
-from .stream import StreamLike, _cp, _tops, stream_handle
+from . import _runtime as rt
+from .stream import StreamLike
 
 __all__ = ["as_torch", "as_cupy"]
 
@@ -48,7 +48,7 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
     The view shares memory with ``x`` and keeps it alive. ``stream`` (default CuPy's current
     stream) is ordered after the work pending on torch's current stream.
     """
-    cp = _cp
+    cp = rt.cp
     if isinstance(x, cp.ndarray):
         return x
     import torch
@@ -58,10 +58,10 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
     pinned = x.device.type == "cpu" and x.is_pinned()
     if x.device.type != "cuda" and not pinned:
         raise ValueError(f"as_cupy needs a CUDA tensor or a pinned CPU tensor, got one on {x.device}")
-    t = _tops()
+    t = rt.bind()
     device_index = cp.cuda.runtime.getDevice() if pinned else x.device.index
-    consumer = cp.cuda.get_current_stream().ptr if stream is None else stream_handle(stream)
-    _order(t.get_raw(device_index), consumer)
+    consumer = cp.cuda.get_current_stream().ptr if stream is None else rt.stream_handle(stream)
+    rt.order(t.get_raw(device_index), consumer)
     dt = _np_dtype(x.dtype)
     if dt is None:
         arr = _cupy_from_dlpack(x)
@@ -82,10 +82,10 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
 
 def _cupy_from_dlpack(x: Any) -> Any:
     try:
-        return _cp.from_dlpack(x.detach())
+        return rt.cp.from_dlpack(x.detach())
     except Exception as exc:
         raise TypeError(
-            f"CuPy {_cp.__version__} cannot import a {x.dtype} tensor through DLPack ({exc}); "
+            f"CuPy {rt.cp.__version__} cannot import a {x.dtype} tensor through DLPack ({exc}); "
             "for bfloat16 use CuPy >= 14, or pass the bits: as_cupy(t.view(torch.int16))"
         ) from exc
 
@@ -100,13 +100,13 @@ def as_torch(x: Any, stream: StreamLike | None = None) -> Any:
 
     if isinstance(x, torch.Tensor):
         return x
-    cp = _cp
+    cp = rt.cp
     if not isinstance(x, cp.ndarray):
         raise TypeError(f"as_torch expects a cupy.ndarray or torch.Tensor, got {type(x).__qualname__}")
-    t = _tops()
+    t = rt.bind()
     dev = x.device.id
-    consumer = t.get_raw(dev) if stream is None else stream_handle(stream)
-    _order(cp.cuda.get_current_stream().ptr, consumer)
+    consumer = t.get_raw(dev) if stream is None else rt.stream_handle(stream)
+    rt.order(cp.cuda.get_current_stream().ptr, consumer)
     # stream=-1: export without a stream handshake (DLPack's "no synchronisation"); the
     # ordering was done just above.
     return torch.utils.dlpack.from_dlpack(x.__dlpack__(stream=-1))

@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from .stream import _cp
+from ._runtime import cp as _cp
 
 __all__ = ["KeepAlive", "iter_arrays", "protect_outputs"]
 

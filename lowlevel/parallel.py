@@ -18,32 +18,25 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from . import stream as _st
-from . import timeline as _timeline
-from .event import Event, EventLike, _rt_record, _rt_wait, record_event, wait_event
+from . import _runtime as rt
+from .errors import check_int
+from .event import Event, EventLike, record_event, wait_event
 from .lifetime import iter_arrays, protect_outputs
 from .stream import Stream, StreamLike, adopt
 
 __all__ = ["execute_in_parallel", "maybe_execute_in_parallel", "ParallelRunner"]
 
 
-# The current stream and the stream switch (_fork_join inlines the switch in its loop).
-_current: Callable[[], int] = _st._current_handle
-_save = _st._save_current
-_enter = _st._make_current
-_leave = _st._restore_current
-
-
 def _rec(ev: Any, handle: int) -> None:
     if type(ev) is Event:
-        _rt_record(ev.ptr, handle)
+        rt.event_record(ev.ptr, handle)
     else:
         record_event(ev, handle)
 
 
 def _wait(ev: Any, handle: int) -> None:
     if type(ev) is Event:
-        _rt_wait(handle, ev.ptr, 0)
+        rt.stream_wait_event(handle, ev.ptr, 0)
     else:
         wait_event(ev, handle)
 
@@ -55,15 +48,11 @@ def _spanned(tl: Any, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _is_capturing(handle: int) -> bool:
-    return bool(_st._cp.cuda.runtime.streamIsCapturing(handle))
-
-
 def _protect(results: Any, cur: int) -> None:
     if results is None:
         return
     for _ in iter_arrays(results):
-        if not _is_capturing(cur):
+        if not rt.is_capturing(cur):
             protect_outputs(results, cur, lambda: adopt(cur).torch)
         return
 
@@ -98,7 +87,8 @@ def execute_in_parallel(
             f"aux_fns, aux_streams and done_events must be the same length "
             f"(got {n}, {len(aux_streams)}, {len(done_events)})"
         )
-    return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first, _current())
+    return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first,
+                      rt.current_handle())
 
 
 def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
@@ -109,14 +99,14 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
     Written for host cost: lowlevel Events go straight to the runtime (other events through
     record_event/wait_event), the current streams are saved once, at the first switch, and
     results are inspected for arrays only when a slot returned something."""
-    tl = _timeline._ACTIVE
+    tl = rt.tracer
     if tl is not None:  # an active Timeline gets a span per branch
         default_fn = _spanned(tl, "default", default_fn)
         aux_fns = [None if f is None else _spanned(tl, f"aux{i}", f) for i, f in enumerate(aux_fns)]
     n = len(aux_fns)
     sp = start_event.ptr if type(start_event) is Event else 0
     if sp:
-        _rt_record(sp, cur)
+        rt.event_record(sp, cur)
     else:
         record_event(start_event, cur)
     results: list[Any] = [None] * n
@@ -134,20 +124,20 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                 s = aux_streams[i]
                 if type(s) is not Stream:
                     s = adopt(s)
-                if prev is None:  # _save() and _enter(s), inlined: this loop is the hot path
-                    prev = (_st._t_get_current(-1), _st._c_get_current())
+                if prev is None:  # rt.save() and rt.make_current(s), inlined: this loop is the hot path
+                    prev = (rt.torch_get_current(-1), rt.cupy_get_current())
                 s._cupy.use()
-                _st._t_set_current(*(s._torch_key or s._key()))
+                rt.torch_set_current(*(s._torch_key or s._key()))
                 h = s.ptr
                 if sp:
-                    _rt_wait(h, sp, 0)
+                    rt.stream_wait_event(h, sp, 0)
                 else:
                     wait_event(start_event, h)
                 forked = i
                 r = fn()
                 d = done_events[i]
                 if type(d) is Event:
-                    _rt_record(d.ptr, h)
+                    rt.event_record(d.ptr, h)
                 else:
                     record_event(d, h)
                 forked = -1
@@ -155,15 +145,15 @@ def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any
                     results[i] = r
                     returned = True
             reached = i + 1
-        if prev is not None:  # _leave(prev), inlined
+        if prev is not None:  # rt.restore(prev), inlined
             p, prev = prev, None
-            _st._t_set_current(*p[0])
+            rt.torch_set_current(*p[0])
             p[1].use()
         if not enqueue_default_first:
             default_result = default_fn()
     except BaseException:
         if prev is not None:
-            _leave(prev)
+            rt.restore(prev)
         if forked >= 0:  # the slot that raised: capture what it enqueued, then join it
             _rec(done_events[forked], adopt(aux_streams[forked]).ptr)
             reached = forked + 1
@@ -204,12 +194,12 @@ def maybe_execute_in_parallel(
     """
     if aux_stream is None:
         return fn0(), fn1()
-    cur = _current()
+    cur = rt.current_handle()
     _rec(event0, cur)
     r0 = fn0()
     s = adopt(aux_stream)
-    prev = _save()
-    _enter(s)
+    prev = rt.save()
+    rt.make_current(s)
     forked = False
     try:
         _wait(event0, s.ptr)
@@ -218,12 +208,12 @@ def maybe_execute_in_parallel(
         forked = False
         _rec(event1, s.ptr)
     except BaseException:
-        _leave(prev)
+        rt.restore(prev)
         if forked:
             _rec(event1, s.ptr)
             _wait(event1, cur)
         raise
-    _leave(prev)
+    rt.restore(prev)
     _wait(event1, cur)
     _protect(r1, cur)
     return r0, r1
@@ -242,9 +232,10 @@ class ParallelRunner:
                  streams: Sequence[StreamLike] | None = None) -> None:
         if streams is not None:
             self.streams = [adopt(s) for s in streams]
+            if not self.streams:
+                raise ValueError("streams must name at least one aux stream")
         else:
-            if not isinstance(num_aux, int) or num_aux < 1:
-                raise ValueError(f"num_aux must be a positive int, got {num_aux!r}")
+            num_aux = check_int(num_aux, "num_aux", 1)
             self.streams = [Stream(priority=priority) for _ in range(num_aux)]
         self.num_aux = len(self.streams)
         self._start, self._done = self._new_events()
@@ -263,8 +254,8 @@ class ParallelRunner:
         if len(aux_fns) != self.num_aux:
             raise ValueError(f"this runner has {self.num_aux} aux streams, got {len(aux_fns)} aux fns")
         start, done = self._start, self._done
-        cur = _current()
-        if _is_capturing(cur):
+        cur = rt.current_handle()
+        if rt.is_capturing(cur):
             start, done = self._new_events()
             self._capture_events.append((start, done))
         return _fork_join(default_fn, aux_fns, start, done, self.streams, enqueue_default_first, cur)

@@ -12,8 +12,10 @@ import functools
 import threading
 from typing import Any, Callable, Iterator
 
+from . import _runtime as rt
 from .device import cuda_available, require_cuda
 from .errors import LowlevelError, check_int
+from .stream import Stream
 
 __all__ = ["set_num_sms", "get_num_sms", "device_sm_count", "sm_limit", "SMControlContextManager",
            "SMPartition", "sm_partition"]
@@ -37,9 +39,7 @@ def device_sm_count(device: int | None = None) -> int:
     if not cuda_available():
         return INTERPRETER_SMS
     if device is None:
-        from .stream import _tops
-
-        device = _tops().get_device()
+        device = rt.bind().get_device()
     return _sm_count(device)
 
 
@@ -71,7 +71,7 @@ class sm_limit:
     __slots__ = ("n",)
 
     def __init__(self, n: int) -> None:
-        self.n = check_int(n, "sm_limit", 1)
+        self.n = check_int(n, "n", 1)
 
     def __enter__(self) -> int:
         stack = getattr(_tls, "stack", None)
@@ -81,7 +81,10 @@ class sm_limit:
         return self.n
 
     def __exit__(self, *exc: object) -> None:
-        _tls.stack.pop()
+        stack = getattr(_tls, "stack", None)
+        if not stack:
+            raise LowlevelError("sm_limit.__exit__ without a matching __enter__ in this thread")
+        stack.pop()
 
 
 class SMControlContextManager:
@@ -93,23 +96,44 @@ class SMControlContextManager:
 
     def __init__(self, comm_sms: int, set_comm_sms: Callable[[int], Any], set_compute_sms: Callable[[int], Any], *,
                  total_sms: int | None = None) -> None:
+        if not callable(set_comm_sms):
+            raise TypeError(f"set_comm_sms must be callable, got {type(set_comm_sms).__name__}")
+        if not callable(set_compute_sms):
+            raise TypeError(f"set_compute_sms must be callable, got {type(set_compute_sms).__name__}")
         total = device_sm_count() if total_sms is None else check_int(total_sms, "total_sms", 1)
-        if isinstance(comm_sms, bool) or not isinstance(comm_sms, int) or comm_sms < 0 or comm_sms >= total:
-            raise ValueError(f"comm_sms must be an int in [0, {total}), got {comm_sms!r}")
+        comm_sms = check_int(comm_sms, "comm_sms", 0)
+        if comm_sms >= total:
+            raise ValueError(f"comm_sms must be in [0, {total}) (total_sms), got {comm_sms!r}")
         self.total_sms = total
         self.comm_sms = comm_sms
         self.compute_sms = total - comm_sms
         self.set_comm_sms = set_comm_sms
         self.set_compute_sms = set_compute_sms
+        self._depth = 0
 
     def __enter__(self) -> "SMControlContextManager":
-        self.set_comm_sms(self.comm_sms)
-        self.set_compute_sms(self.compute_sms)
+        try:
+            self.set_comm_sms(self.comm_sms)
+            self.set_compute_sms(self.compute_sms)
+        except BaseException:
+            self._give_back()  # a callback failed: both budgets back to every SM, then the error
+            raise
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.set_comm_sms(self.total_sms)
-        self.set_compute_sms(self.total_sms)
+        if self._depth == 0:
+            raise LowlevelError("SMControlContextManager.__exit__ without a matching __enter__")
+        self._depth -= 1
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Every SM to both sides; both callbacks run even if the first raises (its error
+        propagates after the second)."""
+        try:
+            self.set_comm_sms(self.total_sms)
+        finally:
+            self.set_compute_sms(self.total_sms)
 
 
 # --- hardware partitions ----------------------------------------------------------------------
@@ -176,19 +200,20 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     the second group is everything the first leaves (``sm_counts`` on the result says how many).
     Raises :class:`~lowlevel.LowlevelError` where the driver or bindings lack green contexts.
     """
+    if isinstance(sm_counts, (str, bytes)) or not hasattr(sm_counts, "__len__"):
+        raise TypeError(f"sm_counts must be a list of ints, got {type(sm_counts).__name__}")
+    if not sm_counts:
+        raise ValueError("sm_counts must name at least one group")
+    sm_counts = [check_int(c, f"sm_counts[{i}]", 1) for i, c in enumerate(sm_counts)]
     require_cuda()
     import cupy
 
-    from .stream import Stream
-
-    if not sm_counts:
-        raise ValueError("sm_counts must name at least one group")
     dev = cupy.cuda.runtime.getDevice() if device is None else device
     props = cupy.cuda.runtime.getDeviceProperties(dev)
     total = int(props["multiProcessorCount"])
     gran = 8 if int(props["major"]) >= 9 else 2
     for c in sm_counts:
-        if isinstance(c, bool) or not isinstance(c, int) or c < gran or c % gran:
+        if c < gran or c % gran:
             raise ValueError(f"each SM group needs at least {gran} SMs and a multiple of {gran} on this "
                              f"device (compute capability {props['major']}.{props['minor']}), got {c!r}")
     if sum(sm_counts) > total:

@@ -10,76 +10,16 @@ Both are per thread (and per device), so :func:`use_stream` affects the calling 
 """
 from __future__ import annotations
 
+import operator
 import threading
-from typing import Any, Callable, Protocol, Union, runtime_checkable
+from typing import Any
 
+from . import _runtime as rt
+from ._runtime import StreamLike
 from .device import require_cuda
+from .event import Event, EventLike, record_event, wait_event
 
-__all__ = ["Stream", "StreamLike", "current_stream", "use_stream", "stream_handle"]
-
-
-@runtime_checkable
-class _HasCudaStream(Protocol):
-    def __cuda_stream__(self) -> tuple[int, int]: ...
-
-
-StreamLike = Union["Stream", "Any", int, _HasCudaStream]
-"""A lowlevel Stream, a ``torch.cuda.Stream``, a CuPy stream, a raw handle, or any
-object implementing ``__cuda_stream__``."""
-
-
-class _TorchOps:
-    """torch's private stream calls, bound once (they cost ~0.1 µs; the public ones ~5 µs)."""
-
-    __slots__ = ("get_device", "get_current", "get_raw", "set_current", "torch")
-
-    def __init__(self) -> None:
-        import torch
-
-        torch.cuda.init()
-        c = torch._C
-        self.torch = torch
-        self.get_device: Callable[[], int] = c._cuda_getDevice
-        self.get_current: Callable[[int], tuple[int, int, int]] = c._cuda_getCurrentStream
-        self.set_current: Callable[..., None] = c._cuda_setStream
-        raw = c._cuda_getCurrentRawStream
-        try:  # -1 means "the current device" to c10; saves a call where the binding allows it
-            ok = raw(-1) == raw(c._cuda_getDevice())
-        except Exception:
-            ok = False
-        self.get_raw: Callable[[int], int] = raw if ok else (lambda _d: raw(c._cuda_getDevice()))
-
-
-_torch_ops: _TorchOps | None = None
-_bind_lock = threading.Lock()
-# Bound by _tops(): the hot paths call these module globals directly.
-_t_get_raw: Callable[[int], int]
-_t_get_current: Callable[[int], tuple[int, int, int]]
-_t_set_current: Callable[..., None]
-
-
-def _tops() -> _TorchOps:
-    global _torch_ops, _t_get_raw, _t_get_current, _t_set_current
-    ops = _torch_ops
-    if ops is None:
-        require_cuda()
-        with _bind_lock:
-            if _torch_ops is None:
-                ops = _TorchOps()
-                _t_get_raw, _t_get_current, _t_set_current = ops.get_raw, ops.get_current, ops.set_current
-                _torch_ops = ops
-            ops = _torch_ops
-    return ops
-
-
-try:  # CuPy imports without a GPU; its absence is reported by require_cuda().
-    import cupy as _cp
-except ImportError:  # pragma: no cover
-    _cp = None  # type: ignore[assignment]
-
-
-def _cupy() -> Any:
-    return _cp
+__all__ = ["Stream", "StreamLike", "adopt", "current_stream", "use_stream", "stream_handle"]
 
 
 _OWNED: list[Any] = []  # every CUDA stream lowlevel created (see Stream.__init__)
@@ -95,14 +35,19 @@ class Stream:
 
     The handle is ``.ptr``; ``.cupy`` is a CuPy stream object and ``.torch`` a cached torch
     stream object for the same handle. A Stream implements ``__cuda_stream__``.
+
+    Ordering (CUDA's, as in ``torch.cuda.Stream`` and ``cuda.core``): :meth:`record` captures
+    the work enqueued on this stream so far; :meth:`wait` makes work enqueued here *afterwards*
+    wait for an event's last record or for the work enqueued so far on another stream.
     """
 
     __slots__ = ("_cupy", "ptr", "device_id", "_torch", "_torch_key", "__weakref__")
 
     def __init__(self, *, non_blocking: bool = True, priority: int | None = None) -> None:
         require_cuda()
-        cp = _cupy()
-        s = cp.cuda.Stream(non_blocking=non_blocking, priority=priority)
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise TypeError(f"priority must be an int or None, got {priority!r} ({type(priority).__name__})")
+        s = rt.cp.cuda.Stream(non_blocking=bool(non_blocking), priority=priority)
         # Streams made here live until the process exits, as torch's pool streams do: torch's
         # allocators may record events on a stream's handle after its Python objects are gone
         # (a pinned buffer used by a non_blocking copy, a record_stream), and a destroyed
@@ -111,12 +56,12 @@ class Stream:
         self._init(s, None)
 
     def _init(self, cupy_stream: Any, torch_stream: Any) -> None:
-        _tops()  # every Stream implies bound torch calls, so the hot paths need not check
+        rt.bind()  # every Stream implies bound torch calls (the binding invariant of _runtime)
         self._cupy = cupy_stream
         self.ptr: int = int(cupy_stream.ptr)
         dev = cupy_stream.device_id
         if dev is None or dev < 0:
-            dev = _cupy().cuda.runtime.getDevice()
+            dev = rt.cp.cuda.runtime.getDevice()
         self.device_id: int = int(dev)
         self._torch = torch_stream
         self._torch_key: tuple[int, int, int] | None = None
@@ -131,29 +76,20 @@ class Stream:
     def from_external(cls, obj: StreamLike) -> "Stream":
         """Adopt ``obj``: a lowlevel Stream (returned as is), a ``torch.cuda.Stream``, a CuPy
         stream, an int handle, or anything with ``__cuda_stream__``. The caller keeps
-        ownership; the returned Stream must not outlive the stream it adopts."""
+        ownership; the returned Stream must not outlive the stream it adopts. ``TypeError``
+        for anything else (a bool included)."""
         if isinstance(obj, Stream):
             return obj
+        if isinstance(obj, bool):
+            raise TypeError("a bool is not a stream handle")
         require_cuda()
-        cp = _cupy()
+        cp = rt.cp
         if isinstance(obj, cp.cuda.stream._BaseStream):
             return cls._wrap(obj)
         mod = type(obj).__module__
         if mod.startswith("torch") and hasattr(obj, "cuda_stream"):
-            return cls._wrap(_cupy_external(int(obj.cuda_stream)), obj)
-        if isinstance(obj, bool):
-            raise TypeError("a bool is not a stream handle")
-        if isinstance(obj, int):
-            return cls._wrap(_cupy_external(obj))
-        proto = getattr(obj, "__cuda_stream__", None)
-        if proto is not None:
-            val = proto() if callable(proto) else proto
-            handle = int(val[1])
-            return cls._wrap(_cupy_external(handle))
-        raise TypeError(
-            f"cannot use {type(obj).__module__}.{type(obj).__qualname__} as a CUDA stream: expected a "
-            "lowlevel.Stream, torch.cuda.Stream, cupy stream, int handle or an object with __cuda_stream__"
-        )
+            return cls._wrap(rt.cupy_external(int(obj.cuda_stream)), obj)
+        return cls._wrap(rt.cupy_external(rt.stream_handle(obj)))
 
     @property
     def cupy(self) -> Any:
@@ -165,7 +101,7 @@ class Stream:
         """A torch stream object for this handle (created once, then cached)."""
         t = self._torch
         if t is None:
-            torch = _tops().torch
+            torch = rt.bind().torch
             if self.ptr == 0:
                 t = torch.cuda.default_stream(self.device_id)
             else:
@@ -200,60 +136,52 @@ class Stream:
         """True when all work enqueued on this stream has finished."""
         return bool(self._cupy.done)
 
-    def wait(self, event: Any) -> None:
-        """Make future work on this stream wait for ``event`` (lowlevel, CuPy or torch)."""
-        from .event import wait_event
+    def record(self, event: EventLike | None = None) -> EventLike:
+        """Record ``event`` (a lowlevel, CuPy or torch event; a new :class:`~lowlevel.Event` if
+        None) on this stream, capturing the work enqueued here so far; return the event."""
+        if event is None:
+            event = Event()
+        if type(event) is Event:
+            rt.event_record(event.ptr, self.ptr)
+        else:
+            record_event(event, self.ptr)
+        return event
 
-        wait_event(event, self)
+    def wait(self, event_or_stream: EventLike | StreamLike) -> None:
+        """Make work enqueued on this stream from now on wait for ``event_or_stream``: an
+        event's last record (lowlevel, CuPy or torch event; a never-recorded event is a no-op),
+        or the work enqueued so far on another stream (anything :func:`stream_handle` takes).
+        Nothing is synchronised on the host."""
+        if type(event_or_stream) is Event:
+            rt.stream_wait_event(self.ptr, event_or_stream.ptr, 0)
+        elif _is_stream(event_or_stream):
+            rt.order(rt.stream_handle(event_or_stream), self.ptr)
+        else:
+            wait_event(event_or_stream, self.ptr)
 
     def is_capturing(self) -> bool:
         """True while this stream is being captured into a CUDA graph."""
-        return bool(_cupy().cuda.runtime.streamIsCapturing(self.ptr))
+        return rt.is_capturing(self.ptr)
 
 
-def _current_handle() -> int:
-    """Raw handle of lowlevel's current stream (see the module docstring for the rule)."""
-    if _torch_ops is None:
-        _tops()
-    h = _t_get_raw(-1)
-    if h == 0:
-        h = _cp.cuda.get_current_stream().ptr
-    return h
+rt.register_stream_type(Stream, operator.attrgetter("ptr"))
 
 
-_handle_getters: dict[type, Callable[[Any], int]] = {}
+def _is_stream(obj: Any) -> bool:
+    if isinstance(obj, (Stream, int)) and not isinstance(obj, bool):
+        return True
+    if hasattr(obj, "__cuda_stream__"):
+        return True
+    mod = type(obj).__module__
+    return (mod.startswith("torch") and hasattr(obj, "cuda_stream")) or (
+        mod.startswith("cupy") and isinstance(obj, rt.cp.cuda.stream._BaseStream))
 
 
 def stream_handle(stream: StreamLike | None) -> int:
-    """The raw ``cudaStream_t`` of ``stream`` (lowlevel's current stream for None)."""
-    if stream is None:
-        return _current_handle()
-    cls = type(stream)
-    if cls is Stream:
-        return stream.ptr  # type: ignore[union-attr]
-    if cls is int:
-        return stream  # type: ignore[return-value]
-    get = _handle_getters.get(cls)
-    if get is None:
-        get = _handle_getter_for(stream)
-        _handle_getters[cls] = get
-    return get(stream)
-
-
-def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
-    if isinstance(stream, Stream):
-        return lambda s: s.ptr
-    if isinstance(stream, bool):
-        raise TypeError("a bool is not a stream handle")
-    if isinstance(stream, int):
-        return int
-    if type(stream).__module__.startswith("torch") and hasattr(stream, "cuda_stream"):
-        return lambda s: s.cuda_stream
-    if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):
-        return lambda s: s.ptr
-    if hasattr(stream, "__cuda_stream__"):
-        return lambda s: int(s.__cuda_stream__()[1])
-    raise TypeError(f"cannot use {type(stream).__qualname__} as a CUDA stream")
+    """The raw ``cudaStream_t`` of ``stream`` (lowlevel's current stream for None): a lowlevel,
+    torch or CuPy stream, an int handle, or an object with ``__cuda_stream__``. ``TypeError``
+    for anything else (a bool included)."""
+    return rt.stream_handle(stream)
 
 
 _adopted: dict[tuple[type, int], Stream] = {}
@@ -264,7 +192,7 @@ def adopt(obj: StreamLike) -> Stream:
     foreign streams on every call create nothing after the first call."""
     if type(obj) is Stream:
         return obj  # type: ignore[return-value]
-    key = (type(obj), stream_handle(obj))
+    key = (type(obj), rt.stream_handle(obj))
     s = _adopted.get(key)
     if s is None:
         s = Stream.from_external(obj)
@@ -280,11 +208,11 @@ def current_stream() -> Stream:
     """lowlevel's current stream on the current device, as a :class:`Stream`.
 
     torch's current stream, unless torch is on its default stream and CuPy is not."""
-    t = _tops()
+    t = rt.bind()
     dev = t.get_device()
     sid, didx, dtype = t.get_current(dev)
     h = t.get_raw(dev)
-    cp = _cupy()
+    cp = rt.cp
     if h == 0:
         cs = cp.cuda.get_current_stream()
         if cs.ptr != 0:
@@ -294,25 +222,30 @@ def current_stream() -> Stream:
     if s is None:
         # A stream torch created; CuPy can only see it as an external stream.
         tstream = t.torch.cuda.Stream(stream_id=sid, device_index=didx, device_type=dtype)
-        s = Stream._wrap(_cupy_external(h) if h else cp.cuda.Stream.null, tstream)
+        s = Stream._wrap(rt.cupy_external(h) if h else cp.cuda.Stream.null, tstream)
         if len(_current_cache) < 256:
             _current_cache[key] = s
     return s
+
+
+_saved = threading.local()
 
 
 class use_stream:
     """Make ``stream`` current for CuPy and torch (hence Triton) in the calling thread.
 
     On exit, normal or by exception, both frameworks' current streams are restored to what
-    they were on entry; uses nest. Entering orders nothing on the device: work enqueued before
-    the block is not waited for (use an :class:`~lowlevel.Event` for that). The stream must
-    belong to the current device.
+    they were on entry. Uses nest, and one object may be entered again while it is active, or
+    from several threads: the saved streams live on a per-thread stack, as CuPy's own stream
+    contexts keep them. Entering orders nothing on the device: work enqueued before the block
+    is not waited for (use :meth:`Stream.wait` for that). The stream must belong to the
+    current device.
 
     >>> with lowlevel.use_stream(s):
     ...     y = x @ w        # torch, CuPy and Triton work all go to ``s``
     """
 
-    __slots__ = ("_stream", "_prev_cupy", "_prev_torch")
+    __slots__ = ("_stream",)
 
     def __init__(self, stream: StreamLike) -> None:
         self._stream = stream if type(stream) is Stream else adopt(stream)
@@ -320,52 +253,17 @@ class use_stream:
     def __enter__(self) -> Stream:
         s = self._stream
         key = s._torch_key or s._key()
-        self._prev_torch = _t_get_current(key[1])
-        self._prev_cupy = _c_get_current()
+        try:
+            stack = _saved.stack
+        except AttributeError:
+            stack = _saved.stack = []
+        prev = (rt.torch_get_current(key[1]), rt.cupy_get_current())
         s._cupy.use()
-        _t_set_current(*key)
+        rt.torch_set_current(*key)
+        stack.append(prev)
         return s
 
     def __exit__(self, *exc: object) -> None:
-        _t_set_current(*self._prev_torch)
-        self._prev_cupy.use()
-
-
-_c_get_current: Callable[[], Any] = _cp.cuda.get_current_stream if _cp is not None else None  # type: ignore
-
-
-# The stream switch of the fork/join and microbatch runtimes (use_stream inlines the same steps).
-def _save_current() -> tuple[Any, Any]:
-    """torch's and CuPy's current streams of this thread, for :func:`_restore_current`."""
-    return _t_get_current(-1), _c_get_current()
-
-
-def _make_current(s: Stream) -> None:
-    """Make ``s`` current for CuPy and torch (hence Triton) in this thread."""
-    s._cupy.use()
-    _t_set_current(*(s._torch_key or s._key()))
-
-
-def _restore_current(prev: tuple[Any, Any]) -> None:
-    _t_set_current(*prev[0])
-    prev[1].use()
-
-
-def _cupy_external(handle: int) -> Any:
-    """A CuPy stream object for a foreign handle (CuPy does not own it)."""
-    cls = _cp.cuda.Stream
-    if hasattr(cls, "from_external"):
-        return cls.from_external(_Handle(handle))
-    return _cp.cuda.ExternalStream(handle, _cp.cuda.runtime.getDevice())  # pragma: no cover - CuPy < 14
-
-
-class _Handle:
-    """The smallest object that speaks the CUDA stream protocol."""
-
-    __slots__ = ("handle",)
-
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.handle)
+        prev_torch, prev_cupy = _saved.stack.pop()
+        rt.torch_set_current(*prev_torch)
+        prev_cupy.use()

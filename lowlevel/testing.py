@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .stream import StreamLike, _cp, _cupy_external, _current_handle, stream_handle
+from . import _runtime as rt
+from .stream import StreamLike
 
 __all__ = ["spin", "spin_triton"]
 
@@ -19,7 +20,7 @@ extern "C" __global__ void lowlevel_spin(unsigned long long ns) {
 
 @functools.cache
 def _spin_kernel() -> Any:
-    return _cp.RawKernel(_SPIN_SRC, "lowlevel_spin")
+    return rt.cp.RawKernel(_SPIN_SRC, "lowlevel_spin")
 
 
 def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None, whole_sm: bool = False) -> None:
@@ -27,15 +28,15 @@ def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None, whole_sm
     on ``stream`` (default: lowlevel's current stream). ``whole_sm=True`` gives each block
     enough shared memory that no two blocks share an SM, so ``blocks`` blocks run in
     ``ceil(blocks / SMs)`` waves."""
-    h = _current_handle() if stream is None else stream_handle(stream)
+    h = rt.stream_handle(stream)
     k = _spin_kernel()
     smem = 0
     if whole_sm:
-        dev = _cp.cuda.runtime.getDevice()
-        smem = int(_cp.cuda.runtime.getDeviceProperties(dev)["sharedMemPerMultiprocessor"]) // 2 + 1024
+        dev = rt.cp.cuda.runtime.getDevice()
+        smem = int(rt.cp.cuda.runtime.getDeviceProperties(dev)["sharedMemPerMultiprocessor"]) // 2 + 1024
         if k.max_dynamic_shared_size_bytes < smem:
             k.max_dynamic_shared_size_bytes = smem
-    k((blocks,), (1,), (_cp.uint64(ns),), stream=_cupy_external(h), shared_mem=smem)
+    k((blocks,), (1,), (rt.cp.uint64(ns),), stream=rt.cupy_external(h), shared_mem=smem)
 
 
 @functools.cache

@@ -6,7 +6,11 @@ start/end milliseconds on one clock (the device's). From there: a Chrome trace /
 with one track per stream, a PNG Gantt chart, and overlap figures.
 
 ``with tl.activate():`` also lets lowlevel's own runtimes add spans (execute_in_parallel's
-branches, CUDAGraphRunner replays, microbatch stages). A disabled timeline records nothing,
+branches, CUDAGraphRunner replays, microbatch stages). The active timeline is process-wide, not
+per thread: parked microbatch threads and the runtimes' helper threads must record into the
+timeline that the launching thread activated. The runtimes find it through the tracing hook of
+the bottom layer (``lowlevel._runtime.tracer``), which :meth:`Timeline.activate` sets, so they
+never import this module. A disabled timeline records nothing,
 and its ``span`` costs about a method call. NVTX ranges of the same names are pushed when the
 ``nvtx`` package is installed, so Nsight Systems shows them too. Not thread-safe for
 concurrent ``resolve``; spans may be recorded from several threads.
@@ -18,6 +22,10 @@ import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+from . import _runtime as rt
+from .event import Event
+from .stream import stream_handle
 
 __all__ = ["Timeline", "Span", "active_timeline"]
 
@@ -50,12 +58,12 @@ class _NullSpan:
 
 
 _NULL = _NullSpan()
-_ACTIVE: "Timeline | None" = None
 
 
 def active_timeline() -> "Timeline | None":
-    """The timeline lowlevel's runtimes record into (set by :meth:`Timeline.activate`), or None."""
-    return _ACTIVE
+    """The timeline lowlevel's runtimes record into (set by :meth:`Timeline.activate`), or None.
+    Process-wide: see the module docstring."""
+    return rt.tracer  # type: ignore[no-any-return]
 
 
 class _LiveSpan:
@@ -65,17 +73,12 @@ class _LiveSpan:
         self.tl, self.name, self.stream = tl, name, stream
 
     def __enter__(self) -> None:
-        from .event import Event
-        from .stream import stream_handle
-
         self.h = stream_handle(self.stream)
         self.ev0 = Event(timing=True).record(self.h)
         if _nvtx is not None:
             _nvtx.push_range(self.name)
 
     def __exit__(self, *exc: object) -> None:
-        from .event import Event
-
         ev1 = Event(timing=True).record(self.h)
         if _nvtx is not None:
             _nvtx.pop_range()
@@ -99,8 +102,6 @@ class Timeline:
 
     def label(self, stream: Any, name: str) -> None:
         """Name the track of ``stream``."""
-        from .stream import stream_handle
-
         self._labels[stream if isinstance(stream, int) else stream_handle(stream)] = name
 
     def span(self, name: str, stream: Any = None) -> Any:
@@ -111,13 +112,14 @@ class Timeline:
 
     @contextlib.contextmanager
     def activate(self) -> Iterator["Timeline"]:
-        """Let lowlevel's runtimes record their spans into this timeline inside the block."""
-        global _ACTIVE
-        prev, _ACTIVE = _ACTIVE, self
+        """Let lowlevel's runtimes record their spans into this timeline inside the block (in
+        every thread: the active timeline is process-wide); the previous one is active again
+        after it."""
+        prev = rt.set_tracer(self)
         try:
             yield self
         finally:
-            _ACTIVE = prev
+            rt.set_tracer(prev)
 
     def add(self, name: str, track: str, start_ms: float, end_ms: float) -> None:
         """Add an already-resolved span (for imported or synthetic timings)."""

@@ -8,10 +8,12 @@ import time
 import weakref
 from typing import Any, Callable, Sequence
 
-from . import ubatching as ub
+from . import _runtime as rt
+from . import ubatch_ring as ring
 from .errors import check_int
 from .graphs import Graph, GraphPool, capture
 from .stream import Stream, StreamLike, adopt, current_stream
+from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
 __all__ = ["UBatchRunner"]
@@ -103,12 +105,12 @@ class UBatchRunner:
         compute = current_stream()
         if self.mode == "generators":
             gens = [self.fn(i, *args) for i, args in enumerate(per_ub)]
-            return ub.run_generators(gens, compute, self.comm_stream, stage_offset=self.stage_offset)
+            return run_generators(gens, compute, self.comm_stream, stage_offset=self.stage_offset)
         return self._run_threads(per_ub, compute, pool)
 
     def _run_threads(self, per_ub: list[tuple[Any, ...]], compute: Stream, pool: GraphPool | None) -> list[Any]:
         n = self.num_ubatches
-        ctxs = ub.make_ubatch_contexts(n, compute, self.comm_stream, None, timeout_s=self.timeout_s)
+        ctxs = ring.make_ubatch_contexts(n, compute, self.comm_stream, None, timeout_s=self.timeout_s)
         results: list[Any] = [None] * n
         errors: list[BaseException | None] = [None] * n
 
@@ -126,22 +128,20 @@ class UBatchRunner:
                 weakref.finalize(self, self._workers.close)  # a dropped runner ends its threads
             workers = self._workers
             workers.submit([lambda i=i: job(i) for i in range(n)])
-            ub.start(ctxs)
+            ring.start_ubatches(ctxs)
             hung = workers.wait(self.timeout_s)
             if hung:  # those threads are lost to this runner; the next run starts new ones
                 self._workers = None
                 workers.close()
         if hung or any(e is not None for e in errors):  # normal exits joined comm into compute themselves
             try:
-                ub._join(self.comm_stream, compute)
+                rt.order(self.comm_stream.ptr, compute.ptr)
             except Exception:  # the microbatch's own error (raised below) is the one to report
                 pass
         if hung:
-            ctxs[0]._ring.abort.set()
-            for ev in ctxs[0]._ring.cpu_events:
-                ev.set()
-            raise ub.UBatchAbort(f"microbatch threads {hung} did not finish within {self.timeout_s} s")
-        err = ub.first_error(ctxs) or next((e for e in errors if e is not None and not isinstance(e, ub.UBatchAbort)),
+            ring.abort_ubatches(ctxs)
+            raise ring.UBatchAbort(f"microbatch threads {hung} did not finish within {self.timeout_s} s")
+        err = ring.first_ubatch_error(ctxs) or next((e for e in errors if e is not None and not isinstance(e, ring.UBatchAbort)),
                                            None) or next((e for e in errors if e is not None), None)
         if err is not None:
             raise err
@@ -166,8 +166,8 @@ class _Workers:
 
     def __init__(self, n: int) -> None:
         self.jobs: list[Callable[[], None] | None] = [None] * n
-        self.go = [ub._Baton() for _ in range(n)]
-        self.done = [ub._Baton() for _ in range(n)]
+        self.go = [ring.Baton() for _ in range(n)]
+        self.done = [ring.Baton() for _ in range(n)]
         self.closed = False
         self.threads = [threading.Thread(target=self._loop, args=(i,), name=f"ubatch-{i}", daemon=True)
                         for i in range(n)]

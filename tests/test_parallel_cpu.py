@@ -49,7 +49,9 @@ class FakeCupyStream:
         self.log.append("exit->main" if self.name == "main" else f"{self.name}.enter")
 
 
-class FakeStream:
+class FakeStream(lowlevel.Stream):
+    """A Stream without a GPU: a handle, a name, and a CuPy stream object that logs."""
+
     log: list = []
 
     def __init__(self, name, ptr):
@@ -63,18 +65,16 @@ class FakeStream:
 
 @pytest.fixture
 def fake_switch(monkeypatch):
-    """Fakes below the stream switch: torch's and CuPy's current-stream calls (the switch itself,
-    inlined or not, runs as written)."""
-    from lowlevel import stream as st
+    """Fakes of the runtime layer (one module): torch's and CuPy's current-stream calls and the
+    current handle. The stream switch itself, inlined or not, runs as written."""
+    from lowlevel import _runtime as rt
 
     log = []
     torch_current = [("main-key",)]
-    monkeypatch.setattr(parallel, "_current", lambda: 1)
-    monkeypatch.setattr(st, "_t_get_current", lambda dev: torch_current[0], raising=False)
-    monkeypatch.setattr(st, "_t_set_current", lambda *key: torch_current.__setitem__(0, key), raising=False)
-    monkeypatch.setattr(st, "_c_get_current", lambda: FakeCupyStream("main", log))
-    monkeypatch.setattr(parallel, "adopt", lambda s: s)
-    monkeypatch.setattr(parallel, "_protect", lambda results, cur: None)
+    monkeypatch.setattr(rt, "current_handle", lambda: 1)
+    monkeypatch.setattr(rt, "torch_get_current", lambda dev: torch_current[0])
+    monkeypatch.setattr(rt, "torch_set_current", lambda *key: torch_current.__setitem__(0, key))
+    monkeypatch.setattr(rt, "cupy_get_current", lambda: FakeCupyStream("main", log))
     FakeStream.log = log
     yield log
     assert torch_current[0] == ("main-key",), "torch's current stream was not restored"

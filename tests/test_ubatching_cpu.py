@@ -4,40 +4,45 @@ import threading
 import pytest
 
 import lowlevel
+from lowlevel import ubatch_ring as ring
 from lowlevel import ubatching as ub
 
 
-class FakeEvent:
-    log = None
+class FakeStream(lowlevel.Stream):
+    """A Stream without a GPU: a handle and a name."""
 
-    def record(self, stream=None):
-        FakeEvent.log.append(("record", getattr(stream, "name", stream)))
-        return self
-
-    def wait(self, stream=None):
-        FakeEvent.log.append(("wait", getattr(stream, "name", stream)))
-
-
-class FakeStream:
     def __init__(self, name, ptr):
         self.name, self.ptr = name, ptr
 
 
+class FakeCudaEvent:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
 @pytest.fixture
 def fakes(monkeypatch):
+    """Fakes of the runtime layer (one module): events, the stream switch and stream ordering
+    log by stream name; the thread-local ``tl.cur`` is the stream made current last."""
+    from lowlevel import _runtime as rt
+
     log = []
-    FakeEvent.log = log
+    names = {1: "compute", 2: "comm"}
     tl = threading.local()
-    monkeypatch.setattr(ub, "Event", FakeEvent)
-    monkeypatch.setattr(ub, "adopt", lambda s: s)
-    monkeypatch.setattr(ub, "_save", lambda: "prev")
-    monkeypatch.setattr(ub, "_restore", lambda prev: None)
+    count = iter(range(1000, 10**6))
+    monkeypatch.setattr(rt, "create_event", lambda **kw: FakeCudaEvent(next(count)))
+    monkeypatch.setattr(rt, "event_record", lambda ev, stream: log.append(("record", names.get(stream, stream))))
+    monkeypatch.setattr(rt, "stream_wait_event",
+                        lambda stream, ev, flags: log.append(("wait", names.get(stream, stream))))
+    monkeypatch.setattr(rt, "save", lambda: "prev")
+    monkeypatch.setattr(rt, "restore", lambda prev: None)
 
     def switch(s):
         tl.cur = s.name
 
-    monkeypatch.setattr(ub, "_switch", switch)
-    monkeypatch.setattr(ub, "_join", lambda comm, compute: log.append(("join", comm.name, compute.name)))
+    monkeypatch.setattr(rt, "make_current", switch)
+    monkeypatch.setattr(rt, "order", lambda producer, consumer: log.append(
+        ("join", names.get(producer, producer), names.get(consumer, consumer))))
     return log, tl
 
 
@@ -58,7 +63,7 @@ def _run_threads(n, body, timeout=10):
     for t in ts:
         t.start()
     barrier.wait(timeout)
-    ub.start(ctxs)
+    ring.start_ubatches(ctxs)
     for t in ts:
         t.join(timeout)
     assert not any(t.is_alive() for t in ts), "a microbatch thread hung"
@@ -88,7 +93,7 @@ def test_ring_order(fakes, n):
     # compute->comm: record on compute, then the comm stream waits (after the CPU yield)
     assert log.count(("record", "compute")) == n and log.count(("wait", "comm")) == n
     assert log.count(("record", "comm")) == n and log.count(("wait", "compute")) == n
-    assert not ub.dbo_enabled() and ub.active_ubatch_contexts() == {}
+    assert not ub.dbo_enabled() and ring.active_ubatch_contexts() == {}
 
 
 def test_sync_switches_and_plain_switches(fakes):
@@ -148,11 +153,11 @@ def test_abort_at_every_yield_point(fakes, n, fail_at):
 
     ctxs, errors = _run_threads(n, body, timeout=10)
     assert isinstance(errors[1], KeyError)
-    assert isinstance(ub.first_error(ctxs), KeyError)
+    assert isinstance(ring.first_ubatch_error(ctxs), KeyError)
     for i in range(n):
         if i != 1:
             assert errors[i] is None or isinstance(errors[i], lowlevel.UBatchAbort)
-    assert ub.active_ubatch_contexts() == {}
+    assert ring.active_ubatch_contexts() == {}
 
 
 def test_make_contexts_validates():

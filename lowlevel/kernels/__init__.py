@@ -5,7 +5,7 @@ Each kernel launches ``min(cap, work)`` programs that stride over the work, wher
 never recompiles. Inputs may be torch tensors or CuPy arrays; launches go to lowlevel's current
 stream (:func:`lowlevel.use_stream`).
 """
-from lowlevel.sm_control import get_num_sms, set_num_sms, sm_limit
+from ..sm_control import get_num_sms, set_num_sms, sm_limit
 
 from ._launch import PreparedLaunch
 from .copy import copy, prepare_copy

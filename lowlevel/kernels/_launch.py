@@ -14,11 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from lowlevel import stream as _st
-from lowlevel.interop import as_cupy, as_torch
-from lowlevel.sm_control import capped as _capped
-from lowlevel.sm_control import device_sm_count, get_num_sms
-from lowlevel.stream import _current_handle
+from .. import _runtime as rt
+from ..interop import as_cupy, as_torch
+from ..sm_control import capped as _capped
+from ..sm_control import device_sm_count, get_num_sms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,7 +26,7 @@ def to_torch(x: Any, name: str) -> tuple[Any, bool]:
     """(torch view of ``x``, whether ``x`` was a CuPy array). No copies."""
     if isinstance(x, torch.Tensor):
         return x, False
-    if _st._cp is not None and isinstance(x, _st._cp.ndarray):
+    if rt.cp is not None and isinstance(x, rt.cp.ndarray):
         return as_torch(x), True
     raise TypeError(f"{name} must be a torch.Tensor or cupy.ndarray, got {type(x).__qualname__}")
 
@@ -121,13 +120,13 @@ class FastLauncher:
         e = self.cache.get(key)
         if e is None:
             # the first launch goes through Triton (on torch's current stream, set to ours)
-            h = _st._current_handle()
-            with torch.cuda.stream(torch.cuda.ExternalStream(h)) if h != _st._t_get_raw(-1) else _nullctx():
+            h = rt.current_handle()
+            with torch.cuda.stream(torch.cuda.ExternalStream(h)) if h != rt.torch_get_raw(-1) else _nullctx():
                 ck = self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             self.cache[key] = _Entry(ck)
             self.compiles += 1
             return
-        e.launch(grid, 1, 1, _current_handle(), *e.prefix, *flat, *constexprs.values())
+        e.launch(grid, 1, 1, rt.current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
 class Plan:
@@ -204,9 +203,9 @@ class PreparedLaunch:
             self._launcher(grid, self._keep[:self._grid_at] + (grid,) + tuple(self._keep[self._grid_at + 1:]),
                            self._constexprs, *self._opts)
             return
-        h = _st._t_get_raw(-1)  # lowlevel's current stream, as _current_handle() finds it
+        h = rt.torch_get_raw(-1)  # lowlevel's current stream, as rt.current_handle() finds it
         if not h:
-            h = _st._c_get_current().ptr
+            h = rt.cupy_get_current().ptr
         self._entry(grid, 1, 1, h, *self._argv)
 
 
