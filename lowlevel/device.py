@@ -5,11 +5,42 @@ bindings and hands the raw handles to torch where torch needs them.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import os
 
 from .errors import CudaUnavailableError
 
 __all__ = ["cuda_available", "require_cuda", "device_count"]
+
+
+# cudaErrorInsufficientDriver and cudaErrorNoDevice: what the CUDA runtime reports both for an
+# old driver and for no driver at all (the runtime cannot tell them apart).
+_DRIVER_CODES = (35, 100)
+
+
+def _driver_present() -> bool:
+    """Whether an NVIDIA driver is installed: its kernel module (``/proc/driver/nvidia``) or its
+    user-space library (``libcuda`` / ``nvcuda.dll``) can be found."""
+    if os.path.exists("/proc/driver/nvidia"):
+        return True
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return ctypes.util.find_library("cuda") is not None
+
+
+def _no_device_reason(exc: BaseException) -> str:
+    """Why ``getDeviceCount`` raised ``exc``: "no NVIDIA driver found" when the runtime's
+    driver error comes from a machine without any driver, else the runtime's own words."""
+    status = getattr(exc, "status", None)
+    if (status in _DRIVER_CODES or "driver" in str(exc).lower()) and not _driver_present():
+        return "no CUDA device was found: no NVIDIA driver found (no /proc/driver/nvidia, no libcuda)"
+    return f"no CUDA device was found ({type(exc).__name__}: {exc})"
 
 
 @functools.cache
@@ -22,7 +53,7 @@ def _probe() -> tuple[int, str]:
     try:
         n = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:
-        return 0, f"no CUDA device was found ({type(exc).__name__}: {exc})"
+        return 0, _no_device_reason(exc)
     if n == 0:
         return 0, "no CUDA device was found (the driver reports 0 devices)"
     return n, ""

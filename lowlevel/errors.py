@@ -1,18 +1,143 @@
-"""Exceptions raised by lowlevel, and the argument check they share."""
+"""Exceptions raised by lowlevel, and the argument checks every public entry point shares.
+
+The checks follow one convention: the wrong *type* raises ``TypeError`` (the message shows the
+value and its type), a value of the right type out of range raises ``ValueError``; both name the
+argument and say what it must be. Each check has an exact-type fast path so that validating a
+well-formed argument costs a type comparison or two.
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+import operator
+import typing
+from typing import Any, Iterable
 
-__all__ = ["LowlevelError", "CudaUnavailableError", "CaptureError"]
+__all__ = ["LowlevelError", "CudaUnavailableError", "CaptureError",
+           "check_int", "check_ints", "check_bool", "check_choice", "check_timeout"]
 
 
-def check_int(value: Any, name: str, minimum: int, *, types: tuple[type, ...] = (int,)) -> int:
-    """``value`` as an int if it is one of ``types`` (never a bool) and at least ``minimum``;
-    otherwise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, types) or value < minimum:
-        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
+def _given(value: Any) -> str:
+    """``value`` as an error message shows it when its type is the problem."""
+    return f"{value!r} ({type(value).__qualname__})"
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (``numpy.bool_`` is named ``bool`` in NumPy 2)."""
+    cls = type(value)
+    return cls is bool or (cls.__module__ == "numpy" and cls.__name__ in ("bool", "bool_"))
+
+
+def _int_what(minimum: int | None, maximum: int | None) -> str:
+    if maximum is not None:
+        return f"an int <= {maximum}" if minimum is None else f"an int in [{minimum}, {maximum}]"
+    return {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+
+
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None,
+              *, types: Any = None) -> int:
+    """``value`` as a plain ``int``.
+
+    Integers are whatever :func:`operator.index` accepts (``int``, NumPy integers, 0-d integer
+    arrays, any ``__index__``), never ``bool`` (nor ``numpy.bool_``). Raises ``TypeError``
+    for any other type, ``ValueError`` when the value is below ``minimum`` or above
+    ``maximum`` (each inclusive, ``None`` for unbounded); the message names ``name``.
+    ``types`` is accepted for compatibility and ignored: every integer type is accepted."""
+    if type(value) is int:
+        v = value
+    else:
+        if isinstance(value, bool) or _is_bool(value):
+            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got a bool: {_given(value)}")
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got {_given(value)}") from None
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ValueError(f"{name} must be {_int_what(minimum, maximum)}, got {v}")
+    return v
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a plain ``bool``: a ``bool`` or ``numpy.bool_``; anything else (``0``,
+    ``1``, ``None``, strings) raises ``TypeError`` naming ``name``."""
+    if value is True or value is False:
+        return value
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_given(value)}")
+
+
+_CHOICES: dict[Any, tuple[Any, ...]] = {}
+
+
+def choices_of(choices: Any) -> tuple[Any, ...]:
+    """The valid values of a ``typing.Literal[...]`` (via :func:`typing.get_args`), or of an
+    iterable of values; cached per ``Literal``."""
+    try:
+        return _CHOICES[choices]
+    except (KeyError, TypeError):
+        pass
+    args = typing.get_args(choices) if typing.get_origin(choices) is typing.Literal else tuple(choices)
+    if not args:
+        raise ValueError(f"no valid values in {choices!r}")
+    try:
+        _CHOICES[choices] = args
+    except TypeError:  # an unhashable iterable of values
+        pass
+    return args
+
+
+def check_choice(value: Any, name: str, choices: Any) -> Any:
+    """``value`` if it is one of ``choices`` (a ``typing.Literal[...]`` or an iterable of
+    values), compared by type and value, so ``True`` is not ``1`` and ``1`` is not ``'1'``.
+
+    Raises ``TypeError`` when no choice has ``value``'s type, ``ValueError`` when none equals
+    it; both messages list the valid values."""
+    args = choices_of(choices)
+    cls = type(value)
+    for a in args:
+        if type(a) is cls and a == value:
+            return value
+    valid = ", ".join(repr(a) for a in args)
+    if any(type(a) is cls for a in args):
+        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
+    raise TypeError(f"{name} must be one of {valid}; got {_given(value)}")
+
+
+def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | None:
+    """``value`` as a float number of seconds: finite and positive (``int``, ``float`` or a
+    NumPy real; never ``bool``), or ``None`` when ``allow_none`` ("wait without a bound").
+
+    Raises ``TypeError`` for other types (``None`` included when not allowed), ``ValueError``
+    for zero, negative, NaN and infinite values."""
+    cls = type(value)
+    if cls is float or cls is int:
+        v = float(value)
+    elif value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a finite positive number of seconds, got None")
+    else:
+        if isinstance(value, (bool, str, bytes)) or _is_bool(value):
+            raise TypeError(f"{name} must be a finite positive number of seconds, got {_given(value)}")
+        try:
+            v = float(value)  # NumPy floats and ints, Fractions, Decimals
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a finite positive number of seconds, got {_given(value)}") from None
+    if not (0.0 < v < math.inf):  # NaN fails both comparisons
+        raise ValueError(f"{name} must be a finite positive number of seconds, got {value!r}")
+    return v
+
+
+def check_ints(values: Any, name: str, minimum: int | None = None) -> list[int]:
+    """Every element of the iterable ``values`` through :func:`check_int` (messages name
+    ``name[i]``); ``TypeError`` when ``values`` is not an iterable (a ``str`` is refused)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be an iterable of ints, got {_given(values)}")
+    try:
+        items = list(values)
+    except TypeError:  # e.g. a 0-d array
+        raise TypeError(f"{name} must be an iterable of ints, got {_given(values)}") from None
+    return [check_int(v, f"{name}[{i}]", minimum) for i, v in enumerate(items)]
 
 
 class LowlevelError(RuntimeError):

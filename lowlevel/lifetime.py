@@ -9,41 +9,121 @@ allocation on the producing stream while the consumer has not read it yet.
   caller has dropped theirs, it records an event on the consumer stream (covering every read
   enqueued up to then) and lets go only when that event has completed.
 
-Both are skipped while the consumer stream is being captured into a CUDA graph: graph-pool
+Results are walked as a pytree (see :func:`iter_arrays` for what is and is not walked), so an
+output inside a dataclass, a named tuple, a dict or a plain object is protected like one in a
+tuple. Both are skipped while the consumer stream is being captured into a CUDA graph: graph-pool
 memory is owned by the graph, not recycled per stream.
 """
 from __future__ import annotations
 
+import collections
+import collections.abc
+import dataclasses
 import sys
 import threading
-from typing import Any, Iterator
+import types
+from typing import Any, Iterable
 
 from ._runtime import cp as _cp
 
 __all__ = ["KeepAlive", "iter_arrays", "protect_outputs"]
 
+# Values that never hold device arrays: the walk stops at once.
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, range, slice,
+                    type(Ellipsis), type(NotImplemented)})
+# Objects of these libraries are leaves unless they are arrays or sequences (torch.return_types);
+# walking e.g. a torch.nn.Module would record_stream every parameter on every call.
+_OPAQUE_MODULES = ("torch", "cupy", "numpy", "triton", "lowlevel", "builtins", "functools", "threading",
+                   "collections", "enum", "types", "typing")
+_OPAQUE_TYPES = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+                 types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, types.CodeType,
+                 types.FrameType)
+_MAX_DEPTH = 64
 
-def iter_arrays(obj: Any, _depth: int = 0) -> Iterator[Any]:
-    """Yield the torch tensors and CuPy arrays in ``obj`` (nested tuples, lists and dict values)."""
-    if _depth > 16 or obj is None:
-        return
+
+def _torch_tensor_type() -> Any:
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    return None if torch is None else torch.Tensor
+
+
+def _pytree_nodes() -> dict[Any, Any]:
+    pt = sys.modules.get("torch.utils._pytree")
+    return {} if pt is None else pt.SUPPORTED_NODES
+
+
+def iter_arrays(obj: Any) -> Iterable[Any]:
+    """The torch tensors and CuPy arrays in ``obj``, each once (by identity), depth first in
+    container order. Returns ``()`` for None and ``(obj,)`` for a bare array without walking.
+
+    What is walked (a pytree, extended):
+
+    * tuples and lists, named tuples and ``torch.return_types`` included; sets, frozensets,
+      deques; the *values* of dicts and other mappings (keys are not walked);
+    * any type registered with torch's pytree (``torch.utils._pytree.register_pytree_node`` /
+      ``register_dataclass``), through its flatten function;
+    * dataclass instances, through all their fields (``dataclasses.fields``);
+    * other objects of user classes: the values of their ``__dict__`` and their ``__slots__``.
+
+    What is not: objects of torch, CuPy, NumPy, Triton, lowlevel and the standard library that
+    are not arrays or containers (so a returned ``torch.nn.Module``'s parameters, owned by the
+    module, are not touched), classes, modules, functions, generators, NumPy arrays (host
+    memory), and anything nested more than 64 levels deep. Cycles are visited once."""
+    if obj is None:
+        return ()
     cls = type(obj)
-    if cls in (tuple, list):
-        for x in obj:
-            yield from iter_arrays(x, _depth + 1)
-    elif cls is dict:
-        for x in obj.values():
-            yield from iter_arrays(x, _depth + 1)
-    elif _cp is not None and isinstance(obj, _cp.ndarray):
-        yield obj
-    elif cls.__module__.startswith("torch") and hasattr(obj, "record_stream"):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from iter_arrays(x, _depth + 1)
+    if cls in _ATOMS:
+        return ()
+    tensor = _torch_tensor_type()
+    if (tensor is not None and isinstance(obj, tensor)) or (_cp is not None and isinstance(obj, _cp.ndarray)):
+        return (obj,)
+    out: list[Any] = []
+    _walk(obj, out, set(), 0, tensor, _pytree_nodes())
+    return out
+
+
+def _walk(obj: Any, out: list[Any], seen: set[int], depth: int, tensor: Any, nodes: dict[Any, Any]) -> None:
+    cls = type(obj)
+    if cls in _ATOMS:
+        return
+    if (tensor is not None and isinstance(obj, tensor)) or (_cp is not None and isinstance(obj, _cp.ndarray)):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            out.append(obj)
+        return
+    if depth >= _MAX_DEPTH or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    depth += 1
+    if isinstance(obj, (tuple, list, set, frozenset, collections.deque)):
+        children: Iterable[Any] = obj
     elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from iter_arrays(x, _depth + 1)
+        children = obj.values()
+    elif cls in nodes:
+        children = nodes[cls].flatten_fn(obj)[0]
+    elif isinstance(obj, collections.abc.Mapping):
+        children = obj.values()
+    elif isinstance(obj, _OPAQUE_TYPES) or cls.__module__.partition(".")[0] in _OPAQUE_MODULES:
+        return
+    elif dataclasses.is_dataclass(obj):
+        children = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    else:
+        children = _attributes(obj, cls)
+    for child in children:
+        _walk(child, out, seen, depth, tensor, nodes)
+
+
+def _attributes(obj: Any, cls: type) -> list[Any]:
+    """The values of ``obj``'s ``__dict__`` and ``__slots__`` (over its class's MRO)."""
+    vals = list(getattr(obj, "__dict__", {}).values())
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                try:
+                    vals.append(getattr(obj, name))
+                except AttributeError:  # an unset slot
+                    pass
+    return vals
 
 
 class KeepAlive:
@@ -91,8 +171,10 @@ default_keep_alive = KeepAlive()
 
 
 def protect_outputs(result: Any, consumer: int, consumer_torch: Any) -> None:
-    """Make the arrays in ``result`` safe to use on the ``consumer`` stream after their producer
-    stream recycles memory: ``record_stream`` for torch, :class:`KeepAlive` for CuPy.
+    """Make the arrays in ``result`` (found by :func:`iter_arrays`: containers, dataclasses,
+    named tuples, pytree nodes, user objects) safe to use on the ``consumer`` stream after
+    their producer stream recycles memory: ``record_stream`` for CUDA tensors,
+    :class:`KeepAlive` for CuPy arrays.
     ``consumer_torch`` is a zero-argument callable returning the consumer's torch stream."""
     tstream = None
     for arr in iter_arrays(result):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+from .errors import _given, check_bool, check_int
 
 if TYPE_CHECKING:
     from .dp import DPConfig
@@ -12,13 +14,40 @@ if TYPE_CHECKING:
 __all__ = ["UBatchSlice", "check_ubatch_thresholds", "maybe_create_ubatch_slices"]
 
 
+def _index_slice(s: Any, name: str) -> slice:
+    """``s`` as ``slice(start, stop)`` with ints ``0 <= start <= stop`` and no step."""
+    if type(s) is not slice:
+        raise TypeError(f"{name} must be a slice, got {_given(s)}")
+    start, stop = s.start, s.stop
+    if not (type(start) is int and type(stop) is int):
+        start = check_int(start, f"{name}.start")
+        stop = check_int(stop, f"{name}.stop")
+    if not 0 <= start <= stop:
+        raise ValueError(f"{name} must have 0 <= start <= stop, got {s}")
+    if s.step is not None and s.step != 1:
+        raise ValueError(f"{name} must have no step, got {s}")
+    return s if type(s.start) is int and type(s.stop) is int and s.step is None else slice(start, stop)
+
+
 @dataclass(frozen=True)
 class UBatchSlice:
     """The requests and tokens of one microbatch. A request split between two microbatches
-    appears in both ``request_slice``s."""
+    appears in both ``request_slice``s.
+
+    Both are ``slice(start, stop)`` with integer bounds, ``0 <= start <= stop`` and no step
+    (NumPy integer bounds are converted); anything else raises ``TypeError`` /
+    ``ValueError`` at construction."""
 
     request_slice: slice
     token_slice: slice
+
+    def __post_init__(self) -> None:
+        r = _index_slice(self.request_slice, "request_slice")
+        t = _index_slice(self.token_slice, "token_slice")
+        if r is not self.request_slice:
+            object.__setattr__(self, "request_slice", r)
+        if t is not self.token_slice:
+            object.__setattr__(self, "token_slice", t)
 
     @property
     def num_tokens(self) -> int:
@@ -40,38 +69,74 @@ def check_ubatch_thresholds(config: "DPConfig", num_tokens: int, uniform_decode:
     return num_tokens >= config.prefill_token_threshold
 
 
+def _token_counts(num_scheduled_tokens: Any) -> np.ndarray:
+    what = "num_scheduled_tokens must be a non-empty 1-D sequence of positive integer token counts"
+    if num_scheduled_tokens is None or isinstance(num_scheduled_tokens, (str, bytes)) \
+            or not hasattr(num_scheduled_tokens, "__len__"):
+        raise TypeError(f"{what}, got {_given(num_scheduled_tokens)}")
+    tokens = np.asarray(num_scheduled_tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"{what}, got shape {tokens.shape}")
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"{what}, got {tokens.dtype} values {tokens.tolist()}")
+    if (tokens <= 0).any():
+        raise ValueError(f"{what}, got {tokens.tolist()}")
+    return tokens.astype(np.int64, copy=False)
+
+
 def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequence[int] | np.ndarray,
                                num_tokens_padded: int, num_reqs_padded: int, num_ubatches: int = 2,
                                split_point: int | Sequence[int] | None = None,
                                ) -> tuple[list[UBatchSlice] | None, list[UBatchSlice] | None]:
     """Split a batch into ``num_ubatches`` microbatches; ``(None, None)`` if not ``should_ubatch``.
 
-    Token boundaries are at ``split_point`` (default ``num_tokens_padded // num_ubatches``) and
-    its multiples, the last one at the *unpadded* total. A request cut by a boundary appears in
-    both slices. The second list is a copy whose last slice is extended to the padded request
-    and token counts."""
+    ``num_scheduled_tokens``: each request's token count (positive ints, 1-D, any integer
+    dtype), ``total`` their sum. Token boundaries are at ``split_point`` (default
+    ``num_tokens_padded // num_ubatches``) and its multiples, or at the ``num_ubatches - 1``
+    points of a sequence; the last slice ends at ``total``. The split points must be strictly
+    increasing inside ``(0, total]`` (so every slice but the last has tokens, and the slices
+    tile the scheduled tokens). A request cut by a boundary appears in both slices. The second
+    list is a copy whose last slice is extended to ``num_reqs_padded`` requests and
+    ``num_tokens_padded`` tokens.
+
+    Raises ``TypeError`` for arguments of the wrong type (``bool`` for an int, floats, ...),
+    ``ValueError`` for values out of range (``num_ubatches < 2``, padded counts below the
+    scheduled ones, split points outside the rule), naming the argument. The scalar
+    arguments are checked even when ``should_ubatch`` is false."""
+    should_ubatch = check_bool(should_ubatch, "should_ubatch")
+    num_ubatches = check_int(num_ubatches, "num_ubatches", 2)
+    num_tokens_padded = check_int(num_tokens_padded, "num_tokens_padded", 0)
+    num_reqs_padded = check_int(num_reqs_padded, "num_reqs_padded", 0)
     if not should_ubatch:
         return None, None
-    if num_ubatches < 2:
-        raise ValueError(f"num_ubatches must be >= 2, got {num_ubatches}")
-    tokens = np.asarray(num_scheduled_tokens, dtype=np.int64)
-    if tokens.ndim != 1 or (tokens < 0).any():
-        raise ValueError("num_scheduled_tokens must be a 1-D array of non-negative counts")
+    tokens = _token_counts(num_scheduled_tokens)
     cu = np.zeros(len(tokens) + 1, dtype=np.int64)
     np.cumsum(tokens, out=cu[1:])
     total = int(cu[-1])
     if num_tokens_padded < total:
-        raise ValueError(f"num_tokens_padded ({num_tokens_padded}) < scheduled tokens ({total})")
+        raise ValueError(f"num_tokens_padded must be >= the scheduled tokens ({total}), got {num_tokens_padded}")
     if num_reqs_padded < len(tokens):
-        raise ValueError(f"num_reqs_padded ({num_reqs_padded}) < scheduled requests ({len(tokens)})")
+        raise ValueError(f"num_reqs_padded must be >= the scheduled requests ({len(tokens)}), got {num_reqs_padded}")
     if split_point is None:
-        split_point = num_tokens_padded // num_ubatches
-    if isinstance(split_point, (int, np.integer)):
-        bounds = [int(split_point) * i for i in range(1, num_ubatches)]
-    else:
-        bounds = [int(b) for b in split_point]
+        step = num_tokens_padded // num_ubatches
+        bounds = [step * i for i in range(1, num_ubatches)]
+    elif hasattr(split_point, "__index__") or _scalar_like(split_point):
+        step = check_int(split_point, "split_point")
+        bounds = [step * i for i in range(1, num_ubatches)]
+    elif hasattr(split_point, "__iter__") and not isinstance(split_point, (str, bytes)):
+        bounds = [check_int(b, f"split_point[{i}]") for i, b in enumerate(split_point)]
         if len(bounds) != num_ubatches - 1:
-            raise ValueError(f"split_point needs {num_ubatches - 1} boundaries, got {len(bounds)}")
+            raise ValueError(f"split_point must have num_ubatches - 1 = {num_ubatches - 1} points, got {bounds}")
+    else:
+        raise TypeError(f"split_point must be None, an int or a sequence of ints, got {_given(split_point)}")
+    prev = 0
+    for b in bounds:
+        if not prev < b <= total:
+            what = "split_point" if split_point is not None else \
+                f"the default split point num_tokens_padded // num_ubatches = {num_tokens_padded // num_ubatches}"
+            raise ValueError(f"{what} must give split points strictly increasing inside (0, {total}] (the "
+                             f"scheduled tokens), got {bounds}")
+        prev = b
     bounds.append(total)
     slices = []
     start = 0
@@ -83,6 +148,9 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     last = slices[-1]
     padded = slices[:-1] + [UBatchSlice(slice(last.request_slice.start, num_reqs_padded),
                                         slice(last.token_slice.start, num_tokens_padded))]
-    if sum(s.num_tokens for s in padded) != num_tokens_padded:
-        raise ValueError(f"split points {bounds[:-1]} do not tile {num_tokens_padded} padded tokens")
     return slices, padded
+
+
+def _scalar_like(x: Any) -> bool:
+    """A number that is not an int (a float, a NumPy float): refused by check_int with its type."""
+    return isinstance(x, (float, complex, np.number, np.bool_, bool))
