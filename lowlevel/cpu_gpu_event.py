@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .errors import check_timeout, describe
 from .event import Event
 from .stream import StreamLike
 
@@ -26,6 +27,8 @@ class CpuGpuEvent:
     _POLL_S = 0.001
 
     def __init__(self, event_factory: Callable[[], Any] = Event) -> None:
+        if not callable(event_factory):
+            raise TypeError(f"event_factory must be callable, got {describe(event_factory)}")
         self._factory = event_factory
         self._event: Any = None
         self._recorded = threading.Event()
@@ -45,8 +48,12 @@ class CpuGpuEvent:
 
         Returns True after a normal wait; False (with nothing enqueued and the gate untouched)
         when ``stop_event`` is set first or ``timeout`` seconds pass."""
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0, got {timeout}")
+        if timeout is not None and timeout != 0:
+            timeout = check_timeout(timeout, "timeout")  # finite and positive; 0 polls once
+        elif timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+            raise TypeError(f"timeout must be a number of seconds or None, got {describe(timeout)}")
+        if stop_event is not None and not hasattr(stop_event, "is_set"):
+            raise TypeError(f"stop_event must be a threading.Event or None, got {describe(stop_event)}")
         if stop_event is None:
             if not self._recorded.wait(timeout):
                 return False

@@ -150,3 +150,7 @@ class CudaUnavailableError(LowlevelError):
 
 class CaptureError(LowlevelError):
     """A CUDA graph capture failed; the message names the cause."""
+
+
+describe = _given
+is_bool = _is_bool

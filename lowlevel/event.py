@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from . import _runtime as rt
+from .errors import check_bool
 from ._runtime import StreamLike
 
 __all__ = ["Event", "EventLike", "record_event", "wait_event"]
@@ -34,6 +35,7 @@ class Event:
     __slots__ = ("_cupy", "ptr", "timing", "__weakref__")
 
     def __init__(self, timing: bool = False, *, blocking: bool = False) -> None:
+        timing, blocking = check_bool(timing, "timing"), check_bool(blocking, "blocking")
         self._cupy = rt.create_event(timing=timing, blocking=blocking)
         self.ptr: int = int(self._cupy.ptr)
         self.timing = bool(timing)
@@ -108,7 +110,10 @@ def _wait_duck(ev: Any, stream: StreamLike | None) -> None:
 _ops: dict[type, tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]] = {}
 
 
-def _ops_for(ev: Any) -> tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]:
+def event_ops(ev: Any) -> tuple[Callable[[Any, Any], None], Callable[[Any, Any], None]]:
+    """The (record, wait) functions for an event of ``ev``'s type (lowlevel, CuPy, torch, or an
+    object with ``record(stream)`` and ``wait(stream)``), cached per type. ``TypeError`` for
+    anything else: the check that :func:`record_event` and :func:`wait_event` make."""
     cls = type(ev)
     ops = _ops.get(cls)
     if ops is None:
@@ -133,7 +138,7 @@ def record_event(event: EventLike, stream: StreamLike | None = None) -> None:
     if type(event) is Event:
         rt.event_record(event.ptr, rt.current_handle() if stream is None else rt.stream_handle(stream))
     else:
-        _ops_for(event)[0](event, stream)
+        event_ops(event)[0](event, stream)
 
 
 def wait_event(event: EventLike, stream: StreamLike | None = None) -> None:
@@ -141,4 +146,4 @@ def wait_event(event: EventLike, stream: StreamLike | None = None) -> None:
     if type(event) is Event:
         rt.stream_wait_event(rt.current_handle() if stream is None else rt.stream_handle(stream), event.ptr, 0)
     else:
-        _ops_for(event)[1](event, stream)
+        event_ops(event)[1](event, stream)

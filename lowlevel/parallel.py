@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from . import _runtime as rt
-from .errors import check_int
-from .event import Event, EventLike, record_event, wait_event
+from .errors import check_int, describe
+from .event import Event, EventLike, event_ops as _ops_for, record_event, wait_event
 from .lifetime import iter_arrays, protect_outputs
 from .stream import Stream, StreamLike, adopt
 
@@ -75,20 +75,61 @@ def execute_in_parallel(
     first, then the non-None aux fns in slot order, all on the current stream; events and
     streams are not touched or validated. The parallel path follows the module's ordering
     contract; a None slot gets no stream switch and no record. Events and streams may be
-    lowlevel, CuPy or torch objects. Lengths of ``aux_fns``, ``aux_streams`` and
-    ``done_events`` that differ raise ``ValueError`` (parallel path only).
+    lowlevel, CuPy or torch objects.
+
+    Raises, before anything is enqueued or made current: ``TypeError`` when ``default_fn`` or a
+    non-None slot of ``aux_fns`` is not callable, or ``aux_fns`` is not a sequence; on the
+    parallel path also ``ValueError`` when the lengths of ``aux_fns``, ``aux_streams`` and
+    ``done_events`` differ or a launched slot has no done event, ``TypeError`` when
+    ``start_event`` is None or a stream or event is of no kind lowlevel knows.
     """
+    _check_fns(default_fn, aux_fns)
     if aux_streams is None or not enable:
         d = default_fn()
         return d, [None if fn is None else fn() for fn in aux_fns]
+    _check_slots(aux_fns, start_event, done_events, aux_streams)
+    return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first,
+                      rt.current_handle())
+
+
+def _check_fns(default_fn: Any, aux_fns: Any) -> None:
+    if not callable(default_fn):
+        raise TypeError(f"default_fn must be callable, got {describe(default_fn)}")
+    if type(aux_fns) is not list and type(aux_fns) is not tuple and (
+            isinstance(aux_fns, (str, bytes)) or not isinstance(aux_fns, Sequence)):
+        raise TypeError(f"aux_fns must be a sequence of callables (or None slots), got {describe(aux_fns)}")
+    for i, fn in enumerate(aux_fns):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"aux_fns[{i}] must be callable or None, got {describe(fn)}")
+
+
+def _check_slots(aux_fns: Sequence[Any], start_event: Any, done_events: Any, aux_streams: Any) -> None:
+    """The parallel path's arguments, checked before anything is recorded or made current."""
     n = len(aux_fns)
+    for name, seq in (("aux_streams", aux_streams), ("done_events", done_events)):
+        if type(seq) is not list and type(seq) is not tuple and (
+                isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence)):
+            raise TypeError(f"{name} must be a sequence, got {describe(seq)}")
     if len(aux_streams) != n or len(done_events) != n:
         raise ValueError(
             f"aux_fns, aux_streams and done_events must be the same length "
             f"(got {n}, {len(aux_streams)}, {len(done_events)})"
         )
-    return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first,
-                      rt.current_handle())
+    if start_event is None:
+        raise TypeError("start_event must be an event on the parallel path, got None")
+    if type(start_event) is not Event:
+        _ops_for(start_event)
+    for i in range(n):
+        if aux_fns[i] is None:
+            continue
+        d = done_events[i]
+        if d is None:
+            raise ValueError(f"done_events[{i}] is None but aux_fns[{i}] runs: give it an event")
+        if type(d) is not Event:
+            _ops_for(d)
+        s = aux_streams[i]
+        if type(s) is not Stream:
+            adopt(s)  # TypeError for what is no stream; cached, so the fork's own adopt is a look-up
 
 
 def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
@@ -192,8 +233,17 @@ def maybe_execute_in_parallel(
     Exceptions join the aux stream back and restore the current streams, as in
     :func:`execute_in_parallel`.
     """
+    if not callable(fn0):
+        raise TypeError(f"fn0 must be callable, got {describe(fn0)}")
+    if not callable(fn1):
+        raise TypeError(f"fn1 must be callable, got {describe(fn1)}")
     if aux_stream is None:
         return fn0(), fn1()
+    if event0 is None or event1 is None:
+        raise TypeError("event0 and event1 must be events when aux_stream is given, got None")
+    for ev in (event0, event1):
+        if type(ev) is not Event:
+            _ops_for(ev)
     cur = rt.current_handle()
     _rec(event0, cur)
     r0 = fn0()
@@ -251,6 +301,7 @@ class ParallelRunner:
 
     def __call__(self, default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], *,
                  enqueue_default_first: bool = False) -> tuple[Any, list[Any]]:
+        _check_fns(default_fn, aux_fns)
         if len(aux_fns) != self.num_aux:
             raise ValueError(f"this runner has {self.num_aux} aux streams, got {len(aux_fns)} aux fns")
         start, done = self._start, self._done

@@ -11,28 +11,41 @@ per thread: parked microbatch threads and the runtimes' helper threads must reco
 timeline that the launching thread activated. The runtimes find it through the tracing hook of
 the bottom layer (``lowlevel._runtime.tracer``), which :meth:`Timeline.activate` sets, so they
 never import this module. A disabled timeline records nothing,
-and its ``span`` costs about a method call. NVTX ranges of the same names are pushed when the
-``nvtx`` package is installed, so Nsight Systems shows them too. Not thread-safe for
+and its ``span`` costs about a method call. Each live span also pushes an NVTX range of its
+name (through the ``nvtx`` package when it is installed, else ``torch.cuda.nvtx``), popped at
+its end, so Nsight Systems shows the same stages. Not thread-safe for
 concurrent ``resolve``; spans may be recorded from several threads.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from . import _runtime as rt
+from .errors import check_bool, describe
 from .event import Event
 from .stream import stream_handle
 
 __all__ = ["Timeline", "Span", "active_timeline"]
 
-try:  # optional
-    import nvtx as _nvtx
-except Exception:  # pragma: no cover - not installed
-    _nvtx = None
+
+def _nvtx_calls() -> tuple[Any, Any]:
+    """(push, pop) of NVTX ranges: the ``nvtx`` package when installed, else torch's."""
+    try:
+        import nvtx
+
+        return nvtx.push_range, nvtx.pop_range
+    except Exception:  # not installed: torch's binding is always there on a CUDA build
+        import torch
+
+        return torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+
+
+_nvtx: tuple[Any, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,15 +86,16 @@ class _LiveSpan:
         self.tl, self.name, self.stream = tl, name, stream
 
     def __enter__(self) -> None:
+        global _nvtx
         self.h = stream_handle(self.stream)
         self.ev0 = Event(timing=True).record(self.h)
-        if _nvtx is not None:
-            _nvtx.push_range(self.name)
+        if _nvtx is None:
+            _nvtx = _nvtx_calls()
+        _nvtx[0](self.name)
 
     def __exit__(self, *exc: object) -> None:
         ev1 = Event(timing=True).record(self.h)
-        if _nvtx is not None:
-            _nvtx.pop_range()
+        _nvtx[1]()  # type: ignore[index]
         with self.tl._lock:
             self.tl._pending.append((self.name, self.h, self.ev0, ev1))
 
@@ -91,7 +105,9 @@ class Timeline:
     Streams) to track names; unnamed streams get ``stream 0x...``."""
 
     def __init__(self, enabled: bool = True, labels: dict[Any, str] | None = None) -> None:
-        self.enabled = enabled
+        self.enabled = check_bool(enabled, "enabled")
+        if labels is not None and not isinstance(labels, dict):
+            raise TypeError(f"labels must be a dict of stream -> track name, got {describe(labels)}")
         self._pending: list[tuple[str, int, Any, Any]] = []
         self.spans: list[Span] = []
         self._lock = threading.Lock()
@@ -102,10 +118,14 @@ class Timeline:
 
     def label(self, stream: Any, name: str) -> None:
         """Name the track of ``stream``."""
+        if not isinstance(name, str):
+            raise TypeError(f"a track name must be a str, got {describe(name)}")
         self._labels[stream if isinstance(stream, int) else stream_handle(stream)] = name
 
     def span(self, name: str, stream: Any = None) -> Any:
         """A context manager timing the work enqueued on ``stream`` inside it."""
+        if type(name) is not str:
+            raise TypeError(f"name must be a str, got {describe(name)}")
         if not self.enabled:
             return _NULL
         return _LiveSpan(self, name, stream)
@@ -122,10 +142,23 @@ class Timeline:
             rt.set_tracer(prev)
 
     def add(self, name: str, track: str, start_ms: float, end_ms: float) -> None:
-        """Add an already-resolved span (for imported or synthetic timings)."""
-        if end_ms < start_ms:
-            raise ValueError(f"span {name!r} ends before it starts")
-        self.spans.append(Span(name, track, float(start_ms), float(end_ms)))
+        """Add an already-resolved span (for imported or synthetic timings); times in ms on any
+        one clock. ``TypeError`` / ``ValueError`` for non-str names, times that are not finite
+        real numbers, or a span that ends before it starts."""
+        for what, v in (("name", name), ("track", track)):
+            if not isinstance(v, str):
+                raise TypeError(f"{what} must be a str, got {describe(v)}")
+        times = []
+        for what, v in (("start_ms", start_ms), ("end_ms", end_ms)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+                raise TypeError(f"{what} must be a number of milliseconds, got {describe(v)}")
+            f = float(v)
+            if not math.isfinite(f):
+                raise ValueError(f"{what} must be finite, got {v!r}")
+            times.append(f)
+        if times[1] < times[0]:
+            raise ValueError(f"span {name!r} ends ({times[1]} ms) before it starts ({times[0]} ms)")
+        self.spans.append(Span(name, track, times[0], times[1]))
 
     def resolve(self) -> list[Span]:
         """Wait for the recorded spans to finish and convert them to milliseconds on one clock,

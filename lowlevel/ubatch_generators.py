@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Generator, Iterable
 
 from . import _runtime as rt
-from .errors import check_int
+from .errors import check_int, describe
 from .event import Event
 from .stream import Stream, StreamLike, adopt
 
@@ -34,7 +34,12 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
     thread's current streams are restored at the end, and the comm stream is joined into the
     compute stream. An exception in one generator closes the others and propagates."""
     check_int(stage_offset, "stage_offset", 0)
+    if isinstance(gens, (str, bytes)) or not hasattr(gens, "__iter__"):
+        raise TypeError(f"gens must be an iterable of generators, got {describe(gens)}")
     gs = list(gens)
+    for i, g in enumerate(gs):
+        if not (hasattr(g, "__next__") and hasattr(g, "close")):
+            raise TypeError(f"gens[{i}] must be a generator (call the generator function), got {describe(g)}")
     n = len(gs)
     compute, comm = adopt(compute_stream), adopt(comm_stream)
     on: list[Stream] = [compute] * n

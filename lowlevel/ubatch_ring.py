@@ -20,7 +20,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from . import _runtime as rt
-from .errors import LowlevelError, check_int
+from .errors import LowlevelError, check_int, check_timeout, describe
 from .event import Event
 from .stream import Stream, StreamLike, adopt
 
@@ -249,8 +249,12 @@ def make_ubatch_contexts(num_micro_batches: int, compute_stream: StreamLike, com
     """``num_micro_batches`` (>= 2) contexts sharing one compute and one comm stream. Context
     ``i`` runs after context ``i - 1`` yields. ``ready_barrier`` (for n threads plus the
     launching thread) lets the launcher know every thread is parked before it starts the ring
-    with :func:`start_ubatches`; ``timeout_s`` bounds every wait."""
-    check_int(num_micro_batches, "num_micro_batches", 2)
+    with :func:`start_ubatches`; ``timeout_s`` (finite, positive seconds, or None) bounds every
+    wait. Bad arguments raise ``TypeError`` / ``ValueError`` naming them."""
+    num_micro_batches = check_int(num_micro_batches, "num_micro_batches", 2)
+    timeout_s = check_timeout(timeout_s, "timeout_s")
+    if ready_barrier is not None and not isinstance(ready_barrier, threading.Barrier):
+        raise TypeError(f"ready_barrier must be a threading.Barrier or None, got {describe(ready_barrier)}")
     compute, comm = adopt(compute_stream), adopt(comm_stream)
     if compute.ptr == comm.ptr:
         raise ValueError("the compute and comm streams must differ")

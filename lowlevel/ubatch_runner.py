@@ -6,17 +6,19 @@ import contextlib
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from . import _runtime as rt
 from . import ubatch_ring as ring
-from .errors import check_int
+from .errors import check_choice, check_int, check_timeout, describe
 from .graphs import Graph, GraphPool, capture
 from .stream import Stream, StreamLike, adopt, current_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
 __all__ = ["UBatchRunner"]
+
+UBatchMode = Literal["threads", "generators"]
 
 
 def _concat(outs: list[Any]) -> Any:
@@ -53,16 +55,18 @@ class UBatchRunner:
     """
 
     def __init__(self, fn: Callable[..., Any], *, comm_stream: StreamLike | None = None,
-                 sm_control: Any = None, num_ubatches: int = 2, mode: str = "threads", stage_offset: int = 1,
+                 sm_control: Any = None, num_ubatches: int = 2, mode: UBatchMode = "threads", stage_offset: int = 1,
                  timeout_s: float = 60.0) -> None:
-        if mode not in ("threads", "generators"):
-            raise ValueError(f"mode must be 'threads' or 'generators', got {mode!r}")
-        check_int(num_ubatches, "num_ubatches", 2)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {describe(fn)}")
+        self.mode = check_choice(mode, "mode", UBatchMode)
+        self.num_ubatches = check_int(num_ubatches, "num_ubatches", 2)
+        self.stage_offset = check_int(stage_offset, "stage_offset", 0)
+        self.timeout_s: float = check_timeout(timeout_s, "timeout_s", allow_none=False)  # type: ignore[assignment]
+        if sm_control is not None and not (hasattr(sm_control, "__enter__") and hasattr(sm_control, "__exit__")):
+            raise TypeError(f"sm_control must be a context manager (e.g. SMControlContextManager) or None, "
+                            f"got {describe(sm_control)}")
         self.fn = fn
-        self.mode = mode
-        self.num_ubatches = num_ubatches
-        self.stage_offset = stage_offset
-        self.timeout_s = timeout_s
         self.sm_control = sm_control
         self.comm_stream = Stream() if comm_stream is None else adopt(comm_stream)
         self.graphs: dict[tuple[int, ...], tuple[Graph, Any]] = {}
@@ -71,13 +75,35 @@ class UBatchRunner:
         self._lock = threading.Lock()
 
     def __call__(self, inputs: Sequence[Any], slices: Sequence[UBatchSlice], *, graph: bool = False) -> Any:
+        """Run the microbatches of ``inputs`` (arrays of at least ``slices[-1].token_slice.stop``
+        rows) and return their outputs concatenated along dim 0.
+
+        Raises ``TypeError`` / ``ValueError`` (before anything runs) when ``inputs`` is not a
+        sequence of arrays, ``slices`` has not ``num_ubatches`` :class:`UBatchSlice` objects, or
+        a slice is empty, has a step, or reaches rows outside some input."""
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise TypeError(f"inputs must be a sequence of arrays, got {describe(inputs)}")
+        if isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence):
+            raise TypeError(f"slices must be a sequence of UBatchSlice, got {describe(slices)}")
         if len(slices) != self.num_ubatches:
             raise ValueError(f"expected {self.num_ubatches} slices, got {len(slices)}")
-        for s in slices:
+        rows = []
+        for j, x in enumerate(inputs):
+            shape = getattr(x, "shape", None)
+            if shape is None or len(shape) == 0:
+                raise TypeError(f"inputs[{j}] must be an array with a row dimension, got {describe(x)}")
+            rows.append(int(shape[0]))
+        for i, s in enumerate(slices):
             if not isinstance(s, UBatchSlice):
-                raise TypeError(f"slices must be UBatchSlice objects, got {type(s).__qualname__}")
+                raise TypeError(f"slices[{i}] must be a UBatchSlice, got {describe(s)}")
+            t = s.token_slice
+            if t.step not in (None, 1):
+                raise ValueError(f"slices[{i}].token_slice must have no step, got {t}")
             if s.num_tokens <= 0:
-                raise ValueError(f"empty microbatch {s}: abort microbatching for this step instead")
+                raise ValueError(f"empty microbatch slices[{i}] = {s}: abort microbatching for this step instead")
+            for j, n in enumerate(rows):
+                if t.start < 0 or t.stop > n:
+                    raise ValueError(f"slices[{i}] covers rows {t.start}..{t.stop} but inputs[{j}] has {n} rows")
         per_ub = [tuple(x[s.token_slice] for x in inputs) for s in slices]
         if not graph:
             with self.sm_control if self.sm_control is not None else contextlib.nullcontext():

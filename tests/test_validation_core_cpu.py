@@ -1,0 +1,302 @@
+"""Boundary validation of the core and the runtimes (faults.md A, C), one table per kind.
+
+Each bad value must raise the right class with a message that names the argument, before any
+state changes. A good value of a type that used to be refused (a NumPy integer) must pass the
+check: without a GPU such a call then stops at ``CudaUnavailableError``, which is how these
+tests tell "validated and accepted" from "refused".
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+import lowlevel
+from lowlevel import sm_control
+from lowlevel.errors import CudaUnavailableError
+from lowlevel.ubatch_slices import UBatchSlice
+
+GPU = lowlevel.cuda_available()
+
+
+def _fn():
+    return None
+
+
+def _gen():
+    yield lowlevel.YIELD
+
+
+# (entry point, argument name, callable taking the bad value)
+INT_ARGS = [
+    ("ParallelRunner", "num_aux", lambda v: lowlevel.ParallelRunner(v)),
+    ("sm_limit", "n", lambda v: lowlevel.sm_limit(v)),
+    ("set_num_sms", "num_sms", lambda v: lowlevel.set_num_sms(v)),
+    ("SMControlContextManager", "comm_sms", lambda v: lowlevel.SMControlContextManager(v, _fn1, _fn1, total_sms=132)),
+    ("SMControlContextManager", "total_sms", lambda v: lowlevel.SMControlContextManager(1, _fn1, _fn1, total_sms=v)),
+    ("make_ubatch_contexts", "num_micro_batches", lambda v: lowlevel.make_ubatch_contexts(v, 1, 2)),
+    ("run_generators", "stage_offset", lambda v: lowlevel.run_generators([], 1, 2, stage_offset=v)),
+    ("UBatchRunner", "num_ubatches", lambda v: lowlevel.UBatchRunner(_fn, num_ubatches=v)),
+    ("UBatchRunner", "stage_offset", lambda v: lowlevel.UBatchRunner(_fn, stage_offset=v)),
+    ("sm_partition", "sm_counts[0]", lambda v: lowlevel.sm_partition([v])),
+]
+
+
+def _fn1(n):
+    return None
+
+
+@pytest.mark.parametrize("entry,arg,call", INT_ARGS, ids=[f"{e}-{a}" for e, a, _ in INT_ARGS])
+@pytest.mark.parametrize("bad,exc", [("8", TypeError), (8.0, TypeError), (None, TypeError), (True, TypeError),
+                                     (np.bool_(True), TypeError), (-3, ValueError)])
+def test_int_arguments_refuse_non_ints(entry, arg, call, bad, exc):
+    if bad is None and arg in ("num_sms", "total_sms"):
+        pytest.skip(f"None means 'every SM' for {arg}")
+    cap = sm_control._global_cap
+    with pytest.raises(exc) as info:
+        call(bad)
+    assert arg.split("[")[0] in str(info.value), f"{entry}: message does not name {arg}: {info.value}"
+    assert sm_control._global_cap == cap and sm_control.get_num_sms() == sm_control.get_num_sms()
+
+
+@pytest.mark.parametrize("entry,arg,call", INT_ARGS, ids=[f"{e}-{a}" for e, a, _ in INT_ARGS])
+def test_int_arguments_accept_numpy_integers(entry, arg, call):
+    good = np.int64(16 if "sm" in arg or arg in ("n", "num_sms", "total_sms") else 2)
+    try:
+        r = call(good)
+    except CudaUnavailableError:
+        return  # validated, then stopped for want of a GPU
+    except (TypeError, ValueError) as exc:
+        assert arg not in str(exc), f"{entry} refused a NumPy integer for {arg}: {exc}"
+    else:
+        if entry == "set_num_sms":
+            lowlevel.set_num_sms(None)
+        del r
+
+
+TIMEOUTS = [
+    ("UBatchRunner", "timeout_s", lambda v: lowlevel.UBatchRunner(_fn, timeout_s=v)),
+    ("make_ubatch_contexts", "timeout_s", lambda v: lowlevel.make_ubatch_contexts(2, 1, 2, timeout_s=v)),
+]
+
+
+@pytest.mark.parametrize("entry,arg,call", TIMEOUTS, ids=[e for e, _, _ in TIMEOUTS])
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (0, ValueError), (math.nan, ValueError),
+                                     (math.inf, ValueError), (True, TypeError), ("5", TypeError)])
+def test_timeouts_are_finite_positive_seconds(entry, arg, call, bad, exc):
+    with pytest.raises(exc, match=arg):
+        call(bad)
+
+
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (math.nan, ValueError), (True, TypeError), ("1", TypeError)])
+def test_cpu_gpu_event_wait_timeout(bad, exc):
+    ev = lowlevel.CpuGpuEvent(event_factory=lambda: None)
+    with pytest.raises(exc, match="timeout"):
+        ev.wait(timeout=bad)
+    assert not ev.is_recorded()
+
+
+CALLABLES = [
+    ("execute_in_parallel", "default_fn", lambda v: lowlevel.execute_in_parallel(v, [], None, [])),
+    ("execute_in_parallel", "aux_fns", lambda v: lowlevel.execute_in_parallel(_fn, v, None, [])),
+    ("execute_in_parallel", "aux_fns[1]", lambda v: lowlevel.execute_in_parallel(_fn, [_fn, v], None, [])),
+    ("maybe_execute_in_parallel", "fn0", lambda v: lowlevel.maybe_execute_in_parallel(v, _fn, None, None)),
+    ("maybe_execute_in_parallel", "fn1", lambda v: lowlevel.maybe_execute_in_parallel(_fn, v, None, None)),
+    ("UBatchRunner", "fn", lambda v: lowlevel.UBatchRunner(v)),
+    ("CpuGpuEvent", "event_factory", lambda v: lowlevel.CpuGpuEvent(v)),
+    ("SMControlContextManager", "set_comm_sms", lambda v: lowlevel.SMControlContextManager(1, v, _fn1, total_sms=8)),
+    ("thread_fn_from_generator", "gen_fn", lambda v: lowlevel.thread_fn_from_generator(v)),
+]
+
+
+@pytest.mark.parametrize("entry,arg,call", CALLABLES, ids=[f"{e}-{a}" for e, a, _ in CALLABLES])
+@pytest.mark.parametrize("bad", ["notfn", 3])
+def test_callables_are_checked(entry, arg, call, bad):
+    if arg == "aux_fns" and bad == 3:
+        pass
+    with pytest.raises(TypeError) as info:
+        call(bad)
+    assert arg in str(info.value)
+
+
+def test_execute_in_parallel_none_aux_fns_names_the_argument():
+    with pytest.raises(TypeError, match="aux_fns"):
+        lowlevel.execute_in_parallel(_fn, None, None, [])
+
+
+def test_execute_in_parallel_checks_the_parallel_path_before_enqueueing():
+    calls = []
+
+    def f():
+        calls.append(1)
+
+    with pytest.raises(ValueError, match="same length"):
+        lowlevel.execute_in_parallel(f, [f], object(), [], aux_streams=[1], enable=True)
+    with pytest.raises(TypeError, match="start_event"):
+        lowlevel.execute_in_parallel(f, [f], None, [object()], aux_streams=[1], enable=True)
+    with pytest.raises(ValueError, match=r"done_events\[0\]"):
+        lowlevel.execute_in_parallel(f, [f], _Ev(), [None], aux_streams=[1], enable=True)
+    with pytest.raises(TypeError, match="event"):
+        lowlevel.execute_in_parallel(f, [f], _Ev(), ["not an event"], aux_streams=[1], enable=True)
+    assert calls == []  # nothing ran
+
+
+class _Ev:
+    def record(self, stream=None):
+        raise AssertionError("must not be recorded")
+
+    def wait(self, stream=None):
+        raise AssertionError("must not be waited on")
+
+
+def test_ubatch_runner_mode_is_a_literal_choice():
+    with pytest.raises(ValueError, match="mode") as info:
+        lowlevel.UBatchRunner(_fn, mode="thread")
+    assert "'threads'" in str(info.value) and "'generators'" in str(info.value)
+    with pytest.raises(TypeError, match="mode"):
+        lowlevel.UBatchRunner(_fn, mode=1)
+
+
+def test_ubatch_runner_refuses_slices_outside_its_input(monkeypatch):
+    """faults.md B: rows 4..20 of an 8-row input is refused, not silently truncated."""
+    from lowlevel import ubatch_runner
+
+    monkeypatch.setattr(ubatch_runner, "Stream", lambda: object())  # no GPU needed to build one
+    r = lowlevel.UBatchRunner(_fn, comm_stream=None)
+    x = np.arange(8 * 3).reshape(8, 3)
+    with pytest.raises(ValueError, match=r"slices\[1\].*inputs\[0\] has 8 rows"):
+        r([x], [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 2), slice(4, 20))])
+    with pytest.raises(ValueError, match="empty"):
+        r([x], [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 1), slice(4, 4))])
+    with pytest.raises(TypeError, match=r"slices\[0\]"):
+        r([x], [(0, 4), (4, 8)])
+    with pytest.raises(ValueError, match="expected 2 slices"):
+        r([x], [UBatchSlice(slice(0, 1), slice(0, 8))])
+    with pytest.raises(TypeError, match="inputs"):
+        r("abc", [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 2), slice(4, 8))])
+    assert r.graphs == {} and r._workers is None
+
+
+def test_run_generators_refuses_generator_functions():
+    with pytest.raises(TypeError, match=r"gens\[0\].*call the generator function"):
+        lowlevel.run_generators([_gen], 1, 2)
+
+
+def test_sm_limit_exit_without_entry_is_refused():
+    lim = lowlevel.sm_limit(4)
+    with pytest.raises(lowlevel.LowlevelError, match="without a matching __enter__"):
+        lim.__exit__(None, None, None)
+    with lim:  # the object still works afterwards, and re-entry nests
+        with lim:
+            assert sm_control._tls.stack[-2:] == [4, 4]
+    assert not getattr(sm_control._tls, "stack", [])
+
+
+class _Flaky:
+    """set_*_sms callbacks that record what they were given and raise once on demand."""
+
+    def __init__(self, log, name, fail_on=None):
+        self.log, self.name, self.fail_on = log, name, fail_on
+
+    def __call__(self, n):
+        self.log.append((self.name, n))
+        if n == self.fail_on:
+            self.fail_on = None
+            raise RuntimeError(f"{self.name} refused {n}")
+
+
+def test_sm_control_restores_both_budgets_when_a_callback_raises():
+    """faults.md C: compute raising on entry leaves comm capped today; comm raising on exit
+    leaves compute capped today. Both must end at every SM, and the error must propagate."""
+    log = []
+    ctl = lowlevel.SMControlContextManager(16, _Flaky(log, "comm", None), _Flaky(log, "compute", 116),
+                                           total_sms=132)
+    with pytest.raises(RuntimeError, match="compute refused 116"):
+        with ctl:
+            pytest.fail("the body must not run")
+    assert log[-2:] == [("comm", 132), ("compute", 132)]
+    log.clear()
+    ctl = lowlevel.SMControlContextManager(16, _Flaky(log, "comm", 132), _Flaky(log, "compute"), total_sms=132)
+    with pytest.raises(RuntimeError, match="comm refused 132"):
+        with ctl:
+            pass
+    assert log == [("comm", 16), ("compute", 116), ("comm", 132), ("compute", 132)]
+    with pytest.raises(lowlevel.LowlevelError, match="without a matching __enter__"):
+        ctl.__exit__(None, None, None)
+
+
+def test_timeline_validates_names_and_times():
+    tl = lowlevel.Timeline(enabled=False)
+    with pytest.raises(TypeError, match="enabled"):
+        lowlevel.Timeline(enabled="yes")
+    with pytest.raises(TypeError, match="name"):
+        tl.span(3)
+    with pytest.raises(ValueError, match="end_ms"):
+        tl.add("a", "t", 0.0, math.inf)
+    with pytest.raises(ValueError, match="before it starts"):
+        tl.add("a", "t", 2.0, 1.0)
+    with pytest.raises(TypeError, match="start_ms"):
+        tl.add("a", "t", "0", 1.0)
+    assert tl.spans == []
+
+
+def test_stream_handle_refuses_bool_and_unknown_objects():
+    with pytest.raises(TypeError, match="bool"):
+        lowlevel.stream_handle(True)
+    with pytest.raises(TypeError, match="CUDA stream"):
+        lowlevel.stream_handle("s")
+    with pytest.raises(TypeError, match="bool"):
+        lowlevel.use_stream(False)
+
+
+def test_use_stream_reentry_restores_per_thread(monkeypatch):
+    """faults.md C: ``u = use_stream(s); with u: with u: pass`` must leave the caller's streams
+    current (the saved streams live on a per-thread stack)."""
+    from lowlevel import _runtime as rt
+
+    class FakeCupy:
+        def __init__(self, name):
+            self.name = name
+
+        def use(self):
+            cur.cupy = self.name
+
+    class S(lowlevel.Stream):
+        def __init__(self, name, ptr):
+            self.ptr, self._torch_key, self._cupy = ptr, (ptr, 0, 1), FakeCupy(name)
+
+    cur = threading.local()
+    cur.torch, cur.cupy = ("main",), "main"
+    monkeypatch.setattr(rt, "torch_get_current", lambda dev: cur.torch)
+    monkeypatch.setattr(rt, "torch_set_current", lambda *key: setattr(cur, "torch", key))
+    monkeypatch.setattr(rt, "cupy_get_current", lambda: FakeCupy(cur.cupy))
+    u = lowlevel.use_stream(S("s", 7))
+    with u:
+        with u:
+            assert (cur.torch, cur.cupy) == ((7, 0, 1), "s")
+        assert (cur.torch, cur.cupy) == ((7, 0, 1), "s")
+    assert (cur.torch, cur.cupy) == (("main",), "main")
+    seen = []
+
+    def other():
+        cur.torch, cur.cupy = ("other",), "other"
+        with u:
+            seen.append((cur.torch, cur.cupy))
+        seen.append((cur.torch, cur.cupy))
+
+    with u:
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen == [((7, 0, 1), "s"), (("other",), "other")]
+    assert (cur.torch, cur.cupy) == (("main",), "main")
+
+
+@pytest.mark.skipif(GPU, reason="checks the message without a GPU")
+def test_no_gpu_entry_points_raise_cuda_unavailable():
+    for call in (lambda: lowlevel.Stream(), lambda: lowlevel.Event(), lambda: lowlevel.ParallelRunner(1),
+                 lambda: lowlevel.current_stream()):
+        with pytest.raises(CudaUnavailableError):
+            call()
