@@ -225,3 +225,73 @@ def test_dlpack_orders_consumer_after_producer():
         y = c.copy()
     b.synchronize()
     assert torch.equal(lowlevel.as_torch(y), src)
+
+
+def test_stream_wait_and_record_are_public_and_order_work():
+    """Stream.wait(other_stream) orders after the work so far on the other stream;
+    Stream.record() returns a new lowlevel Event; record(event) records the given one."""
+    a, b = lowlevel.Stream(), lowlevel.Stream()
+    x = torch.full((1 << 20,), -1.0, device="cuda")
+    torch.cuda.synchronize()
+    with lowlevel.use_stream(a):
+        torch.cuda._sleep(50_000_000)
+        x.fill_(float(np.random.default_rng().integers(1, 100)))
+    expected = None
+    ev = a.record()
+    assert isinstance(ev, lowlevel.Event) and not ev.query()
+    b.wait(a)  # stream form
+    with lowlevel.use_stream(b):
+        y = x.clone()
+    b.synchronize()
+    expected = x[0].item()
+    assert expected != -1.0 and torch.equal(y, torch.full_like(x, expected))
+    tev = torch.cuda.Event()
+    assert a.record(tev) is tev
+    b.wait(tev)  # a torch event
+    b.wait(lowlevel.Event().record(a))  # a lowlevel event
+    b.wait(cp.cuda.Stream(non_blocking=True))  # a CuPy stream
+    b.synchronize()
+    with pytest.raises(TypeError):
+        b.wait("not an event")
+
+
+def test_use_stream_same_object_reentered_restores_the_outer_streams():
+    s = lowlevel.Stream()
+    before_t, before_c = torch.cuda.current_stream(), cp.cuda.get_current_stream()
+    u = lowlevel.use_stream(s)
+    with u:
+        with u:
+            assert torch.cuda.current_stream().cuda_stream == s.ptr
+        assert torch.cuda.current_stream().cuda_stream == s.ptr == cp.cuda.get_current_stream().ptr
+    assert torch.cuda.current_stream() == before_t and cp.cuda.get_current_stream() == before_c
+
+
+def test_timeline_pushes_and_pops_nvtx_ranges_in_pairs(monkeypatch):
+    """Each live span pushes one NVTX range (the nvtx package's or torch's, both real calls
+    here) and pops it at its end, nested spans included, exceptions included."""
+    from lowlevel import timeline as tlm
+
+    push, pop = tlm._nvtx_calls()
+    assert push.__module__.split(".")[0] in ("nvtx", "torch")
+    calls = []
+
+    def counted_push(name):
+        calls.append(("push", name))
+        return push(name)
+
+    def counted_pop():
+        calls.append(("pop",))
+        return pop()
+
+    monkeypatch.setattr(tlm, "_nvtx", (counted_push, counted_pop))
+    tl = lowlevel.Timeline()
+    for i in range(2):
+        with tl.span(f"s{i}"):
+            with tl.span(f"inner{i}"):
+                spin(100_000)
+    with pytest.raises(KeyError):
+        with tl.span("raises"):
+            raise KeyError("x")
+    assert calls == [("push", "s0"), ("push", "inner0"), ("pop",), ("pop",),
+                     ("push", "s1"), ("push", "inner1"), ("pop",), ("pop",), ("push", "raises"), ("pop",)]
+    assert len(tl.resolve()) == 5
