@@ -120,8 +120,7 @@ class UBatchRunner:
             self.pool = GraphPool()
         with self.sm_control if self.sm_control is not None else contextlib.nullcontext():
             self._run(per_ub)  # warm-up: compilation and lazy allocations outside the capture
-            cap_stream = Stream()
-            with capture(stream=cap_stream, pool=self.pool) as g:
+            with capture(pool=self.pool) as g:  # on the per-device capture stream: no new stream per size
                 out = _concat(self._run(per_ub, pool=self.pool))
         g.keep(per_ub, out)
         self.graphs[key] = (g, out)
