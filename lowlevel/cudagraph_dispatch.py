@@ -237,6 +237,8 @@ def captured_lora_counts(max_loras: int, specialize: bool = True) -> list[int]:
 
 
 def _check_modes(modes: Any, name: str) -> frozenset[CUDAGraphMode]:
+    if (type(modes) is set or type(modes) is frozenset) and modes <= _RUNTIME_MODES:
+        return modes if type(modes) is frozenset else frozenset(modes)  # enum members only: no int or bool
     if isinstance(modes, (CUDAGraphMode, int, str, bytes)) or _is_bool(modes) or not hasattr(modes, "__iter__"):
         raise TypeError(f"{name} must be a collection of runtime modes (CUDAGraphMode or 0, 1, 2), "
                         f"got {_given(modes)}")
@@ -413,7 +415,8 @@ class CudagraphDispatcher:
         they leave must not be empty. ``TypeError`` / ``ValueError`` naming the argument,
         checked on every call (a memo hit requires exactly-typed arguments that were valid)."""
         if (valid_modes is None and invalid_modes is None and type(num_tokens) is int
-                and type(uniform_decode) is bool and type(has_lora) is bool and type(num_active_loras) is int):
+                and (uniform_decode is False or uniform_decode is True) and (has_lora is False or has_lora is True)
+                and type(num_active_loras) is int):
             hit = self._memo.get((num_tokens, uniform_decode, has_lora, num_active_loras))
             if hit is not None:
                 return hit
@@ -422,10 +425,14 @@ class CudagraphDispatcher:
 
     def _dispatch_checked(self, num_tokens: Any, uniform_decode: Any, has_lora: Any, num_active_loras: Any,
                           valid_modes: Any, invalid_modes: Any) -> tuple[CUDAGraphMode, BatchDescriptor]:
-        num_tokens = check_int(num_tokens, "num_tokens", 0)
-        uniform_decode = check_bool(uniform_decode, "uniform_decode")
-        has_lora = check_bool(has_lora, "has_lora")
-        num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
+        if type(num_tokens) is not int or num_tokens < 0:
+            num_tokens = check_int(num_tokens, "num_tokens", 0)
+        if uniform_decode is not False and uniform_decode is not True:
+            uniform_decode = check_bool(uniform_decode, "uniform_decode")
+        if has_lora is not False and has_lora is not True:
+            has_lora = check_bool(has_lora, "has_lora")
+        if type(num_active_loras) is not int or num_active_loras < 0:
+            num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
         if num_active_loras and not has_lora:
             raise ValueError(f"num_active_loras must be 0 when has_lora is False, got {num_active_loras}")
         if valid_modes is None and invalid_modes is None:

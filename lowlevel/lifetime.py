@@ -66,26 +66,60 @@ def iter_arrays(obj: Any) -> Iterable[Any]:
 
     What is not: objects of torch, CuPy, NumPy, Triton, lowlevel and the standard library that
     are not arrays or containers (so a returned ``torch.nn.Module``'s parameters, owned by the
-    module, are not touched), classes, modules, functions, generators, NumPy arrays (host
-    memory), and anything nested more than 64 levels deep. Cycles are visited once."""
+    module, are not touched), classes, modules, functions (closures included), generators,
+    NumPy arrays (host memory), and anything nested more than 64 levels deep. Cycles are
+    visited once. How a class is walked is decided once per class and cached."""
     if obj is None:
         return ()
     cls = type(obj)
-    if cls in _ATOMS:
+    plan = _PLANS.get(cls)
+    if plan is _ATOM:
         return ()
-    tensor = _torch_tensor_type()
-    if (tensor is not None and isinstance(obj, tensor)) or (_cp is not None and isinstance(obj, _cp.ndarray)):
+    if plan is _ARRAY:
         return (obj,)
     out: list[Any] = []
-    _walk(obj, out, set(), 0, tensor, _pytree_nodes())
+    _walk(obj, out, set(), 0, _pytree_nodes())
     return out
 
 
-def _walk(obj: Any, out: list[Any], seen: set[int], depth: int, tensor: Any, nodes: dict[Any, Any]) -> None:
+# How each class is walked, decided once per class.
+_ATOM, _ARRAY, _SEQ, _MAP, _OPAQUE = "atom", "array", "seq", "map", "opaque"
+_PLANS: dict[type, Any] = {t: _ATOM for t in _ATOMS}
+
+
+def _plan(cls: type) -> Any:
+    tensor = _torch_tensor_type()
+    if (tensor is not None and issubclass(cls, tensor)) or (_cp is not None and issubclass(cls, _cp.ndarray)):
+        plan: Any = _ARRAY
+    elif issubclass(cls, (tuple, list, set, frozenset, collections.deque)):
+        plan = _SEQ
+    elif issubclass(cls, dict) or issubclass(cls, collections.abc.Mapping):
+        plan = _MAP
+    elif issubclass(cls, _OPAQUE_TYPES) or cls.__module__.partition(".")[0] in _OPAQUE_MODULES:
+        plan = _OPAQUE
+    elif dataclasses.is_dataclass(cls):
+        plan = ("fields", tuple(f.name for f in dataclasses.fields(cls)))
+    else:
+        slots = []
+        for klass in cls.__mro__:
+            names = klass.__dict__.get("__slots__", ())
+            slots += [n for n in ((names,) if isinstance(names, str) else names) if n not in ("__dict__", "__weakref__")]
+        plan = ("attrs", tuple(slots))
+    if len(_PLANS) > 4096:  # classes made on the fly: keep the cache bounded
+        _PLANS.clear()
+        _PLANS.update({t: _ATOM for t in _ATOMS})
+    _PLANS[cls] = plan
+    return plan
+
+
+def _walk(obj: Any, out: list[Any], seen: set[int], depth: int, nodes: dict[Any, Any]) -> None:
     cls = type(obj)
-    if cls in _ATOMS:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _plan(cls)
+    if plan is _ATOM:
         return
-    if (tensor is not None and isinstance(obj, tensor)) or (_cp is not None and isinstance(obj, _cp.ndarray)):
+    if plan is _ARRAY:
         if id(obj) not in seen:
             seen.add(id(obj))
             out.append(obj)
@@ -94,36 +128,25 @@ def _walk(obj: Any, out: list[Any], seen: set[int], depth: int, tensor: Any, nod
         return
     seen.add(id(obj))
     depth += 1
-    if isinstance(obj, (tuple, list, set, frozenset, collections.deque)):
+    if plan is _SEQ:
         children: Iterable[Any] = obj
-    elif isinstance(obj, dict):
+    elif plan is _MAP:
         children = obj.values()
-    elif cls in nodes:
+    elif cls in nodes:  # registered with torch's pytree (possibly after the plan was made)
         children = nodes[cls].flatten_fn(obj)[0]
-    elif isinstance(obj, collections.abc.Mapping):
-        children = obj.values()
-    elif isinstance(obj, _OPAQUE_TYPES) or cls.__module__.partition(".")[0] in _OPAQUE_MODULES:
+    elif plan is _OPAQUE:
         return
-    elif dataclasses.is_dataclass(obj):
-        children = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    elif plan[0] == "fields":
+        children = [getattr(obj, name, None) for name in plan[1]]
     else:
-        children = _attributes(obj, cls)
+        children = list(getattr(obj, "__dict__", {}).values())
+        for name in plan[1]:
+            try:
+                children.append(getattr(obj, name))
+            except AttributeError:  # an unset slot
+                pass
     for child in children:
-        _walk(child, out, seen, depth, tensor, nodes)
-
-
-def _attributes(obj: Any, cls: type) -> list[Any]:
-    """The values of ``obj``'s ``__dict__`` and ``__slots__`` (over its class's MRO)."""
-    vals = list(getattr(obj, "__dict__", {}).values())
-    for klass in cls.__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
-            if name not in ("__dict__", "__weakref__"):
-                try:
-                    vals.append(getattr(obj, name))
-                except AttributeError:  # an unset slot
-                    pass
-    return vals
+        _walk(child, out, seen, depth, nodes)
 
 
 class KeepAlive:

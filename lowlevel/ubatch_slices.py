@@ -133,7 +133,7 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     for b in bounds:
         if not prev < b <= total:
             what = "split_point" if split_point is not None else \
-                f"the default split point num_tokens_padded // num_ubatches = {num_tokens_padded // num_ubatches}"
+                f"split_point (default num_tokens_padded // num_ubatches = {num_tokens_padded // num_ubatches})"
             raise ValueError(f"{what} must give split points strictly increasing inside (0, {total}] (the "
                              f"scheduled tokens), got {bounds}")
         prev = b

@@ -44,16 +44,27 @@ def test_padding_tables():
     assert len(t) == 513 and t[0] == 0 and t[3] == 4 and t[9] == 16 and t[249] == 256 and t[257] == 272
     assert all(t[s] == s for s in sizes)
     assert all(t[n] >= n and t[n] in sizes for n in range(1, 513))
-    assert default_capture_sizes(3) == [1, 2] and default_capture_sizes(8) == [1, 2, 4, 8]
+    assert default_capture_sizes(3) == [1, 2, 3] and default_capture_sizes(8) == [1, 2, 4, 8]
+    # the named maximum is a capture size
+    assert default_capture_sizes(42)[-3:] == [32, 40, 42] and default_capture_sizes(300)[-3:] == [272, 288, 300]
     assert padding_table([1, 8], 5) == [0, 1, 8, 8, 8, 8]
 
 
-@pytest.mark.parametrize("bad", [[], [0, 8], [-1], [1.5], [True, 2], ["8"]])
-def test_bad_capture_sizes(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad,exc", [([0, 8], ValueError), ([-1], ValueError), ([1.5], TypeError),
+                                     ([True, 2], TypeError), (["8"], TypeError), (None, TypeError),
+                                     ("48", TypeError), (8, TypeError)])
+def test_bad_capture_sizes(bad, exc):
+    with pytest.raises(exc, match="capture_sizes"):
         padding_table(bad)
-    with pytest.raises(ValueError):
-        CudagraphDispatcher(bad)
+    if bad is not None:  # None means "the default ladder" to the dispatcher
+        with pytest.raises(exc, match="capture_sizes"):
+            CudagraphDispatcher(bad)
+
+
+def test_empty_capture_sizes_disable_graphs():
+    assert padding_table([]) == [0] and padding_table([], 0) == [0]
+    with pytest.raises(ValueError, match="max_size"):
+        padding_table([], 1)
 
 
 def test_bad_arguments():
