@@ -18,7 +18,7 @@ import enum
 import operator
 from typing import Any, Iterable, NamedTuple
 
-from .errors import LowlevelError, _given, _is_bool, check_bool, check_int, check_ints
+from .errors import LowlevelError, describe, is_bool, check_bool, check_int, check_ints
 
 __all__ = [
     "CUDAGraphMode",
@@ -110,12 +110,12 @@ def as_cudagraph_mode(value: Any, name: str = "mode", *, runtime: bool = False) 
     if cls is int:
         mode = _BY_INT.get(value)
     else:
-        if _is_bool(value) or isinstance(value, bool):
-            raise TypeError(f"{name} must be {_MODE_WHAT}, got a bool: {_given(value)}")
+        if is_bool(value) or isinstance(value, bool):
+            raise TypeError(f"{name} must be {_MODE_WHAT}, got a bool: {describe(value)}")
         try:
             mode = _BY_INT.get(operator.index(value))
         except TypeError:
-            raise TypeError(f"{name} must be {_MODE_WHAT}, got {_given(value)}") from None
+            raise TypeError(f"{name} must be {_MODE_WHAT}, got {describe(value)}") from None
     if mode is None:
         raise ValueError(f"{name} must be {_MODE_WHAT}, got {value!r}")
     return mode
@@ -239,9 +239,9 @@ def captured_lora_counts(max_loras: int, specialize: bool = True) -> list[int]:
 def _check_modes(modes: Any, name: str) -> frozenset[CUDAGraphMode]:
     if (type(modes) is set or type(modes) is frozenset) and modes <= _RUNTIME_MODES:
         return modes if type(modes) is frozenset else frozenset(modes)  # enum members only: no int or bool
-    if isinstance(modes, (CUDAGraphMode, int, str, bytes)) or _is_bool(modes) or not hasattr(modes, "__iter__"):
+    if isinstance(modes, (CUDAGraphMode, int, str, bytes)) or is_bool(modes) or not hasattr(modes, "__iter__"):
         raise TypeError(f"{name} must be a collection of runtime modes (CUDAGraphMode or 0, 1, 2), "
-                        f"got {_given(modes)}")
+                        f"got {describe(modes)}")
     return frozenset(as_cudagraph_mode(m, f"{name} element", runtime=True) for m in modes)
 
 
@@ -329,7 +329,7 @@ class CudagraphDispatcher:
         if mode is _NONE:
             raise ValueError("runtime_mode must be CUDAGraphMode.PIECEWISE or FULL (1 or 2), got NONE")
         if not isinstance(batch_descriptor, BatchDescriptor):
-            raise TypeError(f"batch_descriptor must be a BatchDescriptor, got {_given(batch_descriptor)}")
+            raise TypeError(f"batch_descriptor must be a BatchDescriptor, got {describe(batch_descriptor)}")
         if not self.keys_initialized:
             raise LowlevelError("add_cudagraph_key before initialize_cudagraph_keys: the key would be "
                                 "replaced by it; call initialize_cudagraph_keys(mode) first")

@@ -44,7 +44,7 @@ def _no_device_reason(exc: BaseException) -> str:
 
 
 @functools.cache
-def _probe() -> tuple[int, str]:
+def probe() -> tuple[int, str]:
     """(device count, reason when zero). Cached; reset with ``cuda_available.cache_clear()``."""
     try:
         import cupy
@@ -61,19 +61,19 @@ def _probe() -> tuple[int, str]:
 
 def device_count() -> int:
     """Number of CUDA devices the driver reports (0 without a GPU or driver)."""
-    return _probe()[0]
+    return probe()[0]
 
 
 def cuda_available() -> bool:
     """True when at least one CUDA device can be used. The probe runs once per process."""
-    return _probe()[0] > 0
+    return probe()[0] > 0
 
 
-cuda_available.cache_clear = _probe.cache_clear  # type: ignore[attr-defined]
+cuda_available.cache_clear = probe.cache_clear  # type: ignore[attr-defined]
 
 
 def require_cuda() -> None:
     """Raise :class:`CudaUnavailableError` (saying why) when no CUDA device can be used."""
-    n, why = _probe()
+    n, why = probe()
     if n == 0:
         raise CudaUnavailableError(why)

@@ -12,16 +12,16 @@ import operator
 import typing
 from typing import Any, Iterable
 
-__all__ = ["LowlevelError", "CudaUnavailableError", "CaptureError",
-           "check_int", "check_ints", "check_bool", "check_choice", "check_timeout"]
+__all__ = ["LowlevelError", "CudaUnavailableError", "CaptureError"]
+# The checks below are shared by every layer but are not public API (not in __all__).
 
 
-def _given(value: Any) -> str:
+def describe(value: Any) -> str:
     """``value`` as an error message shows it when its type is the problem."""
     return f"{value!r} ({type(value).__qualname__})"
 
 
-def _is_bool(value: Any) -> bool:
+def is_bool(value: Any) -> bool:
     """A Python or NumPy bool (``numpy.bool_`` is named ``bool`` in NumPy 2)."""
     cls = type(value)
     return cls is bool or (cls.__module__ == "numpy" and cls.__name__ in ("bool", "bool_"))
@@ -45,12 +45,12 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     if type(value) is int:
         v = value
     else:
-        if isinstance(value, bool) or _is_bool(value):
-            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got a bool: {_given(value)}")
+        if isinstance(value, bool) or is_bool(value):
+            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got a bool: {describe(value)}")
         try:
             v = operator.index(value)
         except TypeError:
-            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got {_given(value)}") from None
+            raise TypeError(f"{name} must be {_int_what(minimum, maximum)}, got {describe(value)}") from None
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         raise ValueError(f"{name} must be {_int_what(minimum, maximum)}, got {v}")
     return v
@@ -61,9 +61,9 @@ def check_bool(value: Any, name: str) -> bool:
     ``1``, ``None``, strings) raises ``TypeError`` naming ``name``."""
     if value is True or value is False:
         return value
-    if _is_bool(value):
+    if is_bool(value):
         return bool(value)
-    raise TypeError(f"{name} must be a bool, got {_given(value)}")
+    raise TypeError(f"{name} must be a bool, got {describe(value)}")
 
 
 _CHOICES: dict[Any, tuple[Any, ...]] = {}
@@ -100,7 +100,7 @@ def check_choice(value: Any, name: str, choices: Any) -> Any:
     valid = ", ".join(repr(a) for a in args)
     if any(type(a) is cls for a in args):
         raise ValueError(f"{name} must be one of {valid}; got {value!r}")
-    raise TypeError(f"{name} must be one of {valid}; got {_given(value)}")
+    raise TypeError(f"{name} must be one of {valid}; got {describe(value)}")
 
 
 def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | None:
@@ -117,12 +117,12 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
             return None
         raise TypeError(f"{name} must be a finite positive number of seconds, got None")
     else:
-        if isinstance(value, (bool, str, bytes)) or _is_bool(value):
-            raise TypeError(f"{name} must be a finite positive number of seconds, got {_given(value)}")
+        if isinstance(value, (bool, str, bytes)) or is_bool(value):
+            raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}")
         try:
             v = float(value)  # NumPy floats and ints, Fractions, Decimals
         except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a finite positive number of seconds, got {_given(value)}") from None
+            raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}") from None
     if not (0.0 < v < math.inf):  # NaN fails both comparisons
         raise ValueError(f"{name} must be a finite positive number of seconds, got {value!r}")
     return v
@@ -132,11 +132,11 @@ def check_ints(values: Any, name: str, minimum: int | None = None) -> list[int]:
     """Every element of the iterable ``values`` through :func:`check_int` (messages name
     ``name[i]``); ``TypeError`` when ``values`` is not an iterable (a ``str`` is refused)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be an iterable of ints, got {_given(values)}")
+        raise TypeError(f"{name} must be an iterable of ints, got {describe(values)}")
     try:
         items = list(values)
     except TypeError:  # e.g. a 0-d array
-        raise TypeError(f"{name} must be an iterable of ints, got {_given(values)}") from None
+        raise TypeError(f"{name} must be an iterable of ints, got {describe(values)}") from None
     return [check_int(v, f"{name}[{i}]", minimum) for i, v in enumerate(items)]
 
 
@@ -151,6 +151,3 @@ class CudaUnavailableError(LowlevelError):
 class CaptureError(LowlevelError):
     """A CUDA graph capture failed; the message names the cause."""
 
-
-describe = _given
-is_bool = _is_bool

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .device import _probe
+from .device import probe
 
 __all__ = ["device_info", "format_info"]
 
@@ -38,7 +38,7 @@ def _green_contexts() -> tuple[bool, str]:
 
 def device_info() -> dict[str, Any]:
     """A dict describing the GPU (if any) and the library versions."""
-    n, why = _probe()
+    n, why = probe()
     info: dict[str, Any] = {
         "gpu": None,
         "reason": why or None,

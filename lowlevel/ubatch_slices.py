@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import _given, check_bool, check_int
+from .errors import describe, check_bool, check_int
 
 if TYPE_CHECKING:
     from .dp import DPConfig
@@ -17,7 +17,7 @@ __all__ = ["UBatchSlice", "check_ubatch_thresholds", "maybe_create_ubatch_slices
 def _index_slice(s: Any, name: str) -> slice:
     """``s`` as ``slice(start, stop)`` with ints ``0 <= start <= stop`` and no step."""
     if type(s) is not slice:
-        raise TypeError(f"{name} must be a slice, got {_given(s)}")
+        raise TypeError(f"{name} must be a slice, got {describe(s)}")
     start, stop = s.start, s.stop
     if not (type(start) is int and type(stop) is int):
         start = check_int(start, f"{name}.start")
@@ -73,7 +73,7 @@ def _token_counts(num_scheduled_tokens: Any) -> np.ndarray:
     what = "num_scheduled_tokens must be a non-empty 1-D sequence of positive integer token counts"
     if num_scheduled_tokens is None or isinstance(num_scheduled_tokens, (str, bytes)) \
             or not hasattr(num_scheduled_tokens, "__len__"):
-        raise TypeError(f"{what}, got {_given(num_scheduled_tokens)}")
+        raise TypeError(f"{what}, got {describe(num_scheduled_tokens)}")
     tokens = np.asarray(num_scheduled_tokens)
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError(f"{what}, got shape {tokens.shape}")
@@ -128,7 +128,7 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
         if len(bounds) != num_ubatches - 1:
             raise ValueError(f"split_point must have num_ubatches - 1 = {num_ubatches - 1} points, got {bounds}")
     else:
-        raise TypeError(f"split_point must be None, an int or a sequence of ints, got {_given(split_point)}")
+        raise TypeError(f"split_point must be None, an int or a sequence of ints, got {describe(split_point)}")
     prev = 0
     for b in bounds:
         if not prev < b <= total:

@@ -12,7 +12,7 @@ if not lowlevel.cuda_available():
 def pytest_collection_modifyitems(config, items):
     if lowlevel.cuda_available():
         return
-    n, why = lowlevel.device._probe()
+    n, why = lowlevel.device.probe()
     if os.environ.get("LOWLEVEL_REQUIRE_GPU") == "1":
         raise pytest.UsageError(f"LOWLEVEL_REQUIRE_GPU=1 but {why}")
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")

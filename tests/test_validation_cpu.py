@@ -135,19 +135,19 @@ def test_A_no_driver_message(monkeypatch):
     monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", raise_)
     try:
         monkeypatch.setattr(device, "_driver_present", lambda: False)
-        device._probe.cache_clear()
+        device.probe.cache_clear()
         assert not lowlevel.cuda_available()
         with pytest.raises(lowlevel.CudaUnavailableError, match="no NVIDIA driver found") as ei:
             lowlevel.require_cuda()
         assert "insufficient" not in str(ei.value)
         # a driver is installed but too old: the runtime's own words stay
         monkeypatch.setattr(device, "_driver_present", lambda: True)
-        device._probe.cache_clear()
+        device.probe.cache_clear()
         with pytest.raises(lowlevel.CudaUnavailableError, match="insufficient"):
             lowlevel.require_cuda()
     finally:
         monkeypatch.undo()
-        device._probe.cache_clear()
+        device.probe.cache_clear()
 
 
 def test_A_timeouts_and_modes_helpers():
