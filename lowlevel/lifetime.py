@@ -199,8 +199,13 @@ def protect_outputs(result: Any, consumer: int, consumer_torch: Any) -> None:
     their producer stream recycles memory: ``record_stream`` for CUDA tensors,
     :class:`KeepAlive` for CuPy arrays.
     ``consumer_torch`` is a zero-argument callable returning the consumer's torch stream."""
+    protect_arrays(iter_arrays(result), consumer, consumer_torch)
+
+
+def protect_arrays(arrays: Iterable[Any], consumer: int, consumer_torch: Any) -> None:
+    """:func:`protect_outputs` for arrays already found by :func:`iter_arrays` (no second walk)."""
     tstream = None
-    for arr in iter_arrays(result):
+    for arr in arrays:
         if _cp is not None and isinstance(arr, _cp.ndarray):
             default_keep_alive.keep(arr, consumer)
         elif getattr(arr, "is_cuda", False):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from . import _runtime as rt
 from .errors import check_int, describe
 from .event import Event, EventLike, event_ops as _ops_for, record_event, wait_event
-from .lifetime import iter_arrays, protect_outputs
+from .lifetime import iter_arrays, protect_arrays
 from .stream import Stream, StreamLike, adopt
 
 __all__ = ["execute_in_parallel", "maybe_execute_in_parallel", "ParallelRunner"]
@@ -51,10 +51,9 @@ def _spanned(tl: Any, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
 def _protect(results: Any, cur: int) -> None:
     if results is None:
         return
-    for _ in iter_arrays(results):
-        if not rt.is_capturing(cur):
-            protect_outputs(results, cur, lambda: adopt(cur).torch)
-        return
+    arrays = iter_arrays(results)  # one walk: the arrays found are the ones protected
+    if arrays and not rt.is_capturing(cur):
+        protect_arrays(arrays, cur, lambda: adopt(cur).torch)
 
 
 def execute_in_parallel(
