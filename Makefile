@@ -20,7 +20,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 endif
 
-.PHONY: setup test test-cpu test-gpu bench info clean
+.PHONY: setup test test-cpu test-gpu bench lint dist info clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[cuda12,test,bench]' '$(NUMPY_CPU)'
 	touch $@
 
+# ruff, mypy and build come with the dev extra (needs the package index: a CPU machine's job).
+$(STAMP)-dev: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]' '$(NUMPY_CPU)'
+	touch $@
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -44,11 +49,20 @@ test-cpu: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
+# Without a GPU the results go to bench/results/cpu/ (the device report bench/REPORT.md stays).
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Both run (and report) even when the first finds something; the target fails if either did.
+lint: $(STAMP)-dev
+	rc=0; $(PY) -m ruff check lowlevel tests bench || rc=1; $(PY) -m mypy lowlevel || rc=1; exit $$rc
+
+dist: $(STAMP)-dev
+	rm -rf dist
+	$(PY) -m build
 
 info: $(STAMP)
 	$(PY) -m lowlevel info
 
 clean:
-	rm -rf $(VENV) .stamp-system *.egg-info .pytest_cache
+	rm -rf $(VENV) .stamp-system .stamp-system-dev *.egg-info .pytest_cache .mypy_cache .ruff_cache dist

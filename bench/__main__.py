@@ -2,6 +2,11 @@
 
 ``python -m bench --only streams`` runs the modules whose name contains ``streams``;
 ``python -m bench --compare A.json B.json`` prints what changed between two runs.
+
+Where the results go: with a GPU, ``bench/results/<stamp>.json`` and the tracked device report
+``bench/REPORT.md``; without one, ``bench/results/cpu/<stamp>.json`` and
+``bench/results/cpu/REPORT.md``, so that a CPU run never overwrites the device report;
+``--out DIR`` puts both in ``DIR``.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from .common import Report
 from .report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+DEVICE_REPORT = os.path.join(HERE, "REPORT.md")  # tracked: the report of the last GPU run
+CPU_RESULTS = os.path.join(RESULTS, "cpu")
 
 
 def _modules(only: list[str]) -> list[str]:
@@ -48,12 +56,20 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def _with_spread(f: dict[str, Any], side: str) -> str:
+    """``median (p20-p80)`` when the figure carries its spread, else the median alone."""
+    sp = (f.get("extra") or {}).get("spread", {}).get(side)
+    text = _fmt(f[side])
+    return f"{text} ({_fmt(sp['p20'])}-{_fmt(sp['p80'])})" if sp and f[side] is not None else text
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
+    """One row per figure: median (p20-p80 where measured here), alternative, ratio, target."""
     rows = [("module", "figure", "lowlevel", "unit", "compared with", "theirs", "ratio", "target")]
     for r in results:
         for f in r["figures"]:
-            rows.append((r["module"].removeprefix("bench_"), f["name"], _fmt(f["value"]), f["unit"],
-                         f["baseline_name"] or "-", _fmt(f["baseline"]),
+            rows.append((r["module"].removeprefix("bench_"), f["name"], _with_spread(f, "value"), f["unit"],
+                         f["baseline_name"] or "-", _with_spread(f, "baseline"),
                          (_fmt(f["ratio"]) + "x") if f["ratio"] else "-", f["target"] or ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
@@ -63,6 +79,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def compare(a_path: str, b_path: str) -> int:
+    """Print each figure of two results files side by side, with B/A."""
     with open(a_path) as f:
         a = json.load(f)
     with open(b_path) as f:
@@ -84,17 +101,32 @@ def compare(a_path: str, b_path: str) -> int:
     return 0
 
 
+def _report_path(results_path: str, run: dict[str, Any] | None = None) -> str:
+    """Where the Markdown report of a results file goes: the tracked ``bench/REPORT.md`` for a GPU
+    run stored in ``bench/results/``, else ``REPORT.md`` beside the results file."""
+    if run is None:
+        with open(results_path) as f:
+            run = json.load(f)
+    folder = os.path.dirname(os.path.abspath(results_path))
+    on_gpu = bool((run.get("device") or {}).get("name"))
+    return DEVICE_REPORT if on_gpu and folder == RESULTS else os.path.join(folder, "REPORT.md")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks (or compare two results files, or only rewrite a report)."""
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--only", nargs="*", default=[], help="run modules whose name contains one of these")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results files")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for JSON and pictures")
-    p.add_argument("--report", metavar="RESULTS_JSON", help="only (re)write bench/REPORT.md from a results file")
+    p.add_argument("--out", default=None,
+                   help="folder for JSON, pictures and REPORT.md (default: bench/results with a GPU, "
+                        "bench/results/cpu without one)")
+    p.add_argument("--report", metavar="RESULTS_JSON",
+                   help="only (re)write the report of a results file (bench/REPORT.md for a GPU run in bench/results)")
     args = p.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
     if args.report:
-        print(f"wrote {write_report(args.report, os.path.join(HERE, 'REPORT.md'))}")
+        print(f"wrote {write_report(args.report, _report_path(args.report))}")
         return 0
 
     import lowlevel
@@ -105,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
     info = device_info()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    os.makedirs(args.out, exist_ok=True)
     gpu = lowlevel.cuda_available()
+    if args.out is None:
+        args.out = RESULTS if gpu else CPU_RESULTS
+        if not gpu:
+            print(f"no GPU ({info['reason']}): the CPU-only results and report go to "
+                  f"{os.path.relpath(CPU_RESULTS)}/; the device report {os.path.relpath(DEVICE_REPORT)} "
+                  "is left as it is", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
     results, skipped = [], []
     for name in _progress(_modules(args.only)):
         mod = importlib.import_module(f"bench.{name}")
@@ -129,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"wrote {path}")
-    report_dir = HERE if os.path.abspath(args.out) == os.path.join(HERE, "results") else args.out
-    print(f"wrote {write_report(path, os.path.join(report_dir, 'REPORT.md'))}")
+    print(f"wrote {write_report(path, _report_path(path, payload))}")
     return 1 if any(w.startswith("failed") for _, w in skipped) else 0
 
 

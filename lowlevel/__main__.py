@@ -1,4 +1,4 @@
-"""Command line: ``python -m lowlevel info [--json]``."""
+"""Command line: ``lowlevel info [--json]`` (the console script) or ``python -m lowlevel info [--json]``."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowlevel")
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    prog = "python -m lowlevel" if sys.argv[0].endswith("__main__.py") else "lowlevel"
+    parser = argparse.ArgumentParser(prog=prog, description="lowlevel: streams, events, graphs and SM control.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="GPU, SM count, versions, green-context support")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
