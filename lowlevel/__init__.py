@@ -63,7 +63,7 @@ from .ubatch_runner import *  # noqa: F403
 from .ubatch_slices import *  # noqa: F403
 from .ubatching import *  # noqa: F403
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _MODULES = (errors, device, stream, event, interop, lifetime, graphs, sm_control, parallel, cpu_gpu_event,
             cudagraph_dispatch, graph_runner, dp, ubatch_slices, ubatch_ring, ubatch_generators, ubatching,

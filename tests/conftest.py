@@ -10,12 +10,17 @@ if not lowlevel.cuda_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if lowlevel.cuda_available():
-        return
     n, why = lowlevel.device.probe()
-    if os.environ.get("LOWLEVEL_REQUIRE_GPU") == "1":
-        raise pytest.UsageError(f"LOWLEVEL_REQUIRE_GPU=1 but {why}")
-    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if n == 0:
+        if os.environ.get("LOWLEVEL_REQUIRE_GPU") == "1":
+            raise pytest.UsageError(f"LOWLEVEL_REQUIRE_GPU=1 but {why}")
+        skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")
+        for item in items:
+            if "gpu" in item.keywords or "gpu2" in item.keywords:
+                item.add_marker(skip)
+        return
+    if n < 2:
+        skip2 = pytest.mark.skip(reason=f"needs two CUDA GPUs: this machine has {n}")
+        for item in items:
+            if "gpu2" in item.keywords:
+                item.add_marker(skip2)
