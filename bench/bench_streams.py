@@ -1,11 +1,12 @@
 """Host cost of the stream primitives: switch, event record, fork/join, DLPack conversion.
 
 Each figure is a median over trials of the mean µs per call, wall clock including a device
-synchronize at the end of each trial, beside the torch-native and raw-CuPy ways in the same run.
+synchronize at the end of each trial, beside the torch-native and raw-CuPy ways in the same run,
+their trials interleaved (``host_us_side_by_side``) so that host drift slows all alike.
 """
 from __future__ import annotations
 
-from .common import Report, host_us
+from .common import Report, host_us_side_by_side
 
 NEEDS_GPU = True
 
@@ -38,24 +39,21 @@ def run(rep: Report) -> None:
         with s.cupy:
             pass
 
-    us = host_us(ours, sync=sync)
+    us, t_naive, t_torch, t_cupy = host_us_side_by_side(ours, naive, torch_only, cupy_only, sync=sync)
     rep.add("use_stream enter+exit (CuPy+torch)", us, "us", "naive nested cupy+torch contexts",
-            host_us(naive, sync=sync), target="<= 3 us")
-    rep.add("use_stream vs torch.cuda.stream (torch only)", us, "us", "with torch.cuda.stream(s)",
-            host_us(torch_only, sync=sync))
-    rep.add("use_stream vs with cupy_stream (CuPy only)", us, "us", "with cupy stream",
-            host_us(cupy_only, sync=sync))
+            t_naive, target="<= 3 us")
+    rep.add("use_stream vs torch.cuda.stream (torch only)", us, "us", "with torch.cuda.stream(s)", t_torch)
+    rep.add("use_stream vs with cupy_stream (CuPy only)", us, "us", "with cupy stream", t_cupy)
 
     # --- event record ---------------------------------------------------------------------
     ev, cev, tev = lowlevel.Event(), cp.cuda.Event(disable_timing=True), torch.cuda.Event()
     cur = cp.cuda.get_current_stream()
-    r_ours = host_us(lambda: ev.record(s), sync=sync, n=5000)
-    r_cupy = host_us(lambda: cev.record(s.cupy), sync=sync, n=5000)
-    r_torch = host_us(lambda: tev.record(ts), sync=sync, n=5000)
+    r_ours, r_cupy, r_torch, r_cur, r_cupy_cur = host_us_side_by_side(
+        lambda: ev.record(s), lambda: cev.record(s.cupy), lambda: tev.record(ts), lambda: ev.record(),
+        lambda: cev.record(), sync=sync, n=5000)
     rep.add("Event.record(stream)", r_ours, "us", "cupy Event.record", r_cupy, target="<= 1.5x CuPy raw")
     rep.add("Event.record(stream) vs torch", r_ours, "us", "torch Event.record", r_torch)
-    rep.add("Event.record() on current stream", host_us(lambda: ev.record(), sync=sync, n=5000), "us",
-            "cupy Event.record()", host_us(lambda: cev.record(), sync=sync, n=5000))
+    rep.add("Event.record() on current stream", r_cur, "us", "cupy Event.record()", r_cupy_cur)
     del cur
 
     # --- fork/join primitive (record, wait, switch, record, wait; empty body) --------------
@@ -87,21 +85,19 @@ def run(rep: Report) -> None:
             ce1.record()
         cp.cuda.get_current_stream().wait_event(ce1)
 
-    f = host_us(fj_ours, sync=sync)
-    rep.add("fork/join, events + use_stream", f, "us", "torch events + torch.cuda.stream (vLLM)",
-            host_us(fj_torch, sync=sync))
-    rep.add("fork/join vs raw CuPy (CuPy stream only)", f, "us", "cupy events + cupy stream",
-            host_us(fj_cupy, sync=sync))
+    f, f_torch, f_cupy = host_us_side_by_side(fj_ours, fj_torch, fj_cupy, sync=sync)
+    rep.add("fork/join, events + use_stream", f, "us", "torch events + torch.cuda.stream (vLLM)", f_torch)
+    rep.add("fork/join vs raw CuPy (CuPy stream only)", f, "us", "cupy events + cupy stream", f_cupy)
 
     # --- DLPack conversion ---------------------------------------------------------------
     x_c = cp.random.standard_normal((256, 256), dtype=cp.float32)
     x_t = torch.randn(256, 256, device="cuda")
-    rep.add("as_torch(cupy array)", host_us(lambda: lowlevel.as_torch(x_c), sync=sync), "us",
-            "torch.from_dlpack(cupy array)", host_us(lambda: torch.from_dlpack(x_c), sync=sync), target="<= 10 us")
-    rep.add("as_cupy(torch tensor)", host_us(lambda: lowlevel.as_cupy(x_t), sync=sync), "us",
-            "cupy.from_dlpack(tensor)", host_us(lambda: cp.from_dlpack(x_t), sync=sync), target="<= 10 us")
-    rep.add("as_cupy(torch tensor) vs CUDA array interface", host_us(lambda: lowlevel.as_cupy(x_t), sync=sync),
-            "us", "cupy.asarray(tensor)", host_us(lambda: cp.asarray(x_t), sync=sync))
     xb = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    rep.add("as_cupy(bf16 tensor)", host_us(lambda: lowlevel.as_cupy(xb), sync=sync), "us",
-            "cupy.from_dlpack(bf16 tensor)", host_us(lambda: cp.from_dlpack(xb), sync=sync))
+    a_t, a_tref, a_c, a_cref, a_arr, b_c, b_cref = host_us_side_by_side(
+        lambda: lowlevel.as_torch(x_c), lambda: torch.from_dlpack(x_c), lambda: lowlevel.as_cupy(x_t),
+        lambda: cp.from_dlpack(x_t), lambda: cp.asarray(x_t), lambda: lowlevel.as_cupy(xb),
+        lambda: cp.from_dlpack(xb), sync=sync)
+    rep.add("as_torch(cupy array)", a_t, "us", "torch.from_dlpack(cupy array)", a_tref, target="<= 10 us")
+    rep.add("as_cupy(torch tensor)", a_c, "us", "cupy.from_dlpack(tensor)", a_cref, target="<= 10 us")
+    rep.add("as_cupy(torch tensor) vs CUDA array interface", a_c, "us", "cupy.asarray(tensor)", a_arr)
+    rep.add("as_cupy(bf16 tensor)", b_c, "us", "cupy.from_dlpack(bf16 tensor)", b_cref)

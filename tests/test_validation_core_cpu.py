@@ -232,7 +232,7 @@ def test_timeline_validates_names_and_times():
     with pytest.raises(TypeError, match="enabled"):
         lowlevel.Timeline(enabled="yes")
     with pytest.raises(TypeError, match="name"):
-        tl.span(3)
+        lowlevel.Timeline().span(3)
     with pytest.raises(ValueError, match="end_ms"):
         tl.add("a", "t", 0.0, math.inf)
     with pytest.raises(ValueError, match="before it starts"):
