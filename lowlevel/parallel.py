@@ -91,44 +91,50 @@ def execute_in_parallel(
                       rt.current_handle())
 
 
+def _not_a_sequence(obj: Any) -> bool:
+    t = type(obj)
+    return t is not list and t is not tuple and (isinstance(obj, (str, bytes)) or not isinstance(obj, Sequence))
+
+
 def _check_fns(default_fn: Any, aux_fns: Any) -> None:
+    """The fns of a fork/join: ``TypeError`` naming the one that is not callable (cheap when all are)."""
     if not callable(default_fn):
         raise TypeError(f"default_fn must be callable, got {describe(default_fn)}")
-    if type(aux_fns) is not list and type(aux_fns) is not tuple and (
-            isinstance(aux_fns, (str, bytes)) or not isinstance(aux_fns, Sequence)):
+    if _not_a_sequence(aux_fns):
         raise TypeError(f"aux_fns must be a sequence of callables (or None slots), got {describe(aux_fns)}")
-    for i, fn in enumerate(aux_fns):
+    for fn in aux_fns:
         if fn is not None and not callable(fn):
+            i = next(k for k, f in enumerate(aux_fns) if f is fn)
             raise TypeError(f"aux_fns[{i}] must be callable or None, got {describe(fn)}")
 
 
 def _check_slots(aux_fns: Sequence[Any], start_event: Any, done_events: Any, aux_streams: Any) -> None:
-    """The parallel path's arguments, checked before anything is recorded or made current."""
+    """The parallel path's arguments, checked before anything is recorded or made current
+    (lowlevel Events and Streams pass on a type comparison)."""
+    if _not_a_sequence(aux_streams):
+        raise TypeError(f"aux_streams must be a sequence, got {describe(aux_streams)}")
+    if _not_a_sequence(done_events):
+        raise TypeError(f"done_events must be a sequence, got {describe(done_events)}")
     n = len(aux_fns)
-    for name, seq in (("aux_streams", aux_streams), ("done_events", done_events)):
-        if type(seq) is not list and type(seq) is not tuple and (
-                isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence)):
-            raise TypeError(f"{name} must be a sequence, got {describe(seq)}")
     if len(aux_streams) != n or len(done_events) != n:
         raise ValueError(
             f"aux_fns, aux_streams and done_events must be the same length "
             f"(got {n}, {len(aux_streams)}, {len(done_events)})"
         )
-    if start_event is None:
-        raise TypeError("start_event must be an event on the parallel path, got None")
     if type(start_event) is not Event:
+        if start_event is None:
+            raise TypeError("start_event must be an event on the parallel path, got None")
         _ops_for(start_event)
     for i in range(n):
         if aux_fns[i] is None:
             continue
         d = done_events[i]
-        if d is None:
-            raise ValueError(f"done_events[{i}] is None but aux_fns[{i}] runs: give it an event")
         if type(d) is not Event:
+            if d is None:
+                raise ValueError(f"done_events[{i}] is None but aux_fns[{i}] runs: give it an event")
             _ops_for(d)
-        s = aux_streams[i]
-        if type(s) is not Stream:
-            adopt(s)  # TypeError for what is no stream; cached, so the fork's own adopt is a look-up
+        if type(aux_streams[i]) is not Stream:
+            adopt(aux_streams[i])  # TypeError for what is no stream; cached, so the fork's adopt is a look-up
 
 
 def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
