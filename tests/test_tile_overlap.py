@@ -39,7 +39,8 @@ def _flags_clear(ov):
 
 
 CAPS = [(1, 1), (3, 2), (5, 3), (1, 7)]
-SHAPES = [(37, 45, 29), (16, 16, 16), (1, 50, 7), (33, 1, 40), (70, 33, 18)]  # ragged last tiles included
+SHAPES = [(37, 45, 29), (16, 16, 16), (1, 50, 7), (33, 1, 40), (70, 33, 18), (21, 100, 9)]
+# ragged last tiles included; N > 64 takes the consumer's two-pass path under the interpreter
 
 
 @pytest.mark.parametrize("caps", CAPS, ids=str)
@@ -150,7 +151,21 @@ def test_consumer_without_producer_gives_up_and_reports():
     c, w, y = _rand(M, N), _rand(N), torch.empty(M, N, device=DEV)
     grid = 3
     TO._rms(grid, (c, w, y, flags, ctrl, M, N, N, N, 1e-6, 2, 2, grid, 5),
-            {"BLOCK_M": 16, "ROWS": 4, "BLOCK_C": 16, "RESET_BLOCK": TO._RESET}, 1, 1)
+            {"BLOCK_M": 16, "ROWS": 4, "BLOCK_C": 16, "SINGLE": False, "RESET_BLOCK": TO._RESET}, 1, 1)
     with pytest.raises(lowlevel.LowlevelError, match="gave up"):
         ov.check()
     assert int(ctrl[0]) == 0 and ov.launches == 1
+
+
+def test_suggest_split_and_config_rule():
+    # 4096 columns in 32-wide tiles are 128 tiles: one round on 132 SMs, so 128 producers
+    assert TO.suggest_split(16, 4096, 132) == (128, 4)
+    # 14336 columns in 128-wide tiles are 112 tiles: 20 SMs the matmul cannot use anyway
+    assert TO.suggest_split(16, 14336, 132) == (112, 20)
+    for M, N in [(16, 4096), (64, 14336), (256, 4096), (1024, 14336), (1, 7)]:
+        p, c = TO.suggest_split(M, N, 132)
+        assert p + c == 132 and c >= 4 and p >= 1
+        # the producer budget loses nothing against all SMs in the cost model
+        assert min(TO._cost(M, N, bn, p)[0] for bn in TO._BN) == min(TO._cost(M, N, bn, 132)[0] for bn in TO._BN)
+    with pytest.raises(ValueError, match="sms"):
+        TO.suggest_split(16, 16, 1)

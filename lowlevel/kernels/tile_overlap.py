@@ -69,8 +69,8 @@ from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, to_torch
 
-__all__ = ["TileOverlap", "tile_overlap", "matmul_then_rms_norm", "producer_matmul", "producer_config",
-           "DEFAULT_MAX_SPINS"]
+__all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
+           "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
 """Acquire polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
@@ -146,32 +146,46 @@ def _finish(ctrl_ptr, flags_ptr, n_flags, num_progs, RESET_BLOCK: tl.constexpr):
 def _rms_consumer_kernel(c_ptr, w_ptr, y_ptr, rows_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
                          tiles_n, num_rb, num_progs, max_spins,
                          BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                         RESET_BLOCK: tl.constexpr):
+                         SINGLE: tl.constexpr, RESET_BLOCK: tl.constexpr):
     """y = c / sqrt(mean(c^2) + eps) * w per row; ROWS rows per item, each item waits for its
     row block's counter to reach tiles_n (ROWS divides BLOCK_M)."""
     pid = tl.program_id(0)
     items = tl.cdiv(M, ROWS)
-    for it in range(pid, items, num_progs):
-        r0 = it * ROWS
-        _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
-        rows = r0 + tl.arange(0, ROWS)
-        rmask = rows < M
-        acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-        for c0 in range(0, N, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m = rmask[:, None] & (cols[None, :] < N)
+    if SINGLE:  # a whole row fits in BLOCK_C: one load, one store per item
+        cols = tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        for it in range(pid, items, num_progs):
+            r0 = it * ROWS
+            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
+            rows = r0 + tl.arange(0, ROWS)
+            m = (rows[:, None] < M) & (cols[None, :] < N)
             x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
                         cache_modifier=".cg").to(tl.float32)
-            acc += x * x
-        inv = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
-        for c0 in range(0, N, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m = rmask[:, None] & (cols[None, :] < N)
-            x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-            w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             y = x * inv[:, None] * w[None, :]
             tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    else:  # long rows: sum of squares over column chunks, then a second pass that scales
+        for it in range(pid, items, num_progs):
+            r0 = it * ROWS
+            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
+            rows = r0 + tl.arange(0, ROWS)
+            rmask = rows < M
+            acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = rmask[:, None] & (cols[None, :] < N)
+                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                acc += x * x
+            inv = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
+            for c0 in range(0, N, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = rmask[:, None] & (cols[None, :] < N)
+                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+                y = x * inv[:, None] * w[None, :]
+                tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
     _finish(ctrl_ptr, rows_ptr, num_rb, num_progs, RESET_BLOCK)
 
 
@@ -203,25 +217,70 @@ _RESET = 16 if INTERPRET else 1024
 
 # --- configuration ------------------------------------------------------------------------------
 
-def producer_config(M: int, N: int, itemsize: int, sms: int) -> tuple[int, int, int, int, int]:
+_BN = (256, 128, 64, 32)
+
+
+def _block_m(M: int) -> int:
+    return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 256 else 128
+
+
+def _cost(M: int, N: int, bn: int, programs: int) -> tuple[int, int]:
+    """(rounds of tiles x tile width: the makespan in units of one column of weights, rounds)."""
+    tiles = triton.cdiv(M, _block_m(M)) * triton.cdiv(N, bn)
+    rounds = triton.cdiv(tiles, programs)
+    return rounds * bn, rounds
+
+
+def producer_config(M: int, N: int, itemsize: int, programs: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the producer for an (M, N) output
-    on a device of ``sms`` SMs: the row block follows M (small blocks for decode sizes, so the
-    consumer can start early), the column block is the widest that still gives every SM a tile.
-    It does not depend on the producer's budget, so the sequential baseline (all SMs) runs the
-    same compiled kernel."""
+    computed by ``programs`` programs. The row block follows M (small blocks at decode sizes,
+    so that the consumer can start early). The column block minimises the makespan
+    ``ceil(tiles / programs) * BLOCK_N`` (the rounds of tiles the busiest program runs, each
+    costing its width in weight columns), wider on ties: a budget just under a tile count
+    would otherwise pay a whole second round for a few tiles. The sequential alternative gets
+    the same rule with every SM."""
     if INTERPRET:
         return (16, 16, 16, 1, 1)
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 256 else 128
-    rb = triton.cdiv(M, bm)
-    bn = 32
-    for cand in (256, 128, 64):
-        if rb * triton.cdiv(N, cand) >= sms:
-            bn = cand
-            break
-    bk = 64 if itemsize == 2 else 32
+    bm = _block_m(M)
+    bn = min(_BN, key=lambda c: (_cost(M, N, c, programs)[0], -c))
+    if itemsize == 2 and bm <= 64 and bn <= 64:
+        bk, stages = 128, 5  # thin tiles: deep K steps keep enough weight bytes in flight per SM
+    else:
+        bk, stages = (64 if itemsize == 2 else 32), (4 if bm <= 64 else 3)
     warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = 4 if bm <= 64 else 3
     return (bm, bn, bk, warps, stages)
+
+
+def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4) -> tuple[int, int]:
+    """A (producer_sms, consumer_sms) split for an (M, N) output on ``sms`` SMs (default: the
+    device's): the fewest producer programs that keep the all-SM makespan of
+    :func:`producer_config`'s cost model (so the matmul loses nothing to the split), the rest
+    to the consumer, at least ``min_consumer_sms``. A starting point for a sweep, not a
+    measurement."""
+    total = device_sm_count() if sms is None else check_int(sms, "sms", 2)
+    best_cost = min(_cost(M, N, c, total)[0] for c in _BN)
+    producers = total - min_consumer_sms
+    for c in _BN:
+        cost, rounds = _cost(M, N, c, total)
+        if cost == best_cost:
+            tiles = triton.cdiv(M, _block_m(M)) * triton.cdiv(N, c)
+            producers = min(producers, triton.cdiv(tiles, rounds))
+    producers = max(1, min(producers, total - min_consumer_sms))
+    return producers, total - producers
+
+
+def _rms_consumer_config(N: int, bm: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_C, ROWS, single pass, num_warps) of the RMSNorm consumer: whole rows in registers
+    up to 16384 columns (one load and one store per item: the consumer's items are latency
+    bound), column chunks of 2048 beyond."""
+    if INTERPRET:
+        single = N <= 64  # both paths run under the interpreter's small shapes
+        return (triton.next_power_of_2(N) if single else 16), (4 if single else 2), single, 1
+    block = triton.next_power_of_2(N)
+    if block <= 16384:
+        rows = max(1, min(4, 16384 // block, bm))
+        return block, rows, True, min(16, max(4, rows * block // 1024))
+    return 2048, min(4, bm), False, 8
 
 
 def _precision(dtype: torch.dtype, precision: str) -> str:
@@ -403,21 +462,19 @@ class TileOverlap:
         check_device("matmul_rms_norm", at, bt, wt, ct, yt)
         if M == 0 or N == 0:
             return ct, yt
-        cfg = producer_config(M, N, at.element_size(), self.total_sms)
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
         bm, bn = cfg[0], cfg[1]
         rb, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
         with self._lock:
             flags, ctrl = self._state(rb, at.device)
-            rows_per = min(4, bm)
+            block_c, rows_per, single, cwarps = _rms_consumer_config(N, bm)
             items = triton.cdiv(M, rows_per)
             cgrid = min(self.consumer_sms, items)
             cargs = (ct, wt, yt, flags, ctrl, M, N, ct.stride(0), yt.stride(0), float(eps), tiles_n, rb, cgrid,
                      self.max_spins)
-            ccex = {"BLOCK_M": bm, "ROWS": rows_per, "BLOCK_C": min(1024 if not INTERPRET else 16,
-                                                                   triton.next_power_of_2(N)),
-                    "RESET_BLOCK": _RESET}
+            ccex = {"BLOCK_M": bm, "ROWS": rows_per, "BLOCK_C": block_c, "SINGLE": single, "RESET_BLOCK": _RESET}
             produce = self._produce_args(at, bt, ct, flags, M, N, K, cfg, 1, prec)
-            self._fork_join(produce, lambda: _rms(cgrid, cargs, ccex, 1 if INTERPRET else 4, 1), at.device)
+            self._fork_join(produce, lambda: _rms(cgrid, cargs, ccex, cwarps, 1), at.device)
         return ct, yt
 
     def matmul_copy(self, a: Any, b: Any, *, dst: Any, out: Any = None, precision: str = "tf32") -> tuple[Any, Any]:
@@ -440,7 +497,7 @@ class TileOverlap:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
         if M == 0 or N == 0:
             return ct, dt
-        cfg = producer_config(M, N, at.element_size(), self.total_sms)
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         with self._lock:
@@ -469,7 +526,7 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     programs = total if programs is None else check_int(programs, "programs", 1)
     if M == 0 or N == 0:
         return ct
-    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), total)
+    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), programs)
     grid = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
     args = (at, bt, ct, ct, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
             ct.stride(0), ct.stride(1), grid)
