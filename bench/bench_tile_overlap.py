@@ -10,6 +10,7 @@ overlap path enqueues two streams, four waits and two kernels per call, which ea
 dominate at these sizes. Saves a timeline picture of both (eager, one launch each)."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 
@@ -18,7 +19,7 @@ from .common import Report
 NEEDS_GPU = True
 ITERS = 8
 SHAPES = [(M, N, 4096) for N in (14336, 4096) for M in (16, 64, 256, 1024)]
-CONSUMER_SMS = (4, 8, 16, 24)  # plus suggest_split's choice
+CONSUMER_SMS = (4, 8, 16)  # plus suggest_split's choice
 
 
 def _graph_us(torch, lowlevel, step, reps=15):
@@ -110,6 +111,14 @@ def _peer_case(rep, torch, lowlevel, TO, total, cp, M):
           f"{seq_us[0] / splits[best][0]:.3f}x", flush=True)
 
 
+def _partial(rep: Report) -> None:
+    """The figures so far, to ``$BENCH_PARTIAL`` if set (a run cut short keeps them)."""
+    path = os.environ.get("BENCH_PARTIAL")
+    if path:
+        with open(path, "w") as f:
+            json.dump([fig.to_json() for fig in rep.figures], f, indent=1)
+
+
 def run(rep: Report) -> None:
     import torch
 
@@ -124,6 +133,7 @@ def run(rep: Report) -> None:
         case = _rms_case(rep, torch, lowlevel, K, TO, total, M, N, Kd)
         if (M, N) == (256, 4096):
             timeline_case = case
+        _partial(rep)
 
     if timeline_case is not None:
         a, bs, w, out, y, best = timeline_case
@@ -168,3 +178,4 @@ def run(rep: Report) -> None:
                 pass  # already enabled
         for M in (64, 256, 1024):
             _peer_case(rep, torch, lowlevel, TO, total, cp, M)
+            _partial(rep)

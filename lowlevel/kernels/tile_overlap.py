@@ -247,6 +247,8 @@ def producer_config(M: int, N: int, itemsize: int, programs: int) -> tuple[int, 
         bk, stages = 128, 5  # thin tiles: deep K steps keep enough weight bytes in flight per SM
     else:
         bk, stages = (64 if itemsize == 2 else 32), (4 if bm <= 64 else 3)
+    while stages > 2 and stages * (bm * bk + bk * bn) * itemsize > 160 * 1024:
+        stages -= 1  # the pipeline's shared memory stays within 160 KiB (the epilogue needs room too)
     warps = 8 if bm * bn >= 128 * 128 else 4
     return (bm, bn, bk, warps, stages)
 
