@@ -144,19 +144,22 @@ def run(rep: Report) -> None:
         ps, cs = ov.streams
         tl = lowlevel.Timeline(labels={cur: "caller (sequential)", ps: f"producer ({total - best} SMs)",
                                        cs: f"consumer ({best} SMs)"})
-        # Each launch waits behind a ~50 us sleep on the caller's stream, so that the host has
+        # Each launch waits behind a ~1 ms sleep on the caller's stream, so that the host has
         # enqueued both forks before the device reaches them: the picture shows the device's
         # schedule, not the host's enqueue latency (graphs remove that latency in the figures).
+        # A 50 us gate was too short on the H200 run of 2026-11-30: the eager host path of one
+        # overlapped call (validation, two forks, two spans) took longer, and the picture showed
+        # the consumer starting after the producer had ended.
         with tl.activate():
             for i in range(3):
-                torch.cuda._sleep(100_000)
+                torch.cuda._sleep(2_000_000)
                 with tl.span("matmul", cur):
                     TO.producer_matmul(a, bs[i], out=out)
                 with tl.span("rms_norm", cur):
                     K.rms_norm(out, w, 1e-6, out=y)
             torch.cuda.synchronize()
             for i in range(3):
-                torch.cuda._sleep(100_000)
+                torch.cuda._sleep(2_000_000)
                 ov.matmul_rms_norm(a, bs[i], w, out=out, y=y)
         try:
             png = tl.plot(os.path.join(rep.out_dir, "tile_overlap_timeline.png"),

@@ -49,6 +49,18 @@ The protocol (what makes it correct)
   when that happened. Other work on other streams may share the SMs (it only delays); two tile
   overlaps in flight at once need their consumer SMs to add up to less than the SM count.
 
+When it pays (measured on one H200, bf16, K = 4096, graphs, 2026-11-30; bench_tile_overlap)
+-------------------------------------------------------------------------------------------
+Rarely, as built. Against matmul then norm on all SMs (the same matmul kernel): parity at
+M = 16, N = 4096 (17.2 vs 17.3 us), 0.89-0.95x at M <= 64, N = 14336, down to 0.35x at
+M = 1024; 1.23x at M = 256, N = 14336 only because the baseline's all-SM tile choice is a poor
+matmul there (cuBLAS plus torch's norm: 64 us; overlap: 107 us). The peer copy: 1.05x at
+M = 64, slower above. Why: an N = 4096 output is 128 tiles a wave on 132 SMs, so a producer
+below 128 programs pays a second round, and the 4 SMs left cannot keep up with the norm of
+256+ rows (about 33 GB/s per SM); up to M = 64 there is one row block, so the norm can only
+start after the last tile (the saving is the second launch's gap, a few us); and
+:func:`producer_config`'s cost model ignores how slow thin tiles are at large M.
+
 Under ``TRITON_INTERPRET=1`` (no GPU) the interpreter runs the programs of one launch one
 after the other and the consumer launch after the producer launch, so the consumer always finds
 every flag already published: the flag arithmetic, the ticket and the reset are exercised, the
