@@ -1,0 +1,573 @@
+"""Overlap inside one batch: a capped persistent matmul that publishes its output tiles, and a
+capped consumer on another stream that starts on the first finished tiles.
+
+``with tile_overlap(producer_sms=P, consumer_sms=C) as ov: out, y = ov.matmul_rms_norm(a, b, w)``
+computes ``out = a @ b`` with at most ``P`` programs on one stream and ``y = rms_norm(out) * w``
+with at most ``C`` programs on another; the consumer normalises each block of rows as soon as
+the producer has published every tile of it. :meth:`TileOverlap.matmul_copy` copies each tile
+into a second buffer as soon as it is published. Both forks start after the work enqueued so far
+on the caller's current stream, and the caller's stream waits for both before anything enqueued
+on it afterwards (a fork/join, as :func:`lowlevel.execute_in_parallel`), eagerly and inside a
+graph capture (:func:`lowlevel.capture`): the two launches become two parallel branches.
+
+The protocol (what makes it correct)
+------------------------------------
+* **Publish (release).** After storing tile ``(pid_m, pid_n)`` a producer program waits at a
+  CTA barrier (every thread's stores are issued) and one thread then does
+  ``atomic_add(rows[pid_m], 1, sem="release", scope="gpu")`` (``matmul_rms_norm``: one counter
+  per block of ``BLOCK_M`` rows) or ``atomic_xchg(tiles[t], 1, sem="release")``
+  (``matmul_copy``: one flag per tile). CUTLASS's semaphore is the same pattern.
+* **Wait (acquire).** A consumer program spins on ``atomic_add(ptr, 0, sem="acquire",
+  scope="gpu")`` until the counter reaches the row block's tile count (or the flag is set),
+  passes a CTA barrier, and reads the tile with L1-bypassing loads (``.cg``). Consumer programs
+  take their work items (groups of rows, or tiles) in the order the producer finishes them
+  (row-block-major, the producer's own tile order), so waiting in order is waiting in
+  completion order up to the producer's round robin.
+* **Fresh state per launch, without a reset kernel (the epoch).** The counters start every
+  launch at 0: when a consumer program is done it takes a ticket
+  (``atomic_add(ctrl[0], 1, sem="acq_rel")``); the program that draws the last ticket knows that
+  every consumer program has finished waiting, hence that every tile was published (each
+  counter reached its target, so no producer atomic of this launch is still to come), and it
+  writes the counters and the ticket back to 0 and bumps ``ctrl[1]``, the device-side count of
+  completed launches (the epoch). The next launch is ordered after this one by its stream (or by
+  the graph: replay ``k + 1`` starts after replay ``k`` has ended), so it starts from zeros. No
+  host value changes between launches, so a graph captured once replays any number of times and
+  each replay is independent; a different shape between two launches needs nothing either
+  (targets are per launch, counters are back at zero). ``ctrl[1]`` after ``n`` launches is
+  ``n`` (:attr:`TileOverlap.launches` reads it), which is how the tests see every replay finish.
+  Rule: launches of one :class:`TileOverlap` must be ordered (one caller stream at a time, one
+  replay at a time); give concurrent callers their own object.
+* **No deadlock, by construction.** A consumer program only spins while a tile it needs is
+  unpublished; the producer's programs never wait for anything. Consumers hold at most ``C``
+  SMs (one program per SM at most: each uses at most one SM's worth of resources) and
+  ``P + C <= SMs`` is enforced (``ValueError`` otherwise), so the producer's ``P`` programs
+  always find SMs and finish. The producer is enqueued before the consumer, so where CUDA runs
+  the two streams (or graph branches) one after the other, it runs producer then consumer (no
+  overlap, still correct), never a consumer waiting for a producer queued behind it. As a
+  last guard, a consumer that spins more than ``max_spins`` times sets ``ctrl[2]`` and gives up
+  instead of hanging the GPU; :meth:`TileOverlap.check` raises :class:`~lowlevel.LowlevelError`
+  when that happened. Other work on other streams may share the SMs (it only delays); two tile
+  overlaps in flight at once need their consumer SMs to add up to less than the SM count.
+
+When it pays (measured on one H200, bf16, K = 4096, graphs, 2026-11-30; bench_tile_overlap)
+-------------------------------------------------------------------------------------------
+Rarely, as built. Against matmul then norm on all SMs (the same matmul kernel): parity at
+M = 16, N = 4096 (17.2 vs 17.3 us), 0.89-0.95x at M <= 64, N = 14336, down to 0.35x at
+M = 1024; 1.23x at M = 256, N = 14336 only because the baseline's all-SM tile choice is a poor
+matmul there (cuBLAS plus torch's norm: 64 us; overlap: 107 us). The peer copy: 1.05x at
+M = 64, slower above. Why: an N = 4096 output is 128 tiles a wave on 132 SMs, so a producer
+below 128 programs pays a second round, and the 4 SMs left cannot keep up with the norm of
+256+ rows (about 33 GB/s per SM); up to M = 64 there is one row block, so the norm can only
+start after the last tile (the saving is the second launch's gap, a few us); and
+:func:`producer_config`'s cost model ignores how slow thin tiles are at large M.
+
+Under ``TRITON_INTERPRET=1`` (no GPU) the interpreter runs the programs of one launch one
+after the other and the consumer launch after the producer launch, so the consumer always finds
+every flag already published: the flag arithmetic, the ticket and the reset are exercised, the
+concurrency is not (that needs the GPU tier).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _runtime as rt
+from ..errors import LowlevelError, check_int
+from ..sm_control import device_sm_count
+from ..stream import Stream, use_stream
+from ._launch import INTERPRET, FastLauncher, check_device, to_torch
+
+__all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
+           "suggest_split", "tile_overlap"]
+
+DEFAULT_MAX_SPINS = 1 << 26
+"""Acquire polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["num_progs"])
+def _producer_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tiles_ptr, M, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PUBLISH: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """C = A @ B, tiles in row-block-major order, program p takes tiles p, p + P, ...
+    PUBLISH: 0 nothing, 1 a counter per row block, 2 a flag per tile (release, after the stores)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in range(pid, num_tiles, num_progs):
+        pid_m = tile // num_pid_n
+        pid_n = tile % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            k_left = K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        if PUBLISH == 1:
+            tl.debug_barrier()  # every thread's stores of the tile are issued before the release
+            tl.atomic_add(rows_ptr + pid_m, 1, sem="release", scope="gpu")
+        elif PUBLISH == 2:
+            tl.debug_barrier()
+            tl.atomic_xchg(tiles_ptr + tile, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_at_least(ptr, target, ctrl_ptr, max_spins):
+    """Spin (acquire, gpu scope) until ``*ptr >= target``; after ``max_spins`` polls set the
+    error word ``ctrl[2]`` and return (the caller then reads unfinished data: see check())."""
+    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    spins = tl.full((), 0, tl.int32)
+    while (seen < target) & (spins < max_spins):
+        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_or(ctrl_ptr + 2, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()  # the acquire by one thread orders the loads of all threads after it
+
+
+@triton.jit
+def _finish(ctrl_ptr, flags_ptr, n_flags, num_progs, RESET_BLOCK: tl.constexpr):
+    """The launch's last consumer program returns the flags and the ticket to 0, bumps the epoch."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ctrl_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_progs - 1:
+        for i in range(0, n_flags, RESET_BLOCK):
+            offs = i + tl.arange(0, RESET_BLOCK)
+            tl.store(flags_ptr + offs, tl.zeros((RESET_BLOCK,), dtype=tl.int32), mask=offs < n_flags)
+        tl.atomic_xchg(ctrl_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(ctrl_ptr + 1, 1, sem="release", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["num_progs", "eps", "max_spins"])
+def _rms_consumer_kernel(c_ptr, w_ptr, y_ptr, rows_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                         tiles_n, num_rb, num_progs, max_spins,
+                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                         SINGLE: tl.constexpr, RESET_BLOCK: tl.constexpr):
+    """y = c / sqrt(mean(c^2) + eps) * w per row; ROWS rows per item, each item waits for its
+    row block's counter to reach tiles_n (ROWS divides BLOCK_M)."""
+    pid = tl.program_id(0)
+    items = tl.cdiv(M, ROWS)
+    if SINGLE:  # a whole row fits in BLOCK_C: one load, one store per item
+        cols = tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        for it in range(pid, items, num_progs):
+            r0 = it * ROWS
+            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
+            rows = r0 + tl.arange(0, ROWS)
+            m = (rows[:, None] < M) & (cols[None, :] < N)
+            x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+            y = x * inv[:, None] * w[None, :]
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    else:  # long rows: sum of squares over column chunks, then a second pass that scales
+        for it in range(pid, items, num_progs):
+            r0 = it * ROWS
+            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
+            rows = r0 + tl.arange(0, ROWS)
+            rmask = rows < M
+            acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = rmask[:, None] & (cols[None, :] < N)
+                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                acc += x * x
+            inv = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
+            for c0 in range(0, N, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = rmask[:, None] & (cols[None, :] < N)
+                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+                y = x * inv[:, None] * w[None, :]
+                tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    _finish(ctrl_ptr, rows_ptr, num_rb, num_progs, RESET_BLOCK)
+
+
+@triton.jit(do_not_specialize=["num_progs", "max_spins"])
+def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn,
+                          num_progs, max_spins,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESET_BLOCK: tl.constexpr):
+    """d[tile] = c[tile] for each tile as soon as its flag is set (tiles in the producer's order)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
+    for tile in range(pid, num_tiles, num_progs):
+        _wait_at_least(tiles_ptr + tile, 1, ctrl_ptr, max_spins)
+        offs_m = (tile // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tile % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        x = tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=m,
+                    cache_modifier=".cg")
+        tl.store(d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, x, mask=m)
+    _finish(ctrl_ptr, tiles_ptr, num_tiles, num_progs, RESET_BLOCK)
+
+
+_produce = FastLauncher(_producer_kernel, ("num_progs",))
+_rms = FastLauncher(_rms_consumer_kernel, ("num_progs", "eps", "max_spins"))
+_copy = FastLauncher(_copy_consumer_kernel, ("num_progs", "max_spins"))
+
+_RESET = 16 if INTERPRET else 1024
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+_BN = (256, 128, 64, 32)
+
+
+def _block_m(M: int) -> int:
+    return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 256 else 128
+
+
+def _cost(M: int, N: int, bn: int, programs: int) -> tuple[int, int]:
+    """(rounds of tiles x tile width: the makespan in units of one column of weights, rounds)."""
+    tiles = triton.cdiv(M, _block_m(M)) * triton.cdiv(N, bn)
+    rounds = triton.cdiv(tiles, programs)
+    return rounds * bn, rounds
+
+
+def producer_config(M: int, N: int, itemsize: int, programs: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the producer for an (M, N) output
+    computed by ``programs`` programs. The row block follows M (small blocks at decode sizes,
+    so that the consumer can start early). The column block minimises the makespan
+    ``ceil(tiles / programs) * BLOCK_N`` (the rounds of tiles the busiest program runs, each
+    costing its width in weight columns), wider on ties: a budget just under a tile count
+    would otherwise pay a whole second round for a few tiles. The sequential alternative gets
+    the same rule with every SM."""
+    if INTERPRET:
+        return (16, 16, 16, 1, 1)
+    bm = _block_m(M)
+    bn = min(_BN, key=lambda c: (_cost(M, N, c, programs)[0], -c))
+    if itemsize == 2 and bm <= 64 and bn <= 64:
+        bk, stages = 128, 5  # thin tiles: deep K steps keep enough weight bytes in flight per SM
+    else:
+        bk, stages = (64 if itemsize == 2 else 32), (4 if bm <= 64 else 3)
+    while stages > 2 and stages * (bm * bk + bk * bn) * itemsize > 160 * 1024:
+        stages -= 1  # the pipeline's shared memory stays within 160 KiB (the epilogue needs room too)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return (bm, bn, bk, warps, stages)
+
+
+def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4) -> tuple[int, int]:
+    """A (producer_sms, consumer_sms) split for an (M, N) output on ``sms`` SMs (default: the
+    device's): the fewest producer programs that keep the all-SM makespan of
+    :func:`producer_config`'s cost model (so the matmul loses nothing to the split), the rest
+    to the consumer, at least ``min_consumer_sms``. A starting point for a sweep, not a
+    measurement."""
+    total = device_sm_count() if sms is None else check_int(sms, "sms", 2)
+    best_cost = min(_cost(M, N, c, total)[0] for c in _BN)
+    producers = total - min_consumer_sms
+    for c in _BN:
+        cost, rounds = _cost(M, N, c, total)
+        if cost == best_cost:
+            tiles = triton.cdiv(M, _block_m(M)) * triton.cdiv(N, c)
+            producers = min(producers, triton.cdiv(tiles, rounds))
+    producers = max(1, min(producers, total - min_consumer_sms))
+    return producers, total - producers
+
+
+def _rms_consumer_config(N: int, bm: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_C, ROWS, single pass, num_warps) of the RMSNorm consumer: whole rows in registers
+    up to 16384 columns (one load and one store per item: the consumer's items are latency
+    bound), column chunks of 2048 beyond."""
+    if INTERPRET:
+        single = N <= 64  # both paths run under the interpreter's small shapes
+        return (triton.next_power_of_2(N) if single else 16), (4 if single else 2), single, 1
+    block = triton.next_power_of_2(N)
+    if block <= 16384:
+        rows = max(1, min(4, 16384 // block, bm))
+        return block, rows, True, min(16, max(4, rows * block // 1024))
+    return 2048, min(4, bm), False, 8
+
+
+def _precision(dtype: torch.dtype, precision: str) -> str:
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+    return precision if dtype == torch.float32 else "ieee"
+
+
+def _check_mm(at: torch.Tensor, bt: torch.Tensor) -> tuple[int, int, int]:
+    if at.dim() != 2 or bt.dim() != 2:
+        raise ValueError(f"a and b must be 2-D, got shapes {tuple(at.shape)} and {tuple(bt.shape)}")
+    if at.dtype != bt.dtype:
+        raise TypeError(f"a and b must have the same dtype, got {at.dtype} and {bt.dtype}")
+    if at.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"a must be bfloat16, float16 or float32, got {at.dtype}")
+    M, K = at.shape
+    K2, N = bt.shape
+    if K != K2:
+        raise ValueError(f"inner dimensions differ: a is {tuple(at.shape)}, b is {tuple(bt.shape)}")
+    return M, N, K
+
+
+def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguous_rows: bool) -> torch.Tensor:
+    if x is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    t, _ = to_torch(x, name)
+    if tuple(t.shape) != shape or t.dtype != like.dtype:
+        raise ValueError(f"{name} must be {shape} {like.dtype}, got {tuple(t.shape)} {t.dtype}")
+    if contiguous_rows and shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"the rows of {name} must be contiguous ({name}.stride(1) == 1)")
+    return t
+
+
+# --- the Python API -----------------------------------------------------------------------------
+
+class TileOverlap:
+    """A producer budget of ``producer_sms`` programs and a consumer budget of ``consumer_sms``
+    programs on one device, two streams, and the flag state their launches share (see the
+    module docstring for the protocol).
+
+    ``producer_sms + consumer_sms`` must not exceed the device's SM count (``ValueError``
+    otherwise: with more, a spinning consumer could hold SMs its producer needs). ``device``:
+    a CUDA device index (default: the current device). ``max_spins``: polls of one flag before
+    a consumer gives up and marks the error word (:meth:`check`). Launches of one object must
+    be ordered (one caller stream, one graph replay at a time). Also a context manager
+    (``with tile_overlap(...) as ov:``), which only scopes the name: the object holds no
+    resources beyond two streams and a few KiB of flags.
+    """
+
+    def __init__(self, producer_sms: int, consumer_sms: int, *, device: int | None = None,
+                 max_spins: int = DEFAULT_MAX_SPINS) -> None:
+        self.producer_sms = check_int(producer_sms, "producer_sms", 1)
+        self.consumer_sms = check_int(consumer_sms, "consumer_sms", 1)
+        self.max_spins = check_int(max_spins, "max_spins", 1)
+        if device is not None:
+            device = check_int(device, "device", 0)
+        total = device_sm_count(device)
+        if self.producer_sms + self.consumer_sms > total:
+            raise ValueError(
+                f"producer_sms + consumer_sms must be at most the device's {total} SMs (a consumer spinning on "
+                f"SMs its producer needs could wait forever), got {self.producer_sms} + {self.consumer_sms} = "
+                f"{self.producer_sms + self.consumer_sms}")
+        self.total_sms = total
+        self.device = device
+        self._streams: tuple[Stream, Stream] | None = None
+        self._flags: torch.Tensor | None = None  # [0, cap): counters / tile flags
+        self._ctrl: torch.Tensor | None = None   # [ticket, completed launches, error, -]
+        self._retired: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "TileOverlap":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"TileOverlap(producer_sms={self.producer_sms}, consumer_sms={self.consumer_sms})"
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def streams(self) -> tuple[Stream, Stream] | None:
+        """(producer stream, consumer stream), created at the first GPU launch; None before
+        (and under Triton's interpreter, where both run on the caller's stream, in order)."""
+        return self._streams
+
+    def _state(self, n_flags: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        f, ctrl = self._flags, self._ctrl
+        if f is not None and f.numel() >= n_flags and f.device == dev and ctrl is not None:
+            return f, ctrl
+        if not INTERPRET and rt.is_capturing(rt.current_handle()):
+            have = 0 if f is None else f.numel()
+            raise LowlevelError(
+                f"TileOverlap needs {n_flags} flags and has {have}: make one launch of this shape (or larger) "
+                "before capturing a graph, so that the flag state exists outside the graph's memory")
+        if f is not None:
+            self._retired.append(f)  # launches in flight may still use it: keep it alive
+        self._flags = f = torch.zeros(max(n_flags, 2 * (0 if f is None else f.numel()), 256), dtype=torch.int32,
+                                      device=dev)
+        if ctrl is None or ctrl.device != dev:
+            self._ctrl = ctrl = torch.zeros(4, dtype=torch.int32, device=dev)
+        return f, ctrl
+
+    @property
+    def launches(self) -> int:
+        """Launches whose consumer has finished, counted on the device (synchronizes); 0 before
+        the first."""
+        return 0 if self._ctrl is None else int(self._ctrl[1].item())
+
+    def check(self) -> None:
+        """Raise :class:`~lowlevel.LowlevelError` if a consumer ever gave up waiting (after
+        ``max_spins`` polls); synchronizes. A result computed in such a launch is wrong."""
+        if self._ctrl is not None and int(self._ctrl[2].item()):
+            raise LowlevelError("a tile-overlap consumer gave up waiting for its producer (max_spins polls): "
+                                "the results of that launch are invalid")
+
+    def _fork_join(self, produce: Any, consume: Any, dev: torch.device) -> None:
+        if INTERPRET:
+            produce()
+            consume()
+            return
+        streams = self._streams
+        if streams is None:
+            with torch.cuda.device(dev):
+                streams = self._streams = (Stream(), Stream())
+        ps, cs = streams
+        cur = rt.current_handle()
+        tracer = rt.tracer
+        rt.order(cur, ps.ptr)
+        rt.order(cur, cs.ptr)
+        if tracer is not None and not rt.is_capturing(cur):
+            with use_stream(ps), tracer.span("tile_overlap producer", ps):
+                produce()
+            with use_stream(cs), tracer.span("tile_overlap consumer", cs):
+                consume()
+        else:
+            with use_stream(ps):
+                produce()  # first: where CUDA serialises the two, the producer runs first
+            with use_stream(cs):
+                consume()
+        rt.order(ps.ptr, cur)
+        rt.order(cs.ptr, cur)
+
+    def _produce_args(self, at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, flags: torch.Tensor,
+                      M: int, N: int, K: int, cfg: tuple[int, ...], publish: int, precision: str) -> Any:
+        bm, bn, bk, warps, stages = cfg
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        grid = min(self.producer_sms, tiles)
+        args = (at, bt, ct, flags, flags, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
+                ct.stride(0), ct.stride(1), grid)
+        cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PUBLISH": publish, "INPUT_PRECISION": precision}
+        return lambda: _produce(grid, args, cex, warps, stages)
+
+    # -- operations ----------------------------------------------------------------------------
+    def matmul_rms_norm(self, a: Any, b: Any, weight: Any, eps: float = 1e-6, *, out: Any = None, y: Any = None,
+                        precision: str = "tf32") -> tuple[Any, Any]:
+        """``out = a @ b`` and ``y = out / sqrt(mean(out**2, row) + eps) * weight``, the norm of
+        each block of rows starting as soon as the producer has published all its tiles.
+
+        ``a`` (M, K), ``b`` (K, N), ``weight`` (N,): torch tensors (CUDA; CPU under the
+        interpreter) of one dtype, bf16, fp16 or fp32 (``precision`` "tf32"/"ieee" for fp32).
+        ``out`` and ``y`` (M, N) of that dtype with contiguous rows are written (new if None).
+        The norm reads ``out`` as stored (rounded to the dtype), as running ``matmul`` then
+        ``rms_norm`` would. Returns ``(out, y)``; ordered on the caller's current stream like a
+        kernel launch. ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before
+        anything is launched."""
+        at, _ = to_torch(a, "a")
+        bt, _ = to_torch(b, "b")
+        wt, _ = to_torch(weight, "weight")
+        M, N, K = _check_mm(at, bt)
+        if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
+            raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        prec = _precision(at.dtype, precision)
+        ct = _out(out, "out", (M, N), at, True)
+        yt = _out(y, "y", (M, N), at, True)
+        check_device("matmul_rms_norm", at, bt, wt, ct, yt)
+        if M == 0 or N == 0:
+            return ct, yt
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
+        bm, bn = cfg[0], cfg[1]
+        rb, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
+        with self._lock:
+            flags, ctrl = self._state(rb, at.device)
+            block_c, rows_per, single, cwarps = _rms_consumer_config(N, bm)
+            items = triton.cdiv(M, rows_per)
+            cgrid = min(self.consumer_sms, items)
+            cargs = (ct, wt, yt, flags, ctrl, M, N, ct.stride(0), yt.stride(0), float(eps), tiles_n, rb, cgrid,
+                     self.max_spins)
+            ccex = {"BLOCK_M": bm, "ROWS": rows_per, "BLOCK_C": block_c, "SINGLE": single, "RESET_BLOCK": _RESET}
+            produce = self._produce_args(at, bt, ct, flags, M, N, K, cfg, 1, prec)
+            self._fork_join(produce, lambda: _rms(cgrid, cargs, ccex, cwarps, 1), at.device)
+        return ct, yt
+
+    def matmul_copy(self, a: Any, b: Any, *, dst: Any, out: Any = None, precision: str = "tf32") -> tuple[Any, Any]:
+        """``out = a @ b`` and ``dst[:] = out``, each tile copied as soon as it is published.
+
+        ``a`` (M, K), ``b`` (K, N) as in :meth:`matmul_rms_norm`; ``dst`` and ``out`` (M, N) of
+        their dtype, any strides (``out`` new if None). ``dst`` may live on another GPU that
+        this one has peer access to (``torch.cuda`` / CuPy ``deviceEnablePeerAccess``): the
+        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``."""
+        at, _ = to_torch(a, "a")
+        bt, _ = to_torch(b, "b")
+        M, N, K = _check_mm(at, bt)
+        prec = _precision(at.dtype, precision)
+        ct = _out(out, "out", (M, N), at, False)
+        dt, _ = to_torch(dst, "dst")
+        if tuple(dt.shape) != (M, N) or dt.dtype != at.dtype:
+            raise ValueError(f"dst must be {(M, N)} {at.dtype}, got {tuple(dt.shape)} {dt.dtype}")
+        check_device("matmul_copy", at, bt, ct)
+        if not INTERPRET and not dt.is_cuda:
+            raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
+        if M == 0 or N == 0:
+            return ct, dt
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
+        bm, bn = cfg[0], cfg[1]
+        n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        with self._lock:
+            flags, ctrl = self._state(n_tiles, at.device)
+            cgrid = min(self.consumer_sms, n_tiles)
+            cargs = (ct, dt, flags, ctrl, M, N, ct.stride(0), ct.stride(1), dt.stride(0), dt.stride(1), cgrid,
+                     self.max_spins)
+            ccex = {"BLOCK_M": bm, "BLOCK_N": bn, "RESET_BLOCK": _RESET}
+            produce = self._produce_args(at, bt, ct, flags, M, N, K, cfg, 2, prec)
+            self._fork_join(produce, lambda: _copy(cgrid, cargs, ccex, 1 if INTERPRET else 4, 1), at.device)
+        return ct, dt
+
+
+def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = None,
+                    precision: str = "tf32") -> Any:
+    """``a @ b`` into ``out`` with the producer's kernel and tile shapes but publishing nothing,
+    on at most ``programs`` programs (default: every SM) on the current stream: the matmul half
+    of the sequential alternative that tile overlap is measured against. Returns ``out``."""
+    at, _ = to_torch(a, "a")
+    bt, _ = to_torch(b, "b")
+    M, N, K = _check_mm(at, bt)
+    prec = _precision(at.dtype, precision)
+    ct = _out(out, "out", (M, N), at, False)
+    check_device("producer_matmul", at, bt, ct)
+    total = device_sm_count(at.device.index if at.device.type == "cuda" else None)
+    programs = total if programs is None else check_int(programs, "programs", 1)
+    if M == 0 or N == 0:
+        return ct
+    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), programs)
+    grid = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    args = (at, bt, ct, ct, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
+            ct.stride(0), ct.stride(1), grid)
+    _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PUBLISH": 0, "INPUT_PRECISION": prec},
+             warps, stages)
+    return ct
+
+
+def tile_overlap(producer_sms: int, consumer_sms: int, *, device: int | None = None,
+                 max_spins: int = DEFAULT_MAX_SPINS) -> TileOverlap:
+    """A :class:`TileOverlap` (usable as ``with tile_overlap(producer_sms=P, consumer_sms=C) as ov:``)."""
+    return TileOverlap(producer_sms, consumer_sms, device=device, max_spins=max_spins)
+
+
+_cached: dict[tuple[Any, int, int], TileOverlap] = {}
+
+
+def matmul_then_rms_norm(a: Any, b: Any, weight: Any, eps: float = 1e-6, *, out: Any = None, y: Any = None,
+                         producer_sms: int, consumer_sms: int, precision: str = "tf32") -> tuple[Any, Any]:
+    """:meth:`TileOverlap.matmul_rms_norm` with a :class:`TileOverlap` cached per (device,
+    producer_sms, consumer_sms): calls with the same budgets share its flags, so they must be
+    ordered (one caller stream); concurrent callers make their own :func:`tile_overlap`."""
+    at, _ = to_torch(a, "a")
+    key = (at.device, producer_sms, consumer_sms)
+    ov = _cached.get(key)
+    if ov is None:
+        ov = TileOverlap(producer_sms, consumer_sms,
+                         device=at.device.index if at.device.type == "cuda" else None)
+        _cached[key] = ov
+    return ov.matmul_rms_norm(a, b, weight, eps, out=out, y=y, precision=precision)

@@ -1,0 +1,171 @@
+"""Tile overlap on small shapes: the flag protocol under TRITON_INTERPRET=1 on the CPU (compiled
+on a GPU, where the GPU tier in test_tile_overlap_gpu.py adds concurrency and graphs).
+
+Said plainly: Triton's interpreter runs the programs of a launch one after another, and the
+consumer launch after the producer launch, so here every consumer finds its flags already
+published. What these tests check is the arithmetic of the protocol (counters reach their
+targets, tile flags, the last-ticket reset and the launch count, the give-up guard) and the
+results; that consumers really wait for producers running beside them is the GPU tier's job.
+"""
+import numpy as np
+import pytest
+import torch
+
+import lowlevel
+from lowlevel.sm_control import device_sm_count
+
+TO = pytest.importorskip("lowlevel.kernels.tile_overlap")
+DEV = "cuda" if lowlevel.cuda_available() else "cpu"
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.from_numpy(np.random.default_rng().standard_normal(shape)).to(dtype).to(DEV)
+
+
+def _rel(got, ref):
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return float((got - ref).norm() / ref.norm())
+
+
+def _rms_ref(o, w, eps=1e-6):
+    o = o.double()
+    return o / torch.sqrt((o * o).mean(dim=1, keepdim=True) + eps) * w.double()
+
+
+def _flags_clear(ov):
+    assert int(ov._flags.abs().sum()) == 0, "a launch left flags behind"
+    assert int(ov._ctrl[0]) == 0, "a launch left its ticket count behind"
+    assert int(ov._ctrl[2]) == 0, "a consumer gave up waiting"
+
+
+CAPS = [(1, 1), (3, 2), (5, 3), (1, 7)]
+SHAPES = [(37, 45, 29), (16, 16, 16), (1, 50, 7), (33, 1, 40), (70, 33, 18), (21, 100, 9)]
+# ragged last tiles included; N > 64 takes the consumer's two-pass path under the interpreter
+
+
+@pytest.mark.parametrize("caps", CAPS, ids=str)
+@pytest.mark.parametrize("mnk", SHAPES, ids=str)
+def test_matmul_rms_norm_against_float64(caps, mnk):
+    M, N, K = mnk
+    a, b, w = _rand(M, K), _rand(K, N), _rand(N)
+    out = torch.full((M, N), float("nan"), device=DEV)
+    y = torch.full((M, N), float("nan"), device=DEV)
+    with TO.tile_overlap(producer_sms=caps[0], consumer_sms=caps[1]) as ov:
+        got_out, got_y = ov.matmul_rms_norm(a, b, w, 1e-5, out=out, y=y, precision="ieee")
+    assert got_out is out and got_y is y
+    assert not torch.isnan(out).any() and not torch.isnan(y).any()
+    assert _rel(out, a.double() @ b.double()) < 1e-5
+    assert _rel(y, _rms_ref(out, w, 1e-5)) < 1e-5
+    assert _rel(y[-1:], _rms_ref(out[-1:], w, 1e-5)) < 1e-5  # the last (ragged) row block
+    assert ov.launches == 1
+    _flags_clear(ov)
+
+
+@pytest.mark.parametrize("caps", CAPS, ids=str)
+@pytest.mark.parametrize("mnk", SHAPES, ids=str)
+def test_matmul_copy_against_float64(caps, mnk):
+    M, N, K = mnk
+    a, b = _rand(M, K), _rand(K, N)
+    dst = torch.full((N, M), float("nan"), device=DEV).t()  # any strides
+    ov = TO.tile_overlap(producer_sms=caps[0], consumer_sms=caps[1])
+    out, d = ov.matmul_copy(a, b, dst=dst, precision="ieee")
+    assert d is dst
+    assert torch.equal(dst, out)
+    assert _rel(out, a.double() @ b.double()) < 1e-5
+    _flags_clear(ov)
+
+
+def test_many_launches_in_a_row_fresh_data_and_changing_shapes():
+    """Each launch starts from zeroed flags (the last consumer resets them), whatever the
+    previous launch's shape: stale flags would let a consumer read a poisoned output."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=3)
+    shapes = [(40, 50, 20), (40, 50, 20), (17, 80, 9), (64, 16, 33), (40, 50, 20), (5, 5, 5)] * 2
+    for i, (M, N, K) in enumerate(shapes):
+        a, b, w = _rand(M, K), _rand(K, N), _rand(N)
+        out = torch.full((M, N), float("nan"), device=DEV)
+        if i % 2:
+            dst = torch.full((M, N), float("nan"), device=DEV)
+            ov.matmul_copy(a, b, dst=dst, out=out, precision="ieee")
+            assert torch.equal(dst, out)
+        else:
+            _, y = ov.matmul_rms_norm(a, b, w, out=out, precision="ieee")
+            assert _rel(y, _rms_ref(out, w)) < 1e-5
+        assert _rel(out, a.double() @ b.double()) < 1e-5
+        assert ov.launches == i + 1
+        _flags_clear(ov)
+
+
+def test_half_precision_and_function_form():
+    a, b, w = _rand(24, 40, dtype=torch.float16), _rand(40, 36, dtype=torch.float16), _rand(36, dtype=torch.float16)
+    out, y = TO.matmul_then_rms_norm(a, b, w, producer_sms=2, consumer_sms=2)
+    assert out.dtype == y.dtype == torch.float16
+    assert _rel(out, a.double() @ b.double()) < 5e-3
+    assert _rel(y, _rms_ref(out, w)) < 5e-3
+    c = TO.producer_matmul(a, b, programs=3)
+    assert _rel(c, a.double() @ b.double()) < 5e-3
+
+
+def test_refuses_more_sms_than_the_device_has():
+    total = device_sm_count()
+    with pytest.raises(ValueError, match=r"producer_sms \+ consumer_sms must be at most"):
+        TO.tile_overlap(producer_sms=total, consumer_sms=1)
+    with pytest.raises(ValueError, match="producer_sms"):
+        TO.tile_overlap(producer_sms=0, consumer_sms=1)
+    with pytest.raises(ValueError, match="consumer_sms"):
+        TO.tile_overlap(producer_sms=1, consumer_sms=1.5)
+    with pytest.raises(ValueError, match=r"producer_sms \+ consumer_sms"):
+        TO.matmul_then_rms_norm(_rand(2, 2), _rand(2, 2), _rand(2), producer_sms=total - 1, consumer_sms=2)
+    TO.tile_overlap(producer_sms=total - 1, consumer_sms=1)  # exactly the SM count is fine
+
+
+def test_bad_arguments_raise_before_anything_runs():
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=2)
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        ov.matmul_rms_norm(a, _rand(5, 10), w)
+    with pytest.raises(ValueError, match="weight must be"):
+        ov.matmul_rms_norm(a, b, _rand(9))
+    with pytest.raises(TypeError, match="same dtype"):
+        ov.matmul_rms_norm(a, b.half(), w)
+    with pytest.raises(ValueError, match="eps"):
+        ov.matmul_rms_norm(a, b, w, 0.0)
+    with pytest.raises(ValueError, match="out must be"):
+        ov.matmul_rms_norm(a, b, w, out=_rand(8, 9))
+    with pytest.raises(ValueError, match="rows of y must be contiguous"):
+        ov.matmul_rms_norm(a, b, w, y=_rand(10, 8).t())
+    with pytest.raises(ValueError, match="precision"):
+        ov.matmul_rms_norm(a, b, w, precision="fp8")
+    with pytest.raises(ValueError, match="dst must be"):
+        ov.matmul_copy(a, b, dst=_rand(8, 11))
+    with pytest.raises(TypeError, match="torch.Tensor or cupy"):
+        ov.matmul_copy(np.ones((8, 6)), b, dst=_rand(8, 10))
+    assert ov._flags is None and ov.launches == 0  # nothing was allocated or launched
+
+
+def test_consumer_without_producer_gives_up_and_reports():
+    """The guard against a hang: a consumer whose producer never publishes stops after
+    max_spins polls, marks the error word, and still leaves the state clean."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=3, max_spins=5)
+    M, N = 20, 24
+    flags, ctrl = ov._state(8, torch.device(DEV))
+    c, w, y = _rand(M, N), _rand(N), torch.empty(M, N, device=DEV)
+    grid = 3
+    TO._rms(grid, (c, w, y, flags, ctrl, M, N, N, N, 1e-6, 2, 2, grid, 5),
+            {"BLOCK_M": 16, "ROWS": 4, "BLOCK_C": 16, "SINGLE": False, "RESET_BLOCK": TO._RESET}, 1, 1)
+    with pytest.raises(lowlevel.LowlevelError, match="gave up"):
+        ov.check()
+    assert int(ctrl[0]) == 0 and ov.launches == 1
+
+
+def test_suggest_split_and_config_rule():
+    # 4096 columns in 32-wide tiles are 128 tiles: one round on 132 SMs, so 128 producers
+    assert TO.suggest_split(16, 4096, 132) == (128, 4)
+    # 14336 columns in 128-wide tiles are 112 tiles: 20 SMs the matmul cannot use anyway
+    assert TO.suggest_split(16, 14336, 132) == (112, 20)
+    for M, N in [(16, 4096), (64, 14336), (256, 4096), (1024, 14336), (1, 7)]:
+        p, c = TO.suggest_split(M, N, 132)
+        assert p + c == 132 and c >= 4 and p >= 1
+        # the producer budget loses nothing against all SMs in the cost model
+        assert min(TO._cost(M, N, bn, p)[0] for bn in TO._BN) == min(TO._cost(M, N, bn, 132)[0] for bn in TO._BN)
+    with pytest.raises(ValueError, match="sms"):
+        TO.suggest_split(16, 16, 1)
