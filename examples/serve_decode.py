@@ -124,14 +124,23 @@ def patch_model(model: Any, aux_stream: Any) -> dict[str, int]:
             def shared() -> torch.Tensor:
                 return F.sigmoid(_b.shared_expert_gate(x)) * _b.shared_expert(x)
 
-            out, sh = lowlevel.maybe_execute_in_parallel(routed, shared, _b._ll_events[0], _b._ll_events[1],
-                                                         aux_stream)
+            tl = lowlevel.active_timeline()  # a Timeline is watching (never inside a capture): name the branches
+            fn0, fn1 = (routed, shared) if tl is None else (_spanned(tl, "routed experts", routed),
+                                                            _spanned(tl, "shared expert", shared))
+            out, sh = lowlevel.maybe_execute_in_parallel(fn0, fn1, _b._ll_events[0], _b._ll_events[1], aux_stream)
             return (out + sh).reshape(b, s, h)
 
         block._ll_events = (lowlevel.Event(), lowlevel.Event()) if aux_stream is not None else (None, None)
         block.forward = forward
         forked += 1
     return {"final_norm": 1, "moe_blocks_forked": forked}
+
+
+def _spanned(tl: Any, name: str, fn: Any) -> Any:
+    def run() -> Any:
+        with tl.span(name):
+            return fn()
+    return run
 
 
 def add_layer_yields(model: Any) -> None:
@@ -197,18 +206,24 @@ def run_rank(rank: int, args: argparse.Namespace, init_file: str | None = None) 
     gpu = args.device == "cuda"
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernel on the CPU
+    dp = args.dp
+    one_gpu_each = gpu and dp > 1 and args.gpus >= dp
+    if one_gpu_each:
+        # Before CUDA starts in this process: it sees only its own GPU, as device 0, so every
+        # thread (microbatch threads included, which start on device 0) works on the right one.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(args.gpus)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[rank]
     if gpu:
         import cupy
 
-        dev = rank % torch.cuda.device_count()
-        torch.cuda.set_device(dev)
-        cupy.cuda.Device(dev).use()
-    dp = args.dp
+        torch.cuda.set_device(0)
+        cupy.cuda.Device(0).use()
     group_backend = None
     if dp > 1:
         import torch.distributed as dist
 
-        group_backend = "nccl" if gpu and torch.cuda.device_count() >= dp else "gloo"
+        group_backend = "nccl" if one_gpu_each else "gloo"
         dist.init_process_group(group_backend, init_method=f"file://{init_file}", rank=rank, world_size=dp)
     try:
         with torch.inference_mode():
@@ -220,62 +235,131 @@ def run_rank(rank: int, args: argparse.Namespace, init_file: str | None = None) 
             dist.destroy_process_group()
 
 
-def _loop(rank: int, args: argparse.Namespace, gpu: bool, group_backend: str | None) -> dict[str, Any]:
-    import torch
+class DecodeServer:
+    """One rank's serving state: the patched model, persistent input buffers, the dispatcher, the
+    graph runner, the DP config and the microbatch runner. :meth:`step` serves one batch.
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    device = "cuda" if gpu else "cpu"
-    model = build_model(args.model, tiny=args.tiny, device=device, dtype=dtype, seed=args.seed, experts=args.experts)
-    aux = lowlevel.Stream() if gpu else None
-    patched = patch_model(model, aux)
-    max_batch = args.max_batch
-    trace = make_trace(args.steps, max_batch, args.prefill_frac, args.seed, rank)
-    rows = 3 * max_batch + 8
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + rank)
-    ids_buf = torch.randint(0, model.config.vocab_size, (rows, 1), generator=gen).to(device)  # persistent
-    pos_buf = torch.randint(0, 512, (rows, 1), generator=gen).to(device)
+    ``ids_buf`` / ``pos_buf`` (``[rows, 1]`` int64) hold each request slot's last token and
+    position; a step over ``n`` requests reads slots ``[0, n)`` (padded up to the graph's size),
+    and writes the greedy tokens back into them."""
 
-    mask_buf = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=device)
-    forward_logits = make_forward(model, mask_buf)
+    def __init__(self, model: Any, *, max_batch: int, gpu: bool, rank: int = 0, dp_cfg: Any = None,
+                 seed: int = 0) -> None:
+        import torch
 
-    d = CudagraphDispatcher(max_capture_size=max_batch)
-    d.initialize_cudagraph_keys(CUDAGraphMode.FULL)
-    views = {s: (ids_buf[:s], pos_buf[:s]) for s in range(1, rows + 1)}  # made once: same buffers every step
-    runner = CUDAGraphRunner(forward_logits, CUDAGraphMode.FULL) if gpu else None
-    capture_s = capture_mib = 0.0
-    n_graphs = 0
-    if runner is not None:
-        forward_logits(*views[max_batch])  # compile and allocate outside the captures
+        self.model, self.gpu, self.rank, self.cfg = model, gpu, rank, dp_cfg
+        self.max_batch = max_batch
+        device = "cuda" if gpu else "cpu"
+        self.rows = rows = 3 * max_batch + 8
+        gen = torch.Generator(device="cpu").manual_seed(seed + rank)
+        self.ids_buf = torch.randint(0, model.config.vocab_size, (rows, 1), generator=gen).to(device)
+        self.pos_buf = torch.randint(0, 512, (rows, 1), generator=gen).to(device)
+        self.mask_buf = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=device)
+        self.forward_logits = make_forward(model, self.mask_buf)
+        self.dispatcher = CudagraphDispatcher(max_capture_size=max_batch)
+        self.dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL)
+        self.views = {s: (self.ids_buf[:s], self.pos_buf[:s]) for s in range(1, rows + 1)}  # same buffers every step
+        self.runner = CUDAGraphRunner(self.forward_logits, CUDAGraphMode.FULL) if gpu else None
+        self.ub_runner = None
+        if dp_cfg is not None and dp_cfg.enable_microbatching:
+            add_layer_yields(model)
+            fwd = self.forward_logits
+
+            def ub_fn(i: int, ids: Any, pos: Any) -> Any:
+                with torch.inference_mode():  # thread-local: each microbatch thread enters it
+                    return fwd(ids, pos)
+
+            self.ub_runner = lowlevel.UBatchRunner(ub_fn, mode="threads", timeout_s=60.0)
+        self.capture_s = self.capture_mib = 0.0
+        self.graphs = 0
+        self.last: dict[str, Any] = {}
+
+    def capture(self) -> None:
+        """Capture a graph for every capture size (largest first, one shared pool)."""
+        import torch
+
+        if self.runner is None:
+            return
+        self.forward_logits(*self.views[self.max_batch])  # compile and allocate outside the captures
         torch.cuda.synchronize()
         free0 = torch.cuda.mem_get_info()[0]
         t0 = time.perf_counter()
-        n_graphs = runner.capture_all(d, lambda desc: views[desc.num_tokens], progress=False)
+        self.graphs = self.runner.capture_all(self.dispatcher, lambda desc: self.views[desc.num_tokens],
+                                              progress=False)
         torch.cuda.synchronize()
-        capture_s = time.perf_counter() - t0
-        capture_mib = (free0 - torch.cuda.mem_get_info()[0]) / 2**20
+        self.capture_s = time.perf_counter() - t0
+        self.capture_mib = (free0 - torch.cuda.mem_get_info()[0]) / 2**20
 
-    cfg = None
-    ub_runner = None
-    if args.dp > 1:
-        cfg = lowlevel.DPConfig(args.dp, rank, enable_microbatching=gpu, prefill_token_threshold=max_batch + 1,
-                                use_device_collective=group_backend == "nccl", timeout_s=60.0)
-        if gpu:
-            add_layer_yields(model)
-            def ub_fn(i: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode():  # thread-local: each microbatch thread enters it
-                    return forward_logits(ids, pos)
-
-            ub_runner = lowlevel.UBatchRunner(ub_fn, mode="threads", timeout_s=60.0)
-
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+    def sample(self, logits: Any) -> Any:
         """Greedy tokens ``[n]`` int64: argmax in CuPy on a zero-copy view, back as a torch view."""
-        if not gpu:
+        if not self.gpu:
             return logits.argmax(dim=-1)
         import cupy
 
         return lowlevel.as_torch(cupy.argmax(lowlevel.as_cupy(logits), axis=1))
 
-    check = args.check
+    def plan(self, n: int) -> tuple[CUDAGraphMode, Any, int, bool]:
+        """``(mode, descriptor, padded rows, microbatch)`` for a batch of ``n`` on this rank."""
+        mode, desc = self.dispatcher.dispatch(n)  # this rank's own padding and mode
+        pad = desc.num_tokens
+        should_ubatch = False
+        if self.cfg is not None:  # the DP vote
+            should_ubatch, counts, synced = dp_vote(self.cfg, n, pad, mode)
+            pad = int(counts[self.rank])
+            if synced != CUDAGraphMode.FULL.value or pad > self.max_batch:
+                mode = CUDAGraphMode.NONE
+            elif pad != desc.num_tokens:
+                mode, desc = self.dispatcher.dispatch(pad)  # the padded count is a capture size
+        return mode, desc, pad, should_ubatch
+
+    def step(self, n: int, *, write_back: bool = True) -> Any:
+        """Serve one batch of ``n`` requests; returns their greedy tokens ``[n]`` (a torch tensor).
+        :attr:`last` says how: ``mode``, ``pad``, ``ubatched``."""
+        mode, desc, pad, should_ubatch = self.plan(n)
+        ids, pos = self.views[pad]
+        if pad > n:
+            self.ids_buf[n:pad].zero_()  # padding rows: defined contents
+        if mode is CUDAGraphMode.FULL and self.runner is not None:
+            logits = self.runner(mode, desc, ids, pos, num_tokens=n)  # replay into static buffers
+        elif should_ubatch and self.ub_runner is not None:
+            _, padded_slices = lowlevel.maybe_create_ubatch_slices(True, [1] * n, pad, pad, num_ubatches=2)
+            logits = self.ub_runner([ids, pos], padded_slices)
+        else:
+            logits = self.forward_logits(ids, pos)
+        tokens = self.sample(logits[:n])
+        self.last = {"mode": mode, "pad": pad, "ubatched": should_ubatch and self.ub_runner is not None}
+        if write_back:
+            self.advance(n, tokens)
+        return tokens
+
+    def advance(self, n: int, tokens: Any) -> None:
+        """Write the step's tokens into the request slots: the next step decodes from them."""
+        self.ids_buf[:n, 0].copy_(tokens)
+        self.pos_buf[:n].add_(1)
+
+    def eager_tokens(self, n: int, pad: int) -> Any:
+        """Eager greedy tokens of the same padded batch (the check's reference)."""
+        return self.forward_logits(*self.views[pad])[:n].argmax(dim=-1)
+
+    def close(self) -> None:
+        if self.ub_runner is not None:
+            self.ub_runner.close()
+
+
+def _loop(rank: int, args: argparse.Namespace, gpu: bool, group_backend: str | None) -> dict[str, Any]:
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model = build_model(args.model, tiny=args.tiny, device="cuda" if gpu else "cpu", dtype=dtype, seed=args.seed,
+                        experts=args.experts)
+    patched = patch_model(model, lowlevel.Stream() if gpu else None)
+    cfg = None
+    if args.dp > 1:
+        cfg = lowlevel.DPConfig(args.dp, rank, enable_microbatching=gpu, prefill_token_threshold=args.max_batch + 1,
+                                use_device_collective=group_backend == "nccl", timeout_s=60.0)
+    srv = DecodeServer(model, max_batch=args.max_batch, gpu=gpu, rank=rank, dp_cfg=cfg, seed=args.seed)
+    srv.capture()
+    trace = make_trace(args.steps, args.max_batch, args.prefill_frac, args.seed, rank)
     stats = {"steps": 0, "tokens": 0, "replayed": 0, "eager": 0, "ubatched": 0, "padded_tokens": 0,
              "checked_steps": 0, "checked_tokens": 0, "mismatched_tokens": 0, "ubatch_checked_tokens": 0,
              "ubatch_mismatched_tokens": 0}
@@ -286,56 +370,34 @@ def _loop(rank: int, args: argparse.Namespace, gpu: bool, group_backend: str | N
     t_start = time.perf_counter()
     for n in bar:
         t0 = time.perf_counter()
-        mode, desc = d.dispatch(n)  # (a) this rank's padding and mode
-        pad = desc.num_tokens
-        should_ubatch = False
-        if cfg is not None:  # (b) the DP vote
-            should_ubatch, counts, synced = dp_vote(cfg, n, pad, mode)
-            pad = int(counts[rank])
-            if synced != CUDAGraphMode.FULL.value or pad > max_batch:
-                mode = CUDAGraphMode.NONE
-            elif pad != desc.num_tokens:
-                mode, desc = d.dispatch(pad)  # the padded count is a capture size: its own graph
-        ids, pos = views[pad]
-        if pad > n:
-            ids_buf[n:pad].zero_()  # padding rows: defined contents
-        if mode is CUDAGraphMode.FULL and runner is not None:  # (c) replay
-            logits = runner(mode, desc, ids, pos, num_tokens=n)
-            stats["replayed"] += 1
-        elif should_ubatch and ub_runner is not None:  # (e) microbatched prefill
-            _, padded_slices = lowlevel.maybe_create_ubatch_slices(True, [1] * n, pad, pad, num_ubatches=2)
-            logits = ub_runner([ids, pos], padded_slices)
-            stats["ubatched"] += 1
-        else:
-            logits = forward_logits(ids, pos)
-            stats["eager"] += 1
-        tokens = sample(logits[:n])  # (d) greedy sampling in CuPy
+        tokens = srv.step(n, write_back=False)
         host_us.append((time.perf_counter() - t0) * 1e6)
-        if check and (mode is CUDAGraphMode.FULL or should_ubatch):
-            ref = forward_logits(ids, pos)[:n].argmax(dim=-1)  # eager, same padded batch
-            bad = int((ref != tokens).sum())
-            if should_ubatch:  # other GEMM shapes: equal up to rounding, so counted apart
+        mode, pad, ubatched = srv.last["mode"], srv.last["pad"], srv.last["ubatched"]
+        if args.check and (mode is CUDAGraphMode.FULL or ubatched):
+            bad = int((srv.eager_tokens(n, pad) != tokens).sum())
+            if ubatched:  # other GEMM shapes: equal up to rounding, so counted apart
                 stats["ubatch_checked_tokens"] += n
                 stats["ubatch_mismatched_tokens"] += bad
             else:
                 stats["checked_steps"] += 1
                 stats["checked_tokens"] += n
                 stats["mismatched_tokens"] += bad
-        ids_buf[:n, 0].copy_(tokens)  # the next step decodes from these
-        pos_buf[:n].add_(1)
+        srv.advance(n, tokens)
+        key = "replayed" if mode is CUDAGraphMode.FULL and srv.runner is not None else (
+            "ubatched" if ubatched else "eager")
+        stats[key] += 1
         stats["steps"] += 1
         stats["tokens"] += n
         stats["padded_tokens"] += pad - n
     if gpu:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t_start
-    if ub_runner is not None:
-        ub_runner.close()
+    srv.close()
     return dict(stats, rank=rank, model=args.model, tiny=args.tiny, dp=args.dp, backend=group_backend or "-",
                 device=torch.cuda.get_device_name() if gpu else "cpu", wall_s=wall,
                 tokens_per_s=stats["tokens"] / wall if wall else 0.0,
                 host_us_median=statistics.median(host_us) if host_us else 0.0,
-                capture_s=capture_s, capture_mib=capture_mib, graphs=n_graphs,
+                capture_s=srv.capture_s, capture_mib=srv.capture_mib, graphs=srv.graphs,
                 replayed_share=stats["replayed"] / max(1, stats["steps"]), patched=patched,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
 
@@ -394,6 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_batch = 64 if args.tiny else 256
     if args.device is None:
         args.device = "cuda" if lowlevel.cuda_available() else "cpu"
+    args.gpus = lowlevel.device_count() if args.device == "cuda" else 0
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.experts is None:
@@ -430,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for r in results:
         if args.check:
-            print(f"rank {r['rank']}: check: {r['checked_steps']} replayed steps, {r['checked_tokens']} tokens, "
+            print(f"rank {r['rank']}: check: {r['checked_steps']} graph-mode steps, {r['checked_tokens']} tokens, "
                   f"{r['mismatched_tokens']} differ from eager's greedy tokens on the same padded batch")
             if r["ubatch_checked_tokens"]:
                 print(f"rank {r['rank']}: microbatched steps: {r['ubatch_mismatched_tokens']} of "
