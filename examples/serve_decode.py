@@ -244,10 +244,13 @@ class DecodeServer:
     and writes the greedy tokens back into them."""
 
     def __init__(self, model: Any, *, max_batch: int, gpu: bool, rank: int = 0, dp_cfg: Any = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sampler: str = "cupy") -> None:
         import torch
 
+        if sampler not in ("cupy", "torch"):
+            raise ValueError(f"sampler must be 'cupy' or 'torch', got {sampler!r}")
         self.model, self.gpu, self.rank, self.cfg = model, gpu, rank, dp_cfg
+        self.sampler = sampler if gpu else "torch"
         self.max_batch = max_batch
         device = "cuda" if gpu else "cpu"
         self.rows = rows = 3 * max_batch + 8
@@ -282,17 +285,20 @@ class DecodeServer:
             return
         self.forward_logits(*self.views[self.max_batch])  # compile and allocate outside the captures
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # device memory held afterwards = what the graphs keep
         free0 = torch.cuda.mem_get_info()[0]
         t0 = time.perf_counter()
         self.graphs = self.runner.capture_all(self.dispatcher, lambda desc: self.views[desc.num_tokens],
                                               progress=False)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
+        torch.cuda.empty_cache()  # warm-up temporaries outside the graphs' pool
         self.capture_mib = (free0 - torch.cuda.mem_get_info()[0]) / 2**20
 
     def sample(self, logits: Any) -> Any:
-        """Greedy tokens ``[n]`` int64: argmax in CuPy on a zero-copy view, back as a torch view."""
-        if not self.gpu:
+        """Greedy tokens ``[n]`` int64: argmax in CuPy on a zero-copy view, back as a torch view
+        (``sampler="torch"``: torch's argmax, for comparison)."""
+        if self.sampler == "torch":
             return logits.argmax(dim=-1)
         import cupy
 
