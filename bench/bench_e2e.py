@@ -1,0 +1,240 @@
+"""The whole toolkit in one serving step (examples/serve_decode.py) on transformers models, 1 GPU.
+
+Three ways to serve the same decode trace (random batch sizes 1..256) with the same model and
+weights: (a) eager torch, unpadded; (b) raw ``torch.cuda.graph`` per capture size in one shared
+pool with a hand-written padding table and torch argmax (what a user writes without lowlevel);
+(c) lowlevel: ``CudagraphDispatcher`` + ``CUDAGraphRunner`` from persistent buffers, the final
+RMSNorm as a Triton kernel, the MoE shared expert on an aux stream, greedy sampling in CuPy.
+(b) and (c) replay the very same patched model, so their ratio is the toolkit's own cost.
+Figures: tokens/s (trials interleaved, median), host µs per step, capture s and MiB, share of
+steps replayed; a timeline picture of one step. Tokens are checked against eager's greedy tokens
+on the same padded batch. Skipped (with the reason) where transformers is missing.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from .common import Report
+
+NEEDS_GPU = True
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
+STEPS = 64
+TRIALS = 3
+
+
+def skip_reason() -> str | None:
+    """Why this module cannot run here (None: it can)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return f"transformers is not installed ({exc}); pip install 'lowlevel-streams[examples]'"
+    return None
+
+
+def run(rep: Report) -> None:
+    why = skip_reason()
+    if why is not None:
+        rep.skipped = why  # type: ignore[attr-defined]
+        print(f"bench_e2e skipped: {why}")
+        return
+    import torch
+
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    import serve_decode as sd
+
+    with torch.inference_mode():
+        tl_model = None
+        for kind in ("llama", "qwen2moe"):
+            try:
+                srv = _one_model(rep, sd, kind)
+            except Exception as exc:  # one model failing keeps the other's figures
+                import traceback
+
+                traceback.print_exc()
+                print(f"bench_e2e: {kind} failed: {type(exc).__name__}: {exc}")
+                rep.add(f"{kind}: failed", 0.0, "-", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
+                continue
+            if kind == "qwen2moe" or tl_model is None:
+                tl_model = (kind, srv)
+        if tl_model is not None:
+            _timeline(rep, sd, *tl_model)
+
+
+class RawGraphs:
+    """The baseline: torch.cuda.graph per capture size, one shared pool, a padding table."""
+
+    def __init__(self, srv: Any, sizes: list[int]) -> None:
+        import torch
+
+        self.srv, self.sizes = srv, sorted(sizes)
+        self.graphs: dict[int, Any] = {}
+        self.outs: dict[int, Any] = {}
+        self.table = [self.sizes[bisect.bisect_left(self.sizes, n)] if n <= self.sizes[-1] else n
+                      for n in range(self.sizes[-1] + 1)]
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self) -> tuple[float, float]:
+        import torch
+
+        fwd, srv = self.srv.forward_logits, self.srv
+        side = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # as DecodeServer.capture: held afterwards = what the graphs keep
+        free0 = torch.cuda.mem_get_info()[0]
+        t0 = time.perf_counter()
+        for s in reversed(self.sizes):  # largest first: the pool's blocks serve the smaller ones
+            ids, pos = srv.ids_buf[:s], srv.pos_buf[:s]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fwd(ids, pos)  # warm-up
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.outs[s] = fwd(ids, pos)
+            self.graphs[s] = g
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        torch.cuda.empty_cache()
+        return elapsed, (free0 - torch.cuda.mem_get_info()[0]) / 2**20
+
+    def step(self, n: int) -> Any:
+        s = self.table[n] if n < len(self.table) else n
+        srv = self.srv
+        if s > n:
+            srv.ids_buf[n:s].zero_()
+        g = self.graphs.get(s)
+        if g is None:
+            logits = srv.forward_logits(srv.ids_buf[:s], srv.pos_buf[:s])
+        else:
+            g.replay()
+            logits = self.outs[s]
+        tokens = logits[:n].argmax(dim=-1)
+        srv.advance(n, tokens)
+        return tokens
+
+
+def _one_model(rep: Report, sd: Any, kind: str) -> Any:
+    import torch
+
+    model = sd.build_model(kind, tiny=False, device="cuda", dtype=torch.bfloat16, seed=0, experts="grouped_mm")
+    import lowlevel
+
+    aux = lowlevel.Stream()
+    sd.patch_model(model, aux)
+    srv = sd.DecodeServer(model, max_batch=256, gpu=True, seed=0)
+    srv.aux = aux
+    srv.capture()
+    raw = RawGraphs(srv, srv.dispatcher.capture_sizes)
+    raw_s, raw_mib = raw.capture()
+    trace = sd.make_trace(STEPS, 256, 0.0, 0, 0)  # decode sizes only
+    tokens = sum(trace)
+
+    def eager_step(n: int) -> Any:
+        t = srv.forward_logits(srv.ids_buf[:n], srv.pos_buf[:n]).argmax(dim=-1)
+        srv.advance(n, t)
+        return t
+
+    # Tokens: from one saved state, each way serves the trace; lowlevel's must equal the raw graphs'
+    # and eager's greedy tokens on the same padded batch.
+    ids0, pos0 = srv.ids_buf.clone(), srv.pos_buf.clone()
+    ours_tok, raw_tok, eager_pad_mismatch = [], [], 0
+    for n in trace:
+        ids_s, pos_s = srv.ids_buf.clone(), srv.pos_buf.clone()
+        t = srv.step(n, write_back=False)
+        ref = srv.eager_tokens(n, srv.last["pad"])
+        eager_pad_mismatch += int((ref != t).sum())
+        srv.advance(n, t)
+        ours_tok.append(t.clone())
+        srv.ids_buf.copy_(ids_s)
+        srv.pos_buf.copy_(pos_s)
+        raw_tok.append(raw.step(n).clone())
+    same_as_raw = all(torch.equal(a, b) for a, b in zip(ours_tok, raw_tok))
+    srv.ids_buf.copy_(ids0)
+    srv.pos_buf.copy_(pos0)
+
+    def torch_sampled_step(n: int) -> Any:  # the same step with torch's argmax: CuPy's share of the cost
+        srv.sampler = "torch"
+        try:
+            return srv.step(n)
+        finally:
+            srv.sampler = "cupy"
+
+    ways: dict[str, Callable[[int], Any]] = {"lowlevel": srv.step, "lowlevel, torch argmax": torch_sampled_step,
+                                             "raw graphs": raw.step, "eager": eager_step}
+    walls: dict[str, list[float]] = {k: [] for k in ways}
+    host: dict[str, list[float]] = {k: [] for k in ways}
+    replayed = 0
+    for trial in range(TRIALS + 1):  # trial 0 is the warm-up; then the ways take turns
+        for name, fn in ways.items():
+            torch.cuda.synchronize()
+            t_start = time.perf_counter()
+            for n in trace:
+                t0 = time.perf_counter()
+                fn(n)
+                if trial:
+                    host[name].append((time.perf_counter() - t0) * 1e6)
+                if name == "lowlevel" and trial == 1 and srv.last["mode"] is lowlevel.CUDAGraphMode.FULL:
+                    replayed += 1
+            torch.cuda.synchronize()
+            if trial:
+                walls[name].append(time.perf_counter() - t_start)
+    tps = {k: tokens / statistics.median(v) for k, v in walls.items()}
+    hus = {k: statistics.median(v) for k, v in host.items()}
+    spread = {k: [round(tokens / x) for x in sorted(v)] for k, v in walls.items()}
+    cfg = model.config
+    shape = (f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers"
+             + (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok}" if kind == "qwen2moe" else ""))
+    extra = {"model": shape, "steps": STEPS, "tokens": tokens, "tokens_per_s_trials": spread,
+             "tokens_equal_raw_graphs": same_as_raw, "tokens_differing_from_eager_same_padding": eager_pad_mismatch,
+             "padded_tokens": sum(raw.table[n] - n for n in trace)}
+    rep.add(f"{kind}: serving step tokens/s", tps["lowlevel"], "tokens/s", "raw torch.cuda.graph + padding table",
+            tps["raw graphs"], lower_is_better=False, target=">= 1.0x raw graphs", extra=extra)
+    rep.add(f"{kind}: serving step tokens/s vs eager", tps["lowlevel"], "tokens/s", "eager torch (unpadded)",
+            tps["eager"], lower_is_better=False, target=">= 4x eager")
+    rep.add(f"{kind}: serving step tokens/s, sampling by torch argmax", tps["lowlevel, torch argmax"], "tokens/s",
+            "raw torch.cuda.graph + padding table", tps["raw graphs"], lower_is_better=False,
+            target=">= 1.0x raw graphs (the toolkit without CuPy's argmax)")
+    rep.add(f"{kind}: host us per step", hus["lowlevel"], "us", "raw torch.cuda.graph + padding table",
+            hus["raw graphs"], extra={"eager_us": hus["eager"], "torch_argmax_us": hus["lowlevel, torch argmax"]})
+    rep.add(f"{kind}: capture of {srv.graphs} sizes", srv.capture_s, "s", "raw torch.cuda.graph", raw_s)
+    rep.add(f"{kind}: capture memory", srv.capture_mib, "MiB", "raw torch.cuda.graph", raw_mib)
+    rep.add(f"{kind}: share of steps replayed", 100.0 * replayed / len(trace), "%",
+            extra={"tokens_identical_to_eager": eager_pad_mismatch == 0})
+    print(f"bench_e2e {kind}: tokens/s lowlevel {tps['lowlevel']:.0f}, raw {tps['raw graphs']:.0f}, "
+          f"eager {tps['eager']:.0f}; tokens equal raw: {same_as_raw}; differing from eager: {eager_pad_mismatch}")
+    return srv
+
+
+def _timeline(rep: Report, sd: Any, kind: str, srv: Any) -> None:
+    """One replayed step and one eager step of the same batch, on a timeline."""
+    import torch
+
+    import lowlevel
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute stream", srv.aux: "aux stream"})
+    n = 24
+    torch.cuda.synchronize()
+    with tl.activate():
+        with tl.span("replayed step (pad, graph, CuPy argmax)"):
+            srv.step(n)
+        with tl.span("eager step, same batch"):
+            srv.forward_logits(*srv.views[srv.last["pad"]])
+    torch.cuda.synchronize()
+    path = os.path.join(rep.out_dir, "e2e_timeline.png")
+    tl.plot(path, title=f"{kind}: one decode step of {n} requests")
+    rep.files.append(path)
+    trace = os.path.join(rep.out_dir, "e2e_trace.json")
+    tl.to_chrome_trace(trace)
+    rep.files.append(trace)
