@@ -128,6 +128,15 @@ def create_event(*, timing: bool = False, blocking: bool = False) -> Any:
     return cp.cuda.Event(block=blocking, disable_timing=not timing)
 
 
+def use_device(device: int) -> None:
+    """Make ``device`` the calling thread's current device for torch and CuPy (a no-op when it
+    already is: one call to torch's binding)."""
+    ops = torch_ops if torch_ops is not None else bind()
+    if ops.get_device() != device:
+        ops.torch.cuda.set_device(device)
+        cp.cuda.runtime.setDevice(device)
+
+
 def current_handle() -> int:
     """Raw handle of lowlevel's current stream (see "Which stream is current" above)."""
     if torch_ops is None:

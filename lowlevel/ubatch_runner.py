@@ -139,8 +139,11 @@ class UBatchRunner:
         results: list[Any] = [None] * n
         errors: list[BaseException | None] = [None] * n
 
+        dev = compute.device_id
+
         def job(i: int) -> None:
             try:
+                rt.use_device(dev)  # a parked thread starts on device 0; work goes to the caller's
                 with pool.cupy_active() if pool is not None else contextlib.nullcontext():
                     with ctxs[i]:
                         results[i] = self.fn(i, *per_ub[i])
