@@ -9,6 +9,8 @@ import triton.language as tl
 
 from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, to_torch
 
+__all__ = ["copy", "prepare_copy"]
+
 
 @triton.jit(do_not_specialize=["num_progs"])
 def _copy_kernel(src_ptr, dst_ptr, n, num_progs, BLOCK: tl.constexpr):
