@@ -7,7 +7,11 @@ B tiles in L2), or, for skinny products with fewer tiles than SMs (decode: M of 
 hundred), one tile over one of ``split_k`` slices of K. Split-K writes each slice's fp32 partial
 tile to a workspace and a second small persistent kernel sums the slices in a fixed order
 (slice 0, 1, 2, ...): the result is the same bits run to run (deterministic), though not the
-same bits as the unsplit kernel.
+same bits as the unsplit kernel. The workspace of :func:`matmul` is kept per (device, stream) and
+grows, never shrinks or frees (a captured graph may point at it); two split-K products on one
+stream run in stream order, so they may share it, but a graph replayed on another stream while
+``matmul`` runs on the capture stream would race (prepare a launch instead:
+:func:`prepare_matmul` owns its workspace).
 
 Tile shapes come from a table measured per (compute capability, SM count) for the shapes that
 matter in decoding (:data:`TABLE`, made by ``python -m lowlevel.kernels.tune``) and otherwise
@@ -140,27 +144,28 @@ class Config(NamedTuple):
 
 
 # Measured winners (python -m lowlevel.kernels.tune), bf16/fp16, per (compute capability, SMs):
-# {(M bucket, N, K): Config}. M buckets: 1, 16, 32, 64, 128, 256; larger M is bucket 0.
-# Times: triton.testing.do_bench medians at all SMs, against torch.mm in the same run (2026-11-30).
+# {(M bucket, N, K): Config}. M buckets: 1, 16, 32, 64, 128, 256 (larger M: the heuristic).
+# Times: triton.testing.do_bench medians of the prepared launch at all SMs, against torch.mm in the
+# same run (bench_kernels, 2026-11-30); configurations from two tune rounds.
 TABLE: dict[tuple[tuple[int, int], int], dict[tuple[int, int, int], Config]] = {
     ((9, 0), 132): {  # H200
-        (1, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.6 us, cuBLAS 18.8 us
+        (1, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.4 us, cuBLAS 18.8 us
         (1, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 39.7 us, cuBLAS 40.9 us
-        (1, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 41.0 us, cuBLAS 42.0 us
-        (16, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.2 us, cuBLAS 18.9 us
-        (16, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 40.2 us, cuBLAS 40.2 us
-        (16, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 41.3 us, cuBLAS 42.0 us
-        (64, 4096, 4096): Config(64, 64, 128, 8, 8, 5, 2),  # 20.3 us, cuBLAS 17.7 us
-        (64, 14336, 4096): Config(64, 128, 64, 8, 4, 5),  # 40.7 us, cuBLAS 40.8 us
-        (64, 4096, 14336): Config(64, 64, 256, 8, 4, 3, 2),  # 44.4 us, cuBLAS 43.4 us
-        (256, 4096, 4096): Config(128, 128, 64, 8, 8, 5, 2),  # 26.5 us, cuBLAS 24.0 us
-        (256, 14336, 4096): Config(128, 256, 64, 8, 8, 4),  # 50.9 us, cuBLAS 50.7 us
-        (256, 4096, 14336): Config(128, 256, 64, 8, 8, 4, 4),  # 54.6-58.7 us, cuBLAS 53.4-54.0 us
-        (0, 4096, 4096): Config(128, 256, 64, 8, 8, 4),  # 192 us, cuBLAS 177 us
-        (0, 8192, 8192): Config(128, 256, 64, 8, 8, 4),  # 1429 us, cuBLAS 1412 us
+        (1, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 40.6 us, cuBLAS 41.8 us
+        (16, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.5 us, cuBLAS 19.0 us
+        (16, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 40.0 us, cuBLAS 39.9 us
+        (16, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 41.0 us, cuBLAS 42.2 us
+        (64, 4096, 4096): Config(64, 64, 128, 8, 8, 5, 2),  # 20.6 us, cuBLAS 17.8 us (0.86x)
+        (64, 14336, 4096): Config(64, 128, 64, 8, 4, 5),  # 40.4 us, cuBLAS 40.6 us
+        (64, 4096, 14336): Config(64, 64, 256, 8, 4, 3, 2),  # 44.5 us, cuBLAS 43.7 us
+        (256, 4096, 4096): Config(128, 128, 64, 8, 8, 5, 2),  # 26.8 us, cuBLAS 23.8 us (0.89x)
+        (256, 14336, 4096): Config(128, 256, 64, 8, 8, 4),  # 51.0 us, cuBLAS 50.8 us
+        (256, 4096, 14336): Config(128, 256, 64, 8, 8, 4, 4),  # 54.6 us, cuBLAS 53.9 us
     },
 }
 
+# bf16 squares with _BIG (H200, same run): 4096^3 199 us against cuBLAS 187 us (0.94x), 8192^3 1627 us
+# against 1610 us (0.99x); 4 stages beat 3 (tune round 1: 192 against 209 us at 4096^3)
 _BIG = {2: Config(128, 256, 64, 8, 8, 4), 4: Config(128, 128, 32, 8, 8, 3)}
 _MID = {2: Config(64, 64, 64, 8, 4, 3), 4: Config(64, 64, 32, 8, 4, 3)}
 _INTERP = Config(16, 16, 16, 2, 1, 1)
@@ -169,7 +174,8 @@ _SUM_BLOCK = 2048
 
 
 def m_bucket(M: int) -> int:
-    """The table's row bucket of ``M``: the smallest of 1, 16, 32, 64, 128, 256 at least M, else 0."""
+    """The table's row bucket of ``M``: the smallest of 1, 16, 32, 64, 128, 256 at least M, else 0
+    (no table entry: :func:`heuristic_config`)."""
     for b in _BUCKETS:
         if M <= b:
             return b
