@@ -3,7 +3,6 @@ capped matmul with a capped copy (software caps and green contexts), and launch 
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from .common import Report, host_us_side_by_side, wall_ms
@@ -43,7 +42,7 @@ def decode_gemms(rep: Report) -> None:
         b = torch.randn(Kd, N, device="cuda", dtype=torch.bfloat16)
         c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         flops, nbytes = 2 * M * N * Kd, 2 * (M * Kd + Kd * N + M * N)
-        cublas = _ms(lambda: torch.mm(a, b, out=c)) * 1e3
+        cublas = _ms(lambda a=a, b=b, c=c: torch.mm(a, b, out=c)) * 1e3
         units = _plan(a, b, c, "tf32").tiles
         cfg = config_for(M, N, Kd, 2)
         label = f"{M}x{N}x{Kd}"
@@ -53,7 +52,7 @@ def decode_gemms(rep: Report) -> None:
         # without lowlevel's per-call Python validation, which at these sizes can exceed the
         # kernel (the public call is timed beside it at all SMs, "public_call_us")
         run = K.prepare_matmul(a, b, out=c)
-        public = _ms(lambda: K.matmul(a, b, out=c)) * 1e3
+        public = _ms(lambda a=a, b=b, c=c: K.matmul(a, b, out=c)) * 1e3
         for cap in caps:
             with lowlevel.sm_limit(cap):
                 us = _ms(run) * 1e3
@@ -72,7 +71,8 @@ def decode_gemms(rep: Report) -> None:
                         f"{flops / us / 1e6:6.1f} TFLOP/s {nbytes / us / 1e3:6.0f} GB/s | cuBLAS {cublas:8.1f} us "
                         f"-> {cublas / us:.2f}x | public call {public:6.1f} us | {tuple(cfg)}")
         if label in ("1x4096x4096", "64x4096x4096"):  # host cost per call (µs), the three paths interleaved
-            hosts = host_us_side_by_side(run, lambda: K.matmul(a, b, out=c), lambda: torch.mm(a, b, out=c),
+            hosts = host_us_side_by_side(run, lambda a=a, b=b, c=c: K.matmul(a, b, out=c),
+                                         lambda a=a, b=b, c=c: torch.mm(a, b, out=c),
                                          n=200, trials=7, sync=torch.cuda.synchronize, warmup=20)
             rep.add(f"matmul {label}: host+device us per call, prepared launch", hosts[0], "us",
                     "torch.mm, same measure", hosts[2], extra={"public_call_us": hosts[1]})
@@ -243,7 +243,7 @@ def run(rep: Report) -> None:
     rep.add("overlap: both uncapped on two streams", t_free, "ms", "sequential", t_seq)
     best = None
     for k in (8, 16, 32, 48):
-        t = wall_ms(lambda: fork(s1, s2, total - k, k))
+        t = wall_ms(lambda k=k: fork(s1, s2, total - k, k))
         rep.add(f"overlap: matmul on {total - k} SMs || copy on {k} SMs", t, "ms", "sequential", t_seq,
                 extra={"both_uncapped_ms": t_free})
         best = (t, k) if best is None or t < best[0] else best
@@ -252,11 +252,11 @@ def run(rep: Report) -> None:
         for k in (16, 32):
             with lowlevel.sm_partition([total // 8 * 8 - k - 8, k]) as part:
                 sa, sb = part.streams
-                t = wall_ms(lambda: fork(sa, sb, part.sm_counts[0], part.sm_counts[1]))
+                t = wall_ms(lambda sa=sa, sb=sb, part=part: fork(sa, sb, part.sm_counts[0], part.sm_counts[1]))
                 rep.add(f"overlap: green contexts, matmul {part.sm_counts[0]} SMs || copy {part.sm_counts[1]} SMs",
                         t, "ms", "sequential", t_seq)
                 torch.cuda.synchronize()
-    except Exception as exc:  # no green contexts here: say so in the table
+    except Exception as exc:  # noqa: BLE001 - no green contexts here: say so in the table
         rep.add(f"overlap: green contexts unavailable ({type(exc).__name__}: {exc})"[:90], 0.0, "ms")
 
     # --- launch cost ---------------------------------------------------------------------------

@@ -126,9 +126,8 @@ def test_sm_limit_nests_per_thread_and_set_num_sms():
                 th.join()
                 assert seen == [2]  # another thread sees the process-wide value
             assert K.get_num_sms() == min(5, total)
-        with pytest.raises(KeyError):
-            with lowlevel.sm_limit(3):
-                raise KeyError
+        with pytest.raises(KeyError), lowlevel.sm_limit(3):
+            raise KeyError
         assert K.get_num_sms() == 2
     finally:
         K.set_num_sms(None)
@@ -139,10 +138,9 @@ def test_sm_control_context_manager():
     log = []
     ctl = lowlevel.SMControlContextManager(20, lambda n: log.append(("comm", n)), lambda n: log.append(("comp", n)),
                                            total_sms=132)
-    with pytest.raises(RuntimeError):
-        with ctl:
-            assert log == [("comm", 20), ("comp", 112)]
-            raise RuntimeError
+    with pytest.raises(RuntimeError), ctl:
+        assert log == [("comm", 20), ("comp", 112)]
+        raise RuntimeError
     assert log[2:] == [("comm", 132), ("comp", 132)]
     for bad in (132, 200, -1):
         with pytest.raises(ValueError):

@@ -279,7 +279,12 @@ def test_matmul_every_config_path(dtype):
 
 
 def test_decode_matmul_split_is_deterministic_and_cap_sweeps_compile_nothing():
-    from lowlevel.kernels.matmul import _launch, _matmul_kernel, _splitk_sum_kernel, config_for
+    from lowlevel.kernels.matmul import (
+        _launch,
+        _matmul_kernel,
+        _splitk_sum_kernel,
+        config_for,
+    )
 
     total = device_sm_count()
     dev = torch.cuda.current_device()

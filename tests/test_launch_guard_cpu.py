@@ -7,8 +7,7 @@ import pytest
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-from lowlevel.kernels import _launch as L  # noqa: E402
-
+from lowlevel.kernels import _launch as L
 
 # --- the key ------------------------------------------------------------------------------------
 
@@ -71,7 +70,7 @@ def test_prepared_launch_uses_the_same_key():
 
     a = torch.empty(4, 4)
     args = (a, a, a, 3, 2**31 + 16, 1, 1, 4, 1, 4, 1, 0, 4, 1, 0)
-    k, flat = _launch._key_and_ptrs(args, {"X": 1}, 4, 3)
+    k, _ = _launch._key_and_ptrs(args, {"X": 1}, 4, 3)
     assert k == _launch.key(args, {"X": 1}, 4, 3)
     assert k[0][4] == ("i64", 16) and k[0][3] == ("i32", 0) and k[0][5] == ("i32", 1)
 
@@ -165,7 +164,7 @@ def test_check_refuses_changed_run_and_missing_attributes():
 class FakeJit:
     """A @triton.jit function's surface: arg_names and kernel[grid](*args, **options)."""
 
-    arg_names = ["x_ptr", "n", "num_progs"]
+    arg_names = ("x_ptr", "n", "num_progs")
 
     def __init__(self, launcher_cls):
         self.launcher_cls = launcher_cls
@@ -230,7 +229,7 @@ def test_changed_launcher_falls_back_to_kernel_grid_with_one_warning(fake_gpu, c
         fl(2, (x, 100, 2), {"BLOCK": 16}, 4, 1)
         p = L.PreparedLaunch(fl, 5, (x, 100, 0), 2, {"BLOCK": 16}, 4, 1)
         p()
-        fn2, fl2 = _launcher(cls)  # another kernel with the same launcher class: no second warning
+        _fn2, fl2 = _launcher(cls)  # another kernel with the same launcher class: no second warning
         fl2(1, (x, 7, 1), {"BLOCK": 16}, 4, 1)
     # every launch went through kernel[grid](...), with the arguments as given
     assert [c[0] for c in fn.calls] == [(4,), (2,), (5,), (5,)]

@@ -22,7 +22,8 @@ import inspect
 import os
 import re
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -194,7 +195,7 @@ class _Entry:
             self.prefix = (ck.function, ck.packed_metadata, None, None, None)
 
     @classmethod
-    def fallback(cls) -> "_Entry":
+    def fallback(cls) -> _Entry:
         e = cls.__new__(cls)
         e.slow, e.launch, e.prefix = True, None, ()
         return e
@@ -279,11 +280,11 @@ class Plan:
     count, filled in at launch), the constexprs and options, the value to return, and an
     optional plan to launch right after it (``then``, e.g. a split-K reduction)."""
 
-    __slots__ = ("launcher", "tiles", "args", "grid_at", "constexprs", "num_warps", "num_stages", "result", "then")
+    __slots__ = ("args", "constexprs", "grid_at", "launcher", "num_stages", "num_warps", "result", "then", "tiles")
 
-    def __init__(self, launcher: "FastLauncher", tiles: int, args: tuple[Any, ...], grid_at: int,
+    def __init__(self, launcher: FastLauncher, tiles: int, args: tuple[Any, ...], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any,
-                 then: "Plan | None" = None) -> None:
+                 then: Plan | None = None) -> None:
         self.launcher, self.tiles, self.args, self.grid_at = launcher, tiles, args, grid_at
         self.constexprs, self.num_warps, self.num_stages, self.result = constexprs, num_warps, num_stages, result
         self.then = then
@@ -298,7 +299,7 @@ class Plan:
                 self.then.launch()
         return self.result
 
-    def prepare(self) -> "PreparedLaunch":
+    def prepare(self) -> PreparedLaunch:
         then = self.then.prepare() if self.then is not None and self.tiles else None
         return PreparedLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
                               self.num_warps, self.num_stages, then)
@@ -313,12 +314,25 @@ class PreparedLaunch:
     A call goes straight into the kernel's :class:`_Entry` with the argument tuple built once
     per grid size (then into the follow-up launch, if any, the same way)."""
 
-    __slots__ = ("_keep", "_tiles", "_grid_at", "_launcher", "_constexprs", "_opts", "_total", "_grid",
-                 "_entry", "_prefix", "_args", "_argv", "_then")
+    __slots__ = (
+        "_args",
+        "_argv",
+        "_constexprs",
+        "_entry",
+        "_grid",
+        "_grid_at",
+        "_keep",
+        "_launcher",
+        "_opts",
+        "_prefix",
+        "_then",
+        "_tiles",
+        "_total",
+    )
 
-    def __init__(self, launcher: "FastLauncher", tiles: int, args: Sequence[Any], grid_at: int,
+    def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int,
-                 then: "PreparedLaunch | None" = None) -> None:
+                 then: PreparedLaunch | None = None) -> None:
         dev = next((a.device.index for a in args if hasattr(a, "device") and a.device.type == "cuda"), None)
         self._total = device_sm_count(dev)
         grid = max(1, min(_capped(self._total), tiles))
@@ -351,8 +365,7 @@ class PreparedLaunch:
 
     def __call__(self) -> None:
         grid = _capped(self._total)
-        if grid > self._tiles:
-            grid = self._tiles
+        grid = min(grid, self._tiles)
         if grid != self._grid:
             self._regrid(grid)
         if self._entry is None:  # the interpreter, or Triton's own launch path

@@ -7,7 +7,14 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, to_torch
+from ._launch import (
+    INTERPRET,
+    FastLauncher,
+    Plan,
+    PreparedLaunch,
+    check_device,
+    to_torch,
+)
 
 __all__ = ["copy", "prepare_copy"]
 

@@ -33,9 +33,17 @@ import triton.language as tl
 from lowlevel.sm_control import device_sm_count
 from lowlevel.stream import _current_handle
 
-from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, like_input, to_torch
+from ._launch import (
+    INTERPRET,
+    FastLauncher,
+    Plan,
+    PreparedLaunch,
+    check_device,
+    like_input,
+    to_torch,
+)
 
-__all__ = ["Config", "TABLE", "config_for", "heuristic_config", "matmul", "prepare_matmul"]
+__all__ = ["TABLE", "Config", "config_for", "heuristic_config", "matmul", "prepare_matmul"]
 
 
 @triton.jit(do_not_specialize=["num_progs"])

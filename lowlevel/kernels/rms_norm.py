@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, like_input, to_torch
+from ._launch import (
+    INTERPRET,
+    FastLauncher,
+    Plan,
+    PreparedLaunch,
+    check_device,
+    like_input,
+    to_torch,
+)
 
 __all__ = ["MAX_N", "prepare_rms_norm", "rms_norm"]
 
