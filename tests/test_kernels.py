@@ -126,9 +126,8 @@ def test_sm_limit_nests_per_thread_and_set_num_sms():
                 th.join()
                 assert seen == [2]  # another thread sees the process-wide value
             assert K.get_num_sms() == min(5, total)
-        with pytest.raises(KeyError):
-            with lowlevel.sm_limit(3):
-                raise KeyError
+        with pytest.raises(KeyError), lowlevel.sm_limit(3):
+            raise KeyError
         assert K.get_num_sms() == 2
     finally:
         K.set_num_sms(None)
@@ -139,10 +138,9 @@ def test_sm_control_context_manager():
     log = []
     ctl = lowlevel.SMControlContextManager(20, lambda n: log.append(("comm", n)), lambda n: log.append(("comp", n)),
                                            total_sms=132)
-    with pytest.raises(RuntimeError):
-        with ctl:
-            assert log == [("comm", 20), ("comp", 112)]
-            raise RuntimeError
+    with pytest.raises(RuntimeError), ctl:
+        assert log == [("comm", 20), ("comp", 112)]
+        raise RuntimeError
     assert log[2:] == [("comm", 132), ("comp", 132)]
     for bad in (132, 200, -1):
         with pytest.raises(ValueError):
@@ -191,3 +189,56 @@ def test_launch_key_is_the_same_on_both_paths():
             key, flat = _launch._key_and_ptrs(args, {"BLOCK": 128}, 4, 1)
             assert key == _launch.key(args, {"BLOCK": 128}, 4, 1)
             assert flat[:2] == [args[0].data_ptr(), args[1].data_ptr()] and flat[2:] == list(args[2:])
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("rows,n,rows_per", [(13, 100, 1), (40, 33, 2), (1, 7, 4)])
+def test_rms_norm_variants(prefetch, rows, n, rows_per):
+    """Both loop shapes (load in the loop, or the next block loaded ahead), ragged row blocks, caps."""
+    import importlib
+
+    rn = importlib.import_module("lowlevel.kernels.rms_norm")
+    for cap in (1, 3, device_sm_count()):
+        x, w, r = _rand(rows, n), _rand(n), _rand(rows, n)
+        y = torch.full_like(x, float("nan"))
+        with lowlevel.sm_limit(cap):
+            rn.plan(x, w, 1e-6, None, y, cfg=(rows_per, 1, 1, prefetch)).launch()
+            y2, new_r = rn.plan(x, w, 1e-6, r, None, cfg=(rows_per, 1, 1, prefetch)).launch()
+        xd, s = x.double(), x.double() + r.double()
+        assert _rel(y, xd / torch.sqrt((xd * xd).mean(1, keepdim=True) + 1e-6) * w.double()) < 1e-6
+        assert _rel(y2, s / torch.sqrt((s * s).mean(1, keepdim=True) + 1e-6) * w.double()) < 1e-6
+        assert _rel(new_r, s) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [(16, 16, 16, 2, 1, 1, 3), (16, 32, 32, 2, 1, 1, 2, True), (16, 16, 16, 2, 1, 1, 1, True)])
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("mnk", [(1, 40, 70), (17, 33, 64), (5, 16, 129), (20, 50, 0)])
+def test_matmul_split_k_flatten_and_wide_paths(cfg, wide, mnk):
+    """Split-K (ragged last slice), the flattened loop and 64-bit offsets, forced on small shapes."""
+    from lowlevel.kernels.matmul import Config, plan
+
+    M, N, Kd = mnk
+    a, b = _rand(M, Kd), _rand(Kd, N)
+    out = torch.full((M, N), float("nan"), device=DEV)
+    plan(a, b, out, "ieee", cfg=Config(*cfg), wide=wide).launch()
+    if Kd == 0:
+        assert torch.equal(out, torch.zeros_like(out))
+    else:
+        assert _rel(out, a.double() @ b.double()) < 1e-5
+    again = torch.full_like(out, float("nan"))
+    plan(a, b, again, "ieee", cfg=Config(*cfg), wide=wide).launch()
+    assert torch.equal(again, out)  # split-K sums in a fixed order: the same bits each run
+
+
+def test_config_table_and_heuristic():
+    from lowlevel.kernels.matmul import TABLE, Config, heuristic_config, m_bucket
+
+    assert [m_bucket(m) for m in (1, 2, 16, 17, 64, 65, 256, 257)] == [1, 16, 16, 32, 64, 128, 256, 0]
+    for entries in TABLE.values():
+        for (mb, n, k), cfg in entries.items():
+            assert isinstance(cfg, Config) and cfg.split_k >= 1 and n % 16 == 0 and k % 16 == 0
+    for sms in (8, 66, 132, 170):  # the split follows the SM count, never more tiles x slices than needed
+        cfg = heuristic_config(16, 4096, 4096, 2, sms)
+        tiles = -(-16 // cfg.block_m) * -(-4096 // cfg.block_n)
+        assert cfg.split_k == max(1, min(sms // tiles, 4096 // (4 * cfg.block_k)))
+    assert heuristic_config(8192, 8192, 8192, 2, 132).block_m == 128

@@ -169,3 +169,194 @@ def test_prepared_launch_goes_to_the_current_stream(kind):
             run()
         lowlevel.Stream.from_external(s).synchronize()
         assert torch.equal(dst, fresh + cap)
+
+
+# --- 64-bit offsets and the launch cache (faults.md E) -------------------------------------------
+
+def _need_free(gib: float):
+    free, _ = torch.cuda.mem_get_info()
+    if free < gib * (1 << 30):
+        pytest.skip(f"needs {gib:.1f} GiB of free GPU memory for a > 2**31-element case, "
+                    f"the device has {free / (1 << 30):.1f} GiB free")
+
+
+def test_copy_small_then_more_than_2_31_elements():
+    """The launch cache keys on Triton's integer width: the i32 kernel of a small call is not reused."""
+    _need_free(4.5)
+    small = torch.randint(-128, 127, (4096,), device="cuda", dtype=torch.int8)
+    out = torch.zeros_like(small)
+    K.copy(small, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, small)
+    n = (1 << 31) + 4096
+    src = torch.randint(-128, 127, (n,), device="cuda", dtype=torch.int8)
+    dst = torch.full((n,), 7, device="cuda", dtype=torch.int8)
+    dst[-4096:] = ~src[-4096:]  # poison the tail with values that differ from src everywhere
+    K.copy(src, dst)
+    torch.cuda.synchronize()
+    assert torch.equal(dst[-(1 << 20):], src[-(1 << 20):]) and torch.equal(dst[:4096], src[:4096])
+    assert torch.equal(dst, src)
+    del src, dst
+    torch.cuda.empty_cache()
+
+
+def test_rms_norm_past_2_31_elements():
+    _need_free(10)
+    rows, n = 262400, 8192
+    x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.full_like(x, float("nan"))
+    K.rms_norm(x[:64], w, out=y[:64])  # a small call first: its kernel must not serve the large one
+    K.rms_norm(x, w, out=y)
+    torch.cuda.synchronize()
+
+    def ref(v):
+        v = v.double()
+        return v / torch.sqrt((v * v).mean(1, keepdim=True) + 1e-6) * w.double()
+
+    for sl in (slice(0, 256), slice(rows // 2, rows // 2 + 256), slice(rows - 512, rows)):
+        assert _rel(y[sl], ref(x[sl])) < 1e-2, sl
+    assert not torch.isnan(y[-1]).any()
+    import importlib
+
+    rn = importlib.import_module("lowlevel.kernels.rms_norm")
+    for prefetch in (False, True):  # both loop shapes
+        y.fill_(float("nan"))
+        rn.plan(x, w, 1e-6, None, y, cfg=rn._config(n)[:3] + (prefetch,)).launch()
+        torch.cuda.synchronize()
+        assert _rel(y[-512:], ref(x[-512:])) < 1e-2 and not torch.isnan(y[-1]).any(), prefetch
+    del x, y
+    torch.cuda.empty_cache()
+
+
+def test_matmul_a_past_2_31_elements():
+    _need_free(10)
+    M, Kd, N = 524800, 4096, 64
+    a = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(Kd, N, device="cuda", dtype=torch.bfloat16)
+    K.matmul(a[:1024], b)  # small call first
+    c = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    K.matmul(a, b, out=c)
+    torch.cuda.synchronize()
+    for sl in (slice(0, 512), slice(M - 1024, M)):
+        assert _rel(c[sl], a[sl].double() @ b.double()) < 1e-2, sl
+    assert not torch.isnan(c).any()
+    del a, c
+    torch.cuda.empty_cache()
+
+
+# --- decode shapes: every configuration path --------------------------------------------------------
+
+def _paths():
+    """(M, N, K, Config) covering each M bucket of the table, split and unsplit, flattened loops."""
+    from lowlevel.kernels.matmul import TABLE, Config, config_for
+
+    out = {}
+    for M in (1, 7, 16, 32, 64, 100, 256, 1000):
+        for N, Kd in ((4096, 4096), (14336, 4096), (4096, 14336), (1000, 3000)):
+            cfg = config_for(M, N, Kd, 2)
+            out.setdefault((cfg, M == 1), (M, N, Kd, cfg))
+    for entries in TABLE.values():
+        for cfg in entries.values():
+            out.setdefault((cfg, False), (48, 2048, 4096, cfg))
+    # forced paths: uneven split of a ragged K, flattened loop, split with odd M
+    for cfg in (Config(16, 64, 128, 8, 4, 4, 3), Config(64, 128, 64, 8, 4, 3, 1, True), Config(32, 64, 64, 8, 4, 3, 5)):
+        out.setdefault((cfg, False), (33, 1000, 3001, cfg))
+    return list(out.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_matmul_every_config_path(dtype):
+    from lowlevel.kernels.matmul import plan
+
+    for M, N, Kd, cfg in _paths():
+        a, b = _rand(M, Kd, dtype=dtype), _rand(Kd, N, dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        plan(a, b, out, "ieee", cfg=cfg).launch()
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any(), (M, N, Kd, cfg)
+        assert _rel(out, a.double() @ b.double()) < TOL[dtype], (M, N, Kd, cfg)
+
+
+def test_decode_matmul_split_is_deterministic_and_cap_sweeps_compile_nothing():
+    from lowlevel.kernels.matmul import (
+        _launch,
+        _matmul_kernel,
+        _splitk_sum_kernel,
+        config_for,
+    )
+
+    total = device_sm_count()
+    dev = torch.cuda.current_device()
+    for M, N, Kd in ((1, 4096, 14336), (16, 4096, 4096), (64, 14336, 4096), (256, 4096, 14336)):
+        a, b = _rand(M, Kd, dtype=torch.bfloat16), _rand(Kd, N, dtype=torch.bfloat16)
+        ref = a.double() @ b.double()
+        first = K.matmul(a, b)
+        torch.cuda.synchronize()
+        compiled = (len(_matmul_kernel.device_caches[dev][0]), len(_splitk_sum_kernel.device_caches[dev][0]))
+        ours = len(_launch.cache)
+        for cap in (1, 3, 33, 66, total):
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            with lowlevel.sm_limit(cap):
+                K.matmul(a, b, out=out)
+            torch.cuda.synchronize()
+            assert torch.equal(out, first), (M, N, Kd, cap, config_for(M, N, Kd, 2))  # same bits at any cap
+        assert _rel(first, ref) < 1e-2
+        assert (len(_matmul_kernel.device_caches[dev][0]), len(_splitk_sum_kernel.device_caches[dev][0])) == compiled
+        assert len(_launch.cache) == ours
+        # the prepared path, with its own workspace, at two caps
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        run = K.prepare_matmul(a, b, out=out)
+        for cap in (5, total):
+            out.fill_(float("nan"))
+            with lowlevel.sm_limit(cap):
+                run()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first)
+
+
+def test_launcher_check_passes_on_this_triton():
+    """On the Triton the device carries, the fast path is taken (no fallback entries)."""
+    from lowlevel.kernels._launch import check_launcher
+    from lowlevel.kernels.copy import _launch
+
+    src, dst = _rand(1000), torch.empty(1000, device="cuda")
+    K.copy(src, dst)
+    assert _launch.cache and not any(e.slow for e in _launch.cache.values())
+    ck = next(iter(_copy_kernel_cache().values()))
+    assert check_launcher(ck) is None
+
+
+def _copy_kernel_cache():
+    from lowlevel.kernels.copy import _copy_kernel
+
+    return _copy_kernel.device_caches[torch.cuda.current_device()][0]
+
+
+def test_matmul_forced_64_bit_offsets_small():
+    """The WIDE (64-bit offset) variants, split and unsplit, on small random inputs."""
+    from lowlevel.kernels.matmul import Config, plan
+
+    for cfg in (Config(16, 64, 128, 8, 4, 4, 3), Config(64, 64, 64, 8, 4, 3)):
+        a, b = _rand(40, 1000, dtype=torch.bfloat16), _rand(1000, 300, dtype=torch.bfloat16)
+        out = torch.full((40, 300), float("nan"), device="cuda", dtype=torch.bfloat16)
+        plan(a, b, out, "ieee", cfg=cfg, wide=True).launch()
+        torch.cuda.synchronize()
+        assert _rel(out, a.double() @ b.double()) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_rms_norm_prefetch_variants_real_size(prefetch):
+    import importlib
+
+    rn = importlib.import_module("lowlevel.kernels.rms_norm")
+    x, w, r = _rand(4097, 8192, dtype=torch.bfloat16), _rand(8192, dtype=torch.bfloat16), _rand(4097, 8192,
+                                                                                                 dtype=torch.bfloat16)
+    s = x.double() + r.double()
+    ref = s / torch.sqrt((s * s).mean(dim=1, keepdim=True) + 1e-6) * w.double()
+    for cap in (1, 7, device_sm_count()):
+        out = torch.full_like(x, float("nan"))
+        with lowlevel.sm_limit(cap):
+            y, new_r = rn.plan(x, w, 1e-6, r, out, cfg=rn._config(8192)[:3] + (prefetch,)).launch()
+        torch.cuda.synchronize()
+        assert _rel(y, ref) < 1e-2 and _rel(new_r, s) < 5e-3, cap

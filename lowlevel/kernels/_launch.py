@@ -3,14 +3,27 @@
 ``FastLauncher`` keeps the compiled kernel per specialisation key and launches it through the C
 entry point of Triton's launcher (:class:`_Entry`) with the arguments as given, skipping
 Triton's per-call binder (most of its ~15 µs launch cost). The key is computed here from what
-Triton specialises on: dtypes, which integer arguments equal 1 or are multiples of 16, which
+Triton specialises on (:func:`spec_key`): dtypes, the integer width Triton gives each integer
+argument (i32 / i64 / u64 by value), which integers equal 1 or are multiples of 16, which
 pointers are 16-byte aligned, and the constexprs. Under ``TRITON_INTERPRET=1`` it simply calls
 ``kernel[grid]``.
+
+The C entry point is Triton's private interface. :func:`check_launcher` checks, once per
+launcher class at the first launch, that it has the shape this module was written against
+(Triton 3.6: ``launch(gridX, gridY, gridZ, stream, function, launch_cooperative_grid,
+launch_pdl, global_scratch, profile_scratch, packed_metadata, launch_metadata, enter_hook,
+exit_hook, *args)``); where it does not, launches go through ``kernel[grid](...)`` (slower, still
+correct) after a one-time :class:`LauncherFallbackWarning`.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
-from typing import Any, Sequence
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +32,17 @@ from ..interop import as_cupy, as_torch
 from ..sm_control import capped as _capped
 from ..sm_control import device_sm_count, get_num_sms
 
+__all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "check_device",
+           "check_launcher", "like_input", "spec_key", "to_torch"]
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_I32_MIN, _I32_END, _I64_END = -(1 << 31), 1 << 31, 1 << 63
+
+
+class LauncherFallbackWarning(RuntimeWarning):
+    """Triton's compiled-kernel launcher does not have the shape lowlevel's fast launch path was
+    written against: launches use ``kernel[grid](...)`` instead (correct, slower)."""
 
 
 def to_torch(x: Any, name: str) -> tuple[Any, bool]:
@@ -47,13 +70,105 @@ def check_device(name: str, *ts: Any) -> None:
             raise ValueError(f"{name}: tensors are on different devices ({ts[0].device} and {t.device})")
 
 
-def _spec(v: Any) -> Any:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return 1 if v == 1 else (16 if v % 16 == 0 else 0)
+def _int_width(v: int) -> str:
+    """Triton's type for a Python int argument: i32 where it fits, else i64, else u64."""
+    if _I32_MIN <= v < _I32_END:
+        return "i32"
+    return "i64" if v < _I64_END else "u64"
+
+
+def spec_key(v: Any, specialize: bool = True) -> Any:
+    """What Triton compiles a kernel argument ``v`` for (the part of its cache key that depends
+    on the value): for an int its width (``"i32"``, ``"i64"``, ``"u64"``) and, when
+    ``specialize``, whether it equals 1 or is a multiple of 16; for a tensor its dtype and
+    whether its data pointer is 16-byte aligned; ``"u1"`` for a bool, ``"fp32"`` for a float.
+    Two calls whose arguments have equal keys run the same compiled kernel."""
+    if isinstance(v, bool):
+        return "u1"
+    if isinstance(v, int):
+        w = _int_width(v)
+        if not specialize:
+            return w
+        return (w, 1 if v == 1 else (16 if v % 16 == 0 else 0))
+    if isinstance(v, float):
+        return "fp32"
     dp = getattr(v, "data_ptr", None)
     if dp is not None:
         return (v.dtype, dp() % 16 == 0)
     return v
+
+
+# --- the launcher check ------------------------------------------------------------------------
+
+def _squash(src: str) -> str:
+    return re.sub(r"\s+", "", src)
+
+
+# Triton 3.6's CudaLauncher.__call__ and JITFunction.run, in the calls the _Entry prefix mirrors
+_LAUNCHER_CALL = _squash("self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, "
+                         "self.launch_pdl, global_scratch, profile_scratch, *args)")
+_LAUNCHER_PARAMS = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+_RUN_CALL = _squash("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+                    "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+                    "*bound_args.values())")
+_checked: dict[type, str | None] = {}
+_warned: set[str] = set()
+
+
+def _jit_run_source() -> str:
+    from triton.runtime.jit import JITFunction
+
+    return inspect.getsource(JITFunction.run)
+
+
+def check_launcher(ck: Any, run_source: Callable[[], str] = _jit_run_source) -> str | None:
+    """Why the fast launch path cannot drive the compiled kernel ``ck`` (``None`` when it can).
+
+    Checks, once per launcher class (cached), that ``ck`` has ``function`` and
+    ``packed_metadata``; that its launcher ``ck.run`` has ``launch``, ``launch_cooperative_grid``,
+    ``launch_pdl``, ``global_scratch_size`` and ``profile_scratch_size``; that the launcher's
+    ``__call__(self, gridX, gridY, gridZ, stream, function, *args)`` forwards as
+    ``self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid,
+    self.launch_pdl, global_scratch, profile_scratch, *args)``; and that Triton's
+    ``JITFunction.run`` calls ``kernel.run(..., kernel.function, kernel.packed_metadata,
+    launch_metadata, enter_hook, exit_hook, *args)`` (Triton 3.6)."""
+    for attr in ("function", "packed_metadata", "run"):
+        if not hasattr(ck, attr):
+            return f"the compiled kernel has no {attr!r}"
+    run = ck.run
+    for attr in ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "profile_scratch_size"):
+        if not hasattr(run, attr):
+            return f"the kernel's launcher ({type(run).__qualname__}) has no {attr!r}"
+    cls = type(run)
+    if cls in _checked:
+        return _checked[cls]
+    why: str | None = None
+    try:
+        call = cls.__call__
+        params = list(inspect.signature(call).parameters)
+        if params != _LAUNCHER_PARAMS:
+            why = f"{cls.__qualname__}.__call__ takes {params}, expected {_LAUNCHER_PARAMS}"
+        elif _LAUNCHER_CALL not in _squash(inspect.getsource(call)):
+            why = f"{cls.__qualname__}.__call__ no longer calls self.launch(grid, stream, function, coop, pdl, " \
+                  "scratch, scratch, *args)"
+        elif _RUN_CALL not in _squash(run_source()):
+            why = "JITFunction.run no longer calls kernel.run(grid, stream, function, packed_metadata, " \
+                  "launch_metadata, hooks, *args)"
+    except (OSError, TypeError, ValueError) as exc:  # no source to read: do not guess
+        why = f"cannot read Triton's launcher source ({type(exc).__name__}: {exc})"
+    _checked[cls] = why
+    return why
+
+
+def _warn_fallback(why: str) -> None:
+    if why in _warned:
+        return
+    _warned.add(why)
+    import triton
+
+    warnings.warn(f"lowlevel.kernels: Triton {triton.__version__}'s launcher differs from the one the fast launch "
+                  f"path was checked against (Triton 3.6): {why}; launching through kernel[grid](...) instead",
+                  LauncherFallbackWarning, stacklevel=4)
 
 
 class _Entry:
@@ -62,20 +177,35 @@ class _Entry:
     never change as a prefix. Kernels that need scratch memory go through ``run`` itself.
     Triton's launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are not called.
 
-    ``entry.launch(grid_x, 1, 1, stream, *entry.prefix, *kernel_args)`` launches."""
+    ``entry.launch(grid_x, 1, 1, stream, *entry.prefix, *kernel_args)`` launches. ``slow``
+    entries (the launcher check failed) are launched through ``kernel[grid](...)``."""
 
-    __slots__ = ("launch", "prefix")
+    __slots__ = ("launch", "prefix", "slow")
 
     def __init__(self, ck: Any) -> None:
+        self.slow = False
         run = ck.run  # Triton's launcher object for this kernel
-        if (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
-                and hasattr(run, "launch")):
+        if run.global_scratch_size == 0 and run.profile_scratch_size == 0:
             self.launch = run.launch
             self.prefix: tuple[Any, ...] = (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
                                             ck.packed_metadata, None, None, None)
         else:
             self.launch = run
             self.prefix = (ck.function, ck.packed_metadata, None, None, None)
+
+    @classmethod
+    def fallback(cls) -> _Entry:
+        e = cls.__new__(cls)
+        e.slow, e.launch, e.prefix = True, None, ()
+        return e
+
+
+def _on_current_stream() -> contextlib.AbstractContextManager:
+    """torch's current stream set to lowlevel's (which Triton's own launch path uses)."""
+    h = rt.current_handle()
+    if h != rt.torch_get_raw(-1):
+        return torch.cuda.stream(torch.cuda.ExternalStream(h))
+    return contextlib.nullcontext()
 
 
 class FastLauncher:
@@ -84,13 +214,17 @@ class FastLauncher:
     def __init__(self, jit_fn: Any, unspecialized: Sequence[str] = ()) -> None:
         self.fn = jit_fn
         names = list(getattr(jit_fn, "arg_names", []))
-        self._free = frozenset(names.index(n) for n in unspecialized)  # arguments left out of the key
+        self._free = frozenset(names.index(n) for n in unspecialized)  # do_not_specialize arguments
         self.cache: dict[tuple[Any, ...], _Entry] = {}
         self.compiles = 0  # kernels this launcher obtained from Triton (one per key)
+        self.interpret = INTERPRET
+        self.check: Callable[[Any], str | None] = check_launcher
 
     def key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int) -> tuple:
+        """The cache key of a launch: :func:`spec_key` of each argument (the integer width alone
+        for the do-not-specialise ones, as Triton does), the constexprs and options."""
         free = self._free
-        return (tuple(None if i in free else _spec(a) for i, a in enumerate(args)), tuple(constexprs.values()),
+        return (tuple(spec_key(a, i not in free) for i, a in enumerate(args)), tuple(constexprs.values()),
                 num_warps, num_stages)
 
     def _key_and_ptrs(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
@@ -105,52 +239,69 @@ class FastLauncher:
             if dp is not None:
                 p = dp()
                 flat.append(p)
-                spec.append(None if i in free else (a.dtype, p % 16 == 0))
+                spec.append((a.dtype, p % 16 == 0))
             else:
                 flat.append(a)
-                spec.append(None if i in free else _spec(a))
+                spec.append(spec_key(a, i not in free))
         return (tuple(spec), tuple(constexprs.values()), num_warps, num_stages), flat
+
+    def _slow(self, grid: int, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
+              num_stages: int) -> Any:
+        with _on_current_stream():
+            return self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
     def __call__(self, grid: int, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
                  num_stages: int) -> None:
-        if INTERPRET:
+        if self.interpret:
             self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return
         key, flat = self._key_and_ptrs(args, constexprs, num_warps, num_stages)
         e = self.cache.get(key)
         if e is None:
             # the first launch goes through Triton (on torch's current stream, set to ours)
-            h = rt.current_handle()
-            with torch.cuda.stream(torch.cuda.ExternalStream(h)) if h != rt.torch_get_raw(-1) else _nullctx():
-                ck = self.fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
-            self.cache[key] = _Entry(ck)
+            ck = self._slow(grid, args, constexprs, num_warps, num_stages)
+            why = self.check(ck)
+            if why is None:
+                self.cache[key] = _Entry(ck)
+            else:
+                _warn_fallback(why)
+                self.cache[key] = _Entry.fallback()
             self.compiles += 1
+            return
+        if e.slow:
+            self._slow(grid, args, constexprs, num_warps, num_stages)
             return
         e.launch(grid, 1, 1, rt.current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
 class Plan:
     """One validated launch: the work in tiles, the arguments (``args[grid_at]`` is the program
-    count, filled in at launch), the constexprs and options, and the value to return."""
+    count, filled in at launch), the constexprs and options, the value to return, and an
+    optional plan to launch right after it (``then``, e.g. a split-K reduction)."""
 
-    __slots__ = ("launcher", "tiles", "args", "grid_at", "constexprs", "num_warps", "num_stages", "result")
+    __slots__ = ("args", "constexprs", "grid_at", "launcher", "num_stages", "num_warps", "result", "then", "tiles")
 
-    def __init__(self, launcher: "FastLauncher", tiles: int, args: tuple[Any, ...], grid_at: int,
-                 constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any) -> None:
+    def __init__(self, launcher: FastLauncher, tiles: int, args: tuple[Any, ...], grid_at: int,
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any,
+                 then: Plan | None = None) -> None:
         self.launcher, self.tiles, self.args, self.grid_at = launcher, tiles, args, grid_at
         self.constexprs, self.num_warps, self.num_stages, self.result = constexprs, num_warps, num_stages, result
+        self.then = then
 
     def launch(self) -> Any:
-        """Launch now with ``min(cap, tiles)`` programs; return the result."""
+        """Launch now with ``min(cap, tiles)`` programs (then ``then``); return the result."""
         if self.tiles:
             grid = max(1, min(get_num_sms(), self.tiles))
             args = self.args[:self.grid_at] + (grid,) + self.args[self.grid_at + 1:]
             self.launcher(grid, args, self.constexprs, self.num_warps, self.num_stages)
+            if self.then is not None:
+                self.then.launch()
         return self.result
 
-    def prepare(self) -> "PreparedLaunch":
+    def prepare(self) -> PreparedLaunch:
+        then = self.then.prepare() if self.then is not None and self.tiles else None
         return PreparedLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
-                              self.num_warps, self.num_stages)
+                              self.num_warps, self.num_stages, then)
 
 
 class PreparedLaunch:
@@ -160,19 +311,34 @@ class PreparedLaunch:
     (it holds references) and unchanged in shape, or prepare again.
 
     A call goes straight into the kernel's :class:`_Entry` with the argument tuple built once
-    per grid size."""
+    per grid size (then into the follow-up launch, if any, the same way)."""
 
-    __slots__ = ("_keep", "_tiles", "_grid_at", "_launcher", "_constexprs", "_opts", "_total", "_grid",
-                 "_entry", "_prefix", "_args", "_argv")
+    __slots__ = (
+        "_args",
+        "_argv",
+        "_constexprs",
+        "_entry",
+        "_grid",
+        "_grid_at",
+        "_keep",
+        "_launcher",
+        "_opts",
+        "_prefix",
+        "_then",
+        "_tiles",
+        "_total",
+    )
 
-    def __init__(self, launcher: "FastLauncher", tiles: int, args: Sequence[Any], grid_at: int,
-                 constexprs: dict[str, Any], num_warps: int, num_stages: int) -> None:
+    def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int,
+                 then: PreparedLaunch | None = None) -> None:
         dev = next((a.device.index for a in args if hasattr(a, "device") and a.device.type == "cuda"), None)
         self._total = device_sm_count(dev)
         grid = max(1, min(_capped(self._total), tiles))
         call_args = list(args)
         call_args[grid_at] = grid
         launcher(grid, call_args, constexprs, num_warps, num_stages)  # compiles if needed, launches once
+        self._then = then
         self._keep = args
         self._tiles = tiles
         self._grid_at = grid_at
@@ -182,9 +348,12 @@ class PreparedLaunch:
         self._prefix: tuple[Any, ...] = ()
         # pointers as ints: the launcher takes them as they are, skipping data_ptr() calls
         self._args = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in call_args] + list(constexprs.values())
-        if INTERPRET:
+        self._argv: tuple[Any, ...] = ()
+        if launcher.interpret:
             return
         e = launcher.cache[launcher.key(call_args, constexprs, num_warps, num_stages)]
+        if e.slow:
+            return
         self._entry, self._prefix = e.launch, e.prefix
         self._argv = self._prefix + tuple(self._args)
 
@@ -195,23 +364,16 @@ class PreparedLaunch:
 
     def __call__(self) -> None:
         grid = _capped(self._total)
-        if grid > self._tiles:
-            grid = self._tiles
+        grid = min(grid, self._tiles)
         if grid != self._grid:
             self._regrid(grid)
-        if self._entry is None:  # the interpreter
+        if self._entry is None:  # the interpreter, or Triton's own launch path
             self._launcher(grid, self._keep[:self._grid_at] + (grid,) + tuple(self._keep[self._grid_at + 1:]),
                            self._constexprs, *self._opts)
-            return
-        h = rt.torch_get_raw(-1)  # lowlevel's current stream, as rt.current_handle() finds it
-        if not h:
-            h = rt.cupy_get_current().ptr
-        self._entry(grid, 1, 1, h, *self._argv)
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
+        else:
+            h = rt.torch_get_raw(-1)  # lowlevel's current stream, as rt.current_handle() finds it
+            if not h:
+                h = rt.cupy_get_current().ptr
+            self._entry(grid, 1, 1, h, *self._argv)
+        if self._then is not None:
+            self._then()

@@ -7,7 +7,16 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, to_torch
+from ._launch import (
+    INTERPRET,
+    FastLauncher,
+    Plan,
+    PreparedLaunch,
+    check_device,
+    to_torch,
+)
+
+__all__ = ["copy", "prepare_copy"]
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -24,7 +33,7 @@ def _copy_kernel(src_ptr, dst_ptr, n, num_progs, BLOCK: tl.constexpr):
 _launch = FastLauncher(_copy_kernel, ("num_progs",))
 
 
-def _plan(src: Any, dst: Any) -> Plan:
+def plan(src: Any, dst: Any) -> Plan:
     st, _ = to_torch(src, "src")
     dt, _ = to_torch(dst, "dst")
     if st.shape != dt.shape or st.dtype != dt.dtype:
@@ -42,9 +51,9 @@ def _plan(src: Any, dst: Any) -> Plan:
 def copy(src: Any, dst: Any) -> Any:
     """Copy ``src`` into ``dst`` (same shape and dtype, both contiguous) on at most
     :func:`~lowlevel.sm_control.get_num_sms` SMs, on lowlevel's current stream. Returns ``dst``."""
-    return _plan(src, dst).launch()
+    return plan(src, dst).launch()
 
 
 def prepare_copy(src: Any, dst: Any) -> PreparedLaunch:
     """Validate once; the returned :class:`PreparedLaunch` copies ``src`` into ``dst`` per call."""
-    return _plan(src, dst).prepare()
+    return plan(src, dst).prepare()

@@ -1,78 +1,261 @@
 """Persistent matmul: C = A @ B with fp32 accumulation, on at most ``get_num_sms()`` SMs.
 
-The grid is ``min(cap, tiles)`` programs; program ``p`` computes tiles ``p, p + P, p + 2P, ...``
-in grouped order (``GROUP_M`` rows of tiles share B tiles in L2). ``P`` is a runtime argument
-that Triton does not specialise on, so changing the cap never recompiles.
+The grid is ``min(cap, units)`` programs; program ``p`` computes work units ``p, p + P,
+p + 2P, ...``. ``P`` is a runtime argument that Triton does not specialise on, so changing the
+cap never recompiles. A unit is one output tile in grouped order (``GROUP_M`` rows of tiles share
+B tiles in L2), or, for skinny products with fewer tiles than SMs (decode: M of 1 to a few
+hundred), one tile over one of ``split_k`` slices of K. Split-K writes each slice's fp32 partial
+tile to a workspace and a second small persistent kernel sums the slices in a fixed order
+(slice 0, 1, 2, ...): the result is the same bits run to run (deterministic), though not the
+same bits as the unsplit kernel. The workspace of :func:`matmul` is kept per (device, stream) and
+grows, never shrinks or frees (a captured graph may point at it); two split-K products on one
+stream run in stream order, so they may share it, but a graph replayed on another stream while
+``matmul`` runs on the capture stream would race (prepare a launch instead:
+:func:`prepare_matmul` owns its workspace).
+
+Tile shapes come from a table measured per (compute capability, SM count) for the shapes that
+matter in decoding (:data:`TABLE`, made by ``python -m lowlevel.kernels.tune``) and otherwise
+from :func:`heuristic_config`, which derives the split from the device's SM count. The SM cap
+never changes the configuration (only the program count), so a cap sweep compiles nothing.
+
+Offsets are 32-bit unless some operand spans 2**31 elements or more; then the kernel is compiled
+with 64-bit offsets (``WIDE``).
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, FastLauncher, Plan, PreparedLaunch, check_device, like_input, to_torch
+from .. import _runtime as rt
+from ..sm_control import device_sm_count
+
+from ._launch import (
+    INTERPRET,
+    FastLauncher,
+    Plan,
+    PreparedLaunch,
+    check_device,
+    like_input,
+    to_torch,
+)
+
+__all__ = ["TABLE", "Config", "config_for", "heuristic_config", "matmul", "prepare_matmul"]
 
 
 @triton.jit(do_not_specialize=["num_progs"])
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_split,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, num_progs,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WIDE: tl.constexpr, FLATTEN: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_group = GROUP_M * num_pid_n
-    for tile in range(pid, num_tiles, num_progs):
+    if SPLIT_K:
+        units = num_tiles * tl.cdiv(K, k_split)
+    else:
+        units = num_tiles
+    for unit in tl.range(pid, units, num_progs, flatten=FLATTEN):
+        if SPLIT_K:
+            tile = unit % num_tiles
+            s = unit // num_tiles
+            k_lo = s * k_split
+            k_len = tl.minimum(K - k_lo, k_split)
+        else:
+            tile = unit
+            s = 0
+            k_lo = 0
+            k_len = K
         # grouped order: walk GROUP_M tile-rows down a column of tiles before moving right
         group = tile // tiles_per_group
         first_m = group * GROUP_M
-        group_rows = min(num_pid_m - first_m, GROUP_M)
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
         pid_m = first_m + (tile % tiles_per_group) % group_rows
         pid_n = (tile % tiles_per_group) // group_rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        if WIDE:  # 64-bit offsets: an operand spans 2**31 elements or more
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
+        b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(k_tiles):
-            k_left = K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        for kt in range(tl.cdiv(k_len, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_n[None, :] < N, other=0.0)
+            else:
+                k_left = k_len - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        c = acc.to(c_ptr.dtype.element_ty)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        if SPLIT_K:  # fp32 partial of slice s
+            if WIDE:
+                c_ptrs += tl.cast(s, tl.int64) * stride_cs
+            else:
+                c_ptrs += s * stride_cs
+            tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["num_progs"])
+def _splitk_sum_kernel(ws_ptr, c_ptr, MN, N, stride_cm, stride_cn, num_progs,
+                       N_SPLIT: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """c[m, n] = sum over s = 0, 1, ..., N_SPLIT - 1 of ws[s, m, n] (fp32, in that order);
+    ``MN`` = M * N. The slice loop is unrolled: all N_SPLIT loads are in flight at once."""
+    pid = tl.program_id(0)
+    if WIDE:
+        mn = tl.cast(MN, tl.int64)
+    else:
+        mn = MN
+    for blk in range(pid, tl.cdiv(MN, BLOCK), num_progs):
+        if WIDE:
+            e = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            e = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = e < MN
+        acc = tl.load(ws_ptr + e, mask=mask, other=0.0)
+        for s in tl.static_range(1, N_SPLIT):
+            acc += tl.load(ws_ptr + s * mn + e, mask=mask, other=0.0)
+        m = e // N
+        n = e % N
+        tl.store(c_ptr + m * stride_cm + n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 _launch = FastLauncher(_matmul_kernel, ("num_progs",))
+_sum_launch = FastLauncher(_splitk_sum_kernel, ("num_progs",))
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), tuned for Hopper
-_CONFIGS = {
-    2: (128, 256, 64, 8, 8, 3),   # bf16 / fp16
-    4: (128, 128, 32, 8, 8, 3),   # fp32 (tf32 tensor cores)
+
+class Config(NamedTuple):
+    """One tile configuration: ``split_k`` is the number of K slices (1: no split)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    flatten: bool = False
+
+
+# Measured winners (python -m lowlevel.kernels.tune), bf16/fp16, per (compute capability, SMs):
+# {(M bucket, N, K): Config}. M buckets: 1, 16, 32, 64, 128, 256 (larger M: the heuristic).
+# Times: triton.testing.do_bench medians of the prepared launch at all SMs, against torch.mm in the
+# same run (bench_kernels, 2026-11-30); configurations from two tune rounds.
+TABLE: dict[tuple[tuple[int, int], int], dict[tuple[int, int, int], Config]] = {
+    ((9, 0), 132): {  # H200
+        (1, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.4 us, cuBLAS 18.8 us
+        (1, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 39.7 us, cuBLAS 40.9 us
+        (1, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 40.6 us, cuBLAS 41.8 us
+        (16, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.5 us, cuBLAS 19.0 us
+        (16, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 40.0 us, cuBLAS 39.9 us
+        (16, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 41.0 us, cuBLAS 42.2 us
+        (64, 4096, 4096): Config(64, 64, 128, 8, 8, 5, 2),  # 20.6 us, cuBLAS 17.8 us (0.86x)
+        (64, 14336, 4096): Config(64, 128, 64, 8, 4, 5),  # 40.4 us, cuBLAS 40.6 us
+        (64, 4096, 14336): Config(64, 64, 256, 8, 4, 3, 2),  # 44.5 us, cuBLAS 43.7 us
+        (256, 4096, 4096): Config(128, 128, 64, 8, 8, 5, 2),  # 26.8 us, cuBLAS 23.8 us (0.89x)
+        (256, 14336, 4096): Config(128, 256, 64, 8, 8, 4),  # 51.0 us, cuBLAS 50.8 us
+        (256, 4096, 14336): Config(128, 256, 64, 8, 8, 4, 4),  # 54.6 us, cuBLAS 53.9 us
+    },
 }
-_SMALL = (64, 64, 64, 8, 4, 3)     # for products that have fewer tiles than SMs
-_INTERP = (16, 16, 16, 2, 1, 1)
+
+# bf16 squares with _BIG (H200, same run): 4096^3 199 us against cuBLAS 187 us (0.94x), 8192^3 1627 us
+# against 1610 us (0.99x); 4 stages beat 3 (tune round 1: 192 against 209 us at 4096^3)
+_BIG = {2: Config(128, 256, 64, 8, 8, 4), 4: Config(128, 128, 32, 8, 8, 3)}
+_MID = {2: Config(64, 64, 64, 8, 4, 3), 4: Config(64, 64, 32, 8, 4, 3)}
+_INTERP = Config(16, 16, 16, 2, 1, 1)
+_BUCKETS = (1, 16, 32, 64, 128, 256)
+_SUM_BLOCK = 2048
 
 
-def _config(M: int, N: int, itemsize: int) -> tuple[int, ...]:
+def m_bucket(M: int) -> int:
+    """The table's row bucket of ``M``: the smallest of 1, 16, 32, 64, 128, 256 at least M, else 0
+    (no table entry: :func:`heuristic_config`)."""
+    for b in _BUCKETS:
+        if M <= b:
+            return b
+    return 0
+
+
+def heuristic_config(M: int, N: int, K: int, itemsize: int, sms: int) -> Config:
+    """A configuration for shapes the table lacks, from the device's SM count ``sms``: big tiles
+    when they give at least one per SM; for small M, BLOCK_M just above M with wide K steps, and
+    K split so that tiles x slices come close to ``sms`` (each slice at least 4 K steps)."""
+    big = _BIG[itemsize]
+    if triton.cdiv(M, big.block_m) * triton.cdiv(N, big.block_n) >= sms:
+        return big
+    if M > 256:
+        return _MID[itemsize]
+    if itemsize == 2:  # the shapes of the measured decode winners
+        bm, bn, bk, warps, stages = ((16, 64, 256, 4, 5) if M <= 16 else (64, 64, 128, 4, 5) if M <= 64
+                                     else (128, 128, 64, 8, 4))
+    else:
+        bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 64, 32, 4, 3
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = max(1, min(sms // tiles, K // (4 * bk)))
+    return Config(bm, bn, bk, 8, warps, stages, split)
+
+
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def config_for(M: int, N: int, K: int, itemsize: int, device: int | None = None) -> Config:
+    """The configuration :func:`matmul` uses for an (M, K) x (K, N) product of ``itemsize``-byte
+    elements on ``device``: the measured table's entry, else :func:`heuristic_config`."""
     if INTERPRET:
         return _INTERP
-    cfg = _CONFIGS[itemsize]
-    if triton.cdiv(M, cfg[0]) * triton.cdiv(N, cfg[1]) < 132:
-        small = _SMALL if itemsize == 2 else (64, 64, 32, 8, 4, 3)
-        return small
-    return cfg
+    sms = device_sm_count(device)
+    if itemsize == 2:
+        cc = _capability(device if device is not None else torch.cuda.current_device())
+        cfg = TABLE.get((cc, sms), {}).get((m_bucket(M), N, K))
+        if cfg is not None:
+            return cfg
+    return heuristic_config(M, N, K, itemsize, sms)
 
 
-def _plan(a: Any, b: Any, out: Any, precision: str) -> Plan:
+def _extent(t: Any) -> int:
+    """Elements between the first and one past the last element of ``t``."""
+    return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+_WS: dict[tuple[int, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown workspaces: a captured graph may still use them
+
+
+def _workspace(device: torch.device, numel: int, own: bool) -> torch.Tensor:
+    """fp32 split-K workspace of at least ``numel`` elements: one per (device, stream), grown
+    geometrically, never freed (launches on one stream run in order; a captured graph may still
+    point at it); ``own`` (prepared launches): a new one for the caller alone."""
+    if own or device.type != "cuda":
+        return torch.empty(numel, device=device, dtype=torch.float32)
+    key = (device.index or 0, rt.current_handle())
+    ws = _WS.get(key)
+    if ws is None or ws.numel() < numel:
+        if ws is not None:
+            _RETIRED.append(ws)
+        ws = _WS[key] = torch.empty(max(numel, 2 * ws.numel() if ws is not None else 0), device=device,
+                                    dtype=torch.float32)
+    return ws
+
+
+def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, own_ws: bool = False,
+          wide: bool | None = None) -> Plan:
+    """The launch of ``a @ b``; ``cfg`` and ``wide`` (64-bit offsets) override the choice (tests, tuning)."""
     at, a_cp = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
     if at.dim() != 2 or bt.dim() != 2:
@@ -96,12 +279,31 @@ def _plan(a: Any, b: Any, out: Any, precision: str) -> Plan:
         if tuple(ct.shape) != (M, N) or ct.dtype != at.dtype:
             raise ValueError(f"out must be ({M}, {N}) {at.dtype}, got {tuple(ct.shape)} {ct.dtype}")
     check_device("matmul", at, bt, ct)
-    bm, bn, bk, gm, warps, stages = _config(M, N, at.element_size())
+    if cfg is None:
+        cfg = config_for(M, N, K, at.element_size(), at.device.index if at.is_cuda else None)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) if M and N else 0
-    args = (at, bt, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), ct.stride(0), ct.stride(1), 0)
-    cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
+    # K slices of whole K steps; fewer when K is short (K == 0: no split, the tiles store zeros)
+    k_split = triton.cdiv(triton.cdiv(K, max(1, cfg.split_k)), bk) * bk if K else 0
+    n_split = triton.cdiv(K, k_split) if K else 0
+    split = n_split > 1 and tiles > 0
+    if wide is None:
+        wide = max(_extent(at), _extent(bt), _extent(ct),
+                   M * N * n_split if split else 0) >= 1 << 31
+    cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": cfg.group_m, "SPLIT_K": split,
+           "EVEN_K": K % bk == 0, "WIDE": wide, "FLATTEN": cfg.flatten,
            "INPUT_PRECISION": precision if at.dtype == torch.float32 else "ieee"}
-    return Plan(_launch, tiles, args, 12, cex, warps, stages, result)
+    if not split:
+        args = (at, bt, ct, M, N, K, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), 0,
+                ct.stride(0), ct.stride(1), 0)
+        return Plan(_launch, tiles, args, 14, cex, cfg.num_warps, cfg.num_stages, result)
+    ws = _workspace(at.device, n_split * M * N, own_ws)
+    args = (at, bt, ws, M, N, K, k_split, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), M * N, N, 1, 0)
+    total = M * N
+    sum_block = 128 if INTERPRET else _SUM_BLOCK
+    then = Plan(_sum_launch, triton.cdiv(total, sum_block), (ws, ct, total, N, ct.stride(0), ct.stride(1), 0),
+                6, {"N_SPLIT": n_split, "BLOCK": sum_block, "WIDE": wide}, 1 if INTERPRET else 8, 1, None)
+    return Plan(_launch, tiles * n_split, args, 14, cex, cfg.num_warps, cfg.num_stages, result, then)
 
 
 def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
@@ -110,13 +312,16 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
 
     Runs on at most :func:`~lowlevel.sm_control.get_num_sms` SMs. Inputs may be torch tensors
     or CuPy arrays (viewed, not copied); any strides; the result is of the kind of ``a``.
-    ``precision`` for fp32 inputs: ``"tf32"`` (tensor cores) or ``"ieee"`` (exact fp32)."""
-    return _plan(a, b, out, precision).launch()
+    ``precision`` for fp32 inputs: ``"tf32"`` (tensor cores) or ``"ieee"`` (exact fp32).
+    Skinny products may split K (see the module docstring): deterministic, fp32 partial sums.
+    Raises ``ValueError`` / ``TypeError`` on mismatched shapes, dtypes or devices."""
+    return plan(a, b, out, precision).launch()
 
 
 def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32") -> PreparedLaunch:
     """Validate once and return a :class:`PreparedLaunch` that recomputes ``a @ b`` into
-    ``out`` each time it is called (the cheapest launch path; the cap is read per call)."""
+    ``out`` each time it is called (the cheapest launch path; the cap is read per call). A
+    split-K product gets its own workspace, held by the prepared launch."""
     if out is None:
         raise ValueError("prepare_matmul needs out=")
-    return _plan(a, b, out, precision).prepare()
+    return plan(a, b, out, precision, own_ws=True).prepare()
