@@ -102,7 +102,6 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
     import numpy as np
     import torch
 
-    import lowlevel
     from lowlevel import CUDAGraphMode, CudagraphDispatcher, CUDAGraphRunner, padding_table
 
     sync = torch.cuda.synchronize
@@ -184,20 +183,27 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
     del est_runner
     _log("estimate done")
 
-    raw1, raw1_s, raw1_b = raw_capture()  # cold
-    _log("raw cold")
-    del raw1
+    # alternate raw and lowlevel captures: round 0 is cold, rounds 1 and 2 warm
     runner = CUDAGraphRunner(fn, CUDAGraphMode.FULL)
-    ours1_s, ours1_b = ours_capture(runner)  # cold
-    st1 = runner.last_capture
-    _log("ours cold")
-    runner.release(keep_execs=False)
-    ours2_s, ours2_b = ours_capture(runner)  # warm, fresh instantiations
-    st2 = runner.last_capture
-    _log("ours warm")
+    raw_s, raw_b, ours_s, ours_b, ours_st = [], [], [], [], []
+    raw2: dict = {}
+    for rnd in range(3):
+        raw2.clear()
+        graphs, t, b = raw_capture()
+        raw2.update(graphs)
+        del graphs
+        raw_s.append(t)
+        raw_b.append(b)
+        runner.release(keep_execs=False)
+        t, b = ours_capture(runner)  # fresh instantiations
+        ours_s.append(t)
+        ours_b.append(b)
+        ours_st.append(runner.last_capture)
+        _log(f"round {rnd}: raw {raw_s[-1]:.3f} s {raw_b[-1] / mib:.0f} MiB, ours {t:.3f} s {b / mib:.0f} MiB")
+    ours1_s, ours1_b, raw1_s, raw1_b, st1 = ours_s[0], ours_b[0], raw_s[0], raw_b[0], ours_st[0]
+    ours2_s, raw2_s = sum(ours_s[1:]) / 2, sum(raw_s[1:]) / 2
+    ours2_b, raw2_b, st2 = ours_b[-1], raw_b[-1], ours_st[-1]
     pool_b = runner.pool.memory()
-    raw2, raw2_s, raw2_b = raw_capture()  # warm
-    _log("raw warm")
 
     # outputs: lowlevel vs raw vs eager at the padded size
     identical = {"raw": 0, "eager": 0}
@@ -228,7 +234,7 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
 
     e_us, r_us, o_us = (v / steps for v in host_us_side_by_side(eager_trace, raw_trace, ours_trace, n=1, trials=3,
                                                                  sync=sync, warmup=1))
-    del raw2
+    raw2.clear()
     _log("traces timed")
 
     # sleep / wake: give everything back, re-capture with in-place updates
@@ -250,7 +256,6 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
         woke_equal += bool(torch.equal(runner(mode, desc, ids[: desc.num_tokens], num_tokens=n)[:n].float().cpu(),
                                        before[n]))
     runner.release(keep_execs=False)
-    del runner
 
     weak = CUDAGraphRunner(fn, CUDAGraphMode.FULL, weak_outputs=True)
     weak_s, weak_b = ours_capture(weak)
@@ -275,11 +280,13 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
             extra={"eager_us": e_us, "speedup_vs_eager": e_us / o_us, "bit_identical_of_5": identical})
     rep.add(f"{what}: capture_all of {len(sizes)} sizes (warm)", ours2_s, "s",
             "raw torch.cuda.graph, warm-up per size, shared pool (warm)", raw2_s, target="<= 1.0x raw",
-            extra={"cold_s": ours1_s, "raw_cold_s": raw1_s, "breakdown_cold": brk(st1), "breakdown_warm": brk(st2),
+            extra={"cold_s": ours1_s, "raw_cold_s": raw1_s, "rounds_s": ours_s, "raw_rounds_s": raw_s,
+                   "breakdown_cold": brk(st1), "breakdown_warm": brk(st2),
                    "torch_gc_collect_s": gc_s, "torch_empty_cache_s": ec_s, "raw_warmup_s": raw_warm})
     rep.add(f"{what}: capture_all reserved memory", ours2_b / mib, "MiB", "raw torch.cuda.graph reserved", raw2_b / mib,
             target="<= 1.0x raw",
-            extra={"cold_mib": ours1_b / mib, "raw_cold_mib": raw1_b / mib, "pool_torch_mib": pool_b.torch / mib,
+            extra={"cold_mib": ours1_b / mib, "raw_cold_mib": raw1_b / mib, "rounds_mib": [b / mib for b in ours_b],
+                   "raw_rounds_mib": [b / mib for b in raw_b], "pool_torch_mib": pool_b.torch / mib,
                    "pool_cupy_mib": pool_b.cupy / mib})
     rep.add(f"{what}: capture_all reserved memory, weak_outputs=True", weak_b / mib, "MiB",
             "raw torch.cuda.graph reserved", raw2_b / mib, extra={"seconds": weak_s})
@@ -290,5 +297,5 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
                    "freed_by_release_mib": freed / mib, "pool_torch_mib": pool_b.torch / mib})
     rep.add(f"{what}: memory estimate from the 2 largest", est.total_bytes / mib, "MiB",
             "capture_all actual pool", (pool_b.total) / mib,
-            extra={"first_mib": est.first_bytes / mib, "per_graph_mib": est.per_graph_bytes / mib,
+            extra={"first_mib": est.first_bytes / mib, "per_token_kib": est.per_token_bytes / 1024,
                    "estimate_s": est_s})

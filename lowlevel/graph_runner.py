@@ -61,14 +61,15 @@ class CaptureStats:
 class MemoryEstimate:
     """What capturing every descriptor would take, from capturing the largest few
     (:meth:`CUDAGraphRunner.estimate_memory`). ``sampled``: how many were captured;
-    ``first_bytes``: what the largest took (its temporaries set the pool's peak);
-    ``per_graph_bytes``: the mean growth of the others (outputs and anything not reused);
-    ``total_bytes``: ``first_bytes + (graphs - 1) * per_graph_bytes``."""
+    ``first_bytes``: what the largest took (warm-up included: its temporaries set the pool's
+    peak); ``per_token_bytes``: what each later graph took per token of its descriptor (mean
+    over the other samples: outputs and whatever is not reused); ``total_bytes``:
+    ``first_bytes`` plus ``per_token_bytes`` times the tokens of every other descriptor."""
 
     graphs: int
     sampled: int
     first_bytes: int
-    per_graph_bytes: int
+    per_token_bytes: float
     total_bytes: int
 
 
@@ -335,10 +336,11 @@ class CUDAGraphRunner:
                         make_args: Callable[[BatchDescriptor], tuple[Any, ...]], *, sample: int = 2) -> MemoryEstimate:
         """Estimate the pool bytes :meth:`capture_all` would reserve, by capturing the
         ``sample`` largest descriptors into a throwaway pool (then freed; the runner's own
-        graphs and counters are untouched), as vLLM sizes its KV cache: the largest graph's
-        growth plus the mean growth of the next ones for each remaining graph (at least
-        1 MiB a graph when more than one was sampled). Instantiated graphs' own device memory
-        is not counted. Errors as :meth:`capture_all`; ``ValueError`` for ``sample < 1``."""
+        graphs and counters are untouched), as vLLM sizes its KV cache before capturing: the
+        largest graph's growth (warm-up included: it sets the pool's peak), the others'
+        growth, and for each remaining descriptor the others' growth per token times its
+        tokens (what a graph keeps, its outputs, scales with its batch). Instantiated graphs'
+        own device memory is not counted. Errors as :meth:`capture_all`; ``ValueError`` for ``sample < 1``."""
         descs = self._descs(dispatcher)
         if not callable(make_args):
             raise TypeError(f"make_args must be callable, got {type(make_args).__name__}")
@@ -360,9 +362,13 @@ class CUDAGraphRunner:
             _clear_cublas_workspaces()  # they may have been allocated in the throwaway pool
             pool.release()
         first = growth[0]
-        rest = growth[1:]
-        per = max(sum(rest) // len(rest), 1 << 20) if rest else first
-        return MemoryEstimate(len(descs), len(growth), first, per, first + (len(descs) - 1) * per)
+        toks = [max(d.num_tokens, 1) for d in descs]
+        if len(growth) > 1:
+            per_token = sum(growth[1:]) / sum(toks[1:len(growth)])
+        else:
+            per_token = first / toks[0]
+        total = first + sum(growth[1:]) + int(per_token * sum(toks[len(growth):]))
+        return MemoryEstimate(len(descs), len(growth), first, per_token, total)
 
     # --- memory and lifecycle --------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:

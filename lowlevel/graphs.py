@@ -189,10 +189,11 @@ class _Exec:
 _exec_update: Any = None
 
 
-def _try_exec_update(exec_handle: int, graph_handle: int) -> bool:
-    """Update ``exec_handle`` in place from the captured ``graph_handle``; False when CUDA
-    refuses (other topology, other kernels) or cuda.bindings is missing. The driver API is
-    used so that a refusal leaves no "last error" behind in the runtime that torch checks."""
+def _exec_updater() -> Any:
+    """``update(exec, graph) -> bool``: update the instantiated ``exec`` in place from the
+    captured ``graph``; False when CUDA refuses (other topology, other kernels). None when
+    cuda.bindings is missing. The driver API is used so that a refusal leaves no "last error"
+    behind in the runtime that torch checks after its launches. Resolved once."""
     global _exec_update
     if _exec_update is None:
         try:
@@ -202,20 +203,19 @@ def _try_exec_update(exec_handle: int, graph_handle: int) -> bool:
                 from cuda import cuda as driver  # type: ignore[no-redef]
             except ImportError:
                 _exec_update = False
-                return False
+                return None
         ok = driver.CUresult.CUDA_SUCCESS
+        call = driver.cuGraphExecUpdate
 
-        def upd(e: int, g: int) -> bool:
-            res = driver.cuGraphExecUpdate(e, g)
+        def update(e: int, g: int) -> bool:
+            try:
+                res = call(e, g)
+            except Exception:  # pragma: no cover - binding mismatch: instantiate instead
+                return False
             return (res[0] if isinstance(res, tuple) else res) == ok
 
-        _exec_update = upd
-    if _exec_update is False:
-        return False
-    try:
-        return bool(_exec_update(exec_handle, graph_handle))
-    except Exception:  # pragma: no cover - binding mismatch: instantiate instead
-        return False
+        _exec_update = update
+    return _exec_update or None
 
 
 class Graph:
@@ -244,9 +244,10 @@ class Graph:
     def _install(self, cgraph: int, pool: GraphPool, owns_pool: bool) -> None:
         """Make the captured ``cgraph`` (a ``cudaGraph_t``, still owned by the caller) this
         graph's executable: update the old one in place when CUDA allows, else instantiate."""
-        t0 = time.perf_counter()
         old = self._box.handle
-        if old and _try_exec_update(old, cgraph):
+        update = _exec_updater() if old else None
+        t0 = time.perf_counter()
+        if update is not None and update(old, cgraph):
             self.updated = True
         else:
             new = rt.cp.cuda.runtime.graphInstantiate(cgraph)
