@@ -1,5 +1,8 @@
 """CUDA graphs: launch-bound work eager vs lowlevel replay vs raw torch.cuda.CUDAGraph replay,
-and the per-call overhead of Graph.replay / CUDAGraphRunner over a raw replay."""
+the per-call overhead of Graph.replay / CUDAGraphRunner over a raw replay, and a real model
+(HF transformers Llama decode, random weights; skipped with the reason when transformers is
+missing): per-batch time, capture time and memory against raw torch.cuda.graph, re-capture by
+in-place update, the memory estimate. ``BENCH_GRAPHS_ONLY=llama`` runs the model part alone."""
 from __future__ import annotations
 
 import os

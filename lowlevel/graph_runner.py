@@ -184,8 +184,8 @@ class CUDAGraphRunner:
                     self._check_tokens(num_tokens, desc)
                 self.bypasses += 1
                 return self.fn(*args, **kwargs)
-        if num_tokens is not None:
-            self._check_tokens(num_tokens, desc)
+        if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
+            self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
         entry = self.graphs.get(desc)
         if entry is None:
             entry = self._capture(desc, args, kwargs)
