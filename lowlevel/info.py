@@ -6,7 +6,7 @@ from typing import Any
 
 from .device import probe
 
-__all__ = ["device_info", "format_info"]
+__all__ = ["device_info", "format_info", "graph_memory", "format_graph_memory"]
 
 
 def _version(mod: str) -> str | None:
@@ -73,6 +73,7 @@ def device_info() -> dict[str, Any]:
         ok, how = _green_contexts()
         info["gpu"]["green_contexts"] = ok and int(props["major"]) >= 9
         info["gpu"]["green_contexts_via"] = how if ok else None
+        info["graph_memory"] = graph_memory()
     return info
 
 
@@ -95,4 +96,58 @@ def format_info(info: dict[str, Any]) -> str:
             + (f" ({g['green_contexts_via']})" if g["green_contexts_via"] else ""),
         ]
     lines.append("versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in info["versions"].items()))
+    if info.get("graph_memory") is not None:
+        lines.append(format_graph_memory(info["graph_memory"]))
+    return "\n".join(lines)
+
+
+def graph_memory(*runners: Any) -> dict[str, Any]:
+    """Graph memory of this process: every live :class:`~lowlevel.GraphPool` (torch and CuPy
+    bytes it holds, live graphs), and for each of ``runners`` (:class:`~lowlevel.CUDAGraphRunner`)
+    its graph count, pool bytes and per-graph growth. Without a GPU: no pools."""
+    from .device import cuda_available
+    from .graphs import live_pools
+
+    pools = []
+    if cuda_available():
+        for p in live_pools():
+            b = p.memory()
+            pools.append({"id": id(p), "torch_bytes": b.torch, "cupy_bytes": b.cupy, "total_bytes": b.total,
+                          "live_graphs": len(p.live_graphs())})
+    out: dict[str, Any] = {"pools": pools, "total_bytes": sum(p["total_bytes"] for p in pools), "runners": []}
+    for r in runners:
+        m = r.memory()
+        m["per_graph"] = {d.num_tokens if hasattr(d, "num_tokens") else str(d): tuple(v)
+                          for d, v in m["per_graph"].items()}
+        m["pool_id"] = id(r._pool) if r._pool is not None else None
+        st = r.last_capture
+        m["last_capture"] = {"graphs": st.graphs, "total_s": st.total_s, "warmup_s": st.warmup_s,
+                             "capture_s": st.capture_s, "instantiate_s": st.instantiate_s,
+                             "updated": st.updated}
+        out["runners"].append(m)
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_graph_memory(mem: dict[str, Any]) -> str:
+    """Text for :func:`graph_memory`'s dict, one line a pool and a runner."""
+    if not mem["pools"] and not mem["runners"]:
+        return "graph memory: no graph pools in this process"
+    lines = [f"graph memory: {_mib(mem['total_bytes'])} in {len(mem['pools'])} pool(s)"]
+    for p in mem["pools"]:
+        lines.append(f"  pool 0x{p['id']:x}: torch {_mib(p['torch_bytes'])}, cupy {_mib(p['cupy_bytes'])}, "
+                     f"{p['live_graphs']} live graph(s)")
+    for r in mem["runners"]:
+        st = r["last_capture"]
+        lines.append(f"  {r['mode']} runner: {r['graphs']} graph(s), torch {_mib(r['torch_bytes'])}, "
+                     f"cupy {_mib(r['cupy_bytes'])}; last capture_all {st['graphs']} graph(s) in {st['total_s']:.2f} s "
+                     f"(warm-up {st['warmup_s']:.2f}, capture {st['capture_s']:.2f}, "
+                     f"instantiate {st['instantiate_s']:.2f}, {st['updated']} updated in place)")
+        if r["per_graph"]:
+            top = list(r["per_graph"].items())[:8]
+            lines.append("    growth per graph: " + ", ".join(f"{k}: {_mib(t + c)}" for k, (t, c) in top)
+                         + (" ..." if len(r["per_graph"]) > 8 else ""))
     return "\n".join(lines)

@@ -260,3 +260,281 @@ def test_runner_capture_all_shared_pool_mixed_frameworks():
             torch.cuda.synchronize()
             torch.testing.assert_close(out[:n].double(), ref(static[:n]), rtol=1e-5, atol=1e-4)
     assert full.captures == 5 and pw.captures == 5 and full.hits + pw.hits == 14
+
+
+# --- issue 18: same-stream warm-up, lifecycle, update, memory ------------------------------------
+
+def _clean_reserved():
+    """Synchronise and return torch's reserved bytes with nothing cached (cuBLAS workspaces
+    and free blocks given back), CuPy's default pool emptied."""
+    import gc
+
+    gc.collect()  # garbage of earlier tests may hold device memory
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    cp.get_default_memory_pool().free_all_blocks()
+    return torch.cuda.memory_reserved()
+
+
+def test_runner_warms_up_and_captures_on_the_same_stream():
+    """faults.md E: fn keeps a workspace per stream, made (with a synchronisation) on its first
+    call on a stream; warm-up and capture on one stream make the capture reuse it."""
+    ws = {}
+
+    def fn(x):
+        s = torch.cuda.current_stream()
+        w = ws.get(s.cuda_stream)
+        if w is None:
+            w = ws[s.cuda_stream] = torch.empty_like(x)
+            s.synchronize()  # lazy set-up that synchronises: illegal inside a capture
+        torch.mul(x, 2, out=w)
+        return w + 1
+
+    x = torch.empty(1 << 16, device="cuda")
+    x.copy_(torch.from_numpy(_fresh(x.numel(), 0)))
+    r = lowlevel.CUDAGraphRunner(fn, M.FULL)
+    desc = BD(x.numel(), 64)
+    out = r(M.FULL, desc, x)
+    torch.cuda.synchronize()
+    assert r.captures == 1 and len(ws) == 1
+    torch.testing.assert_close(out, x * 2 + 1)
+    for seed in range(1, 4):
+        x.copy_(torch.from_numpy(_fresh(x.numel(), seed)))
+        out.fill_(float("nan"))
+        assert r(2, desc, x) is out  # the int mode replays too
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, x * 2 + 1)
+    assert r.hits == 3 and len(ws) == 1
+
+
+def _mixed_fn(x):
+    """CuPy temporaries (CuPy pool) and torch temporaries and output (torch pool), no cuBLAS."""
+    z = cp.tanh(lowlevel.as_cupy(x)) * 3
+    t = lowlevel.as_torch(z)
+    return (t.sin() + x).sum(dim=1)
+
+
+def _mixed_ref(x):
+    x64 = x.cpu().double()
+    return ((torch.tanh(x64) * 3).sin() + x64).sum(dim=1)
+
+
+def test_runner_release_gives_every_byte_back_and_wakes_with_the_same_outputs():
+    d = lowlevel.CudagraphDispatcher([1, 2, 4, 8, 16, 32], max_num_seqs=32)
+    d.initialize_cudagraph_keys(M.FULL)
+    static = torch.empty(32, 4096, device="cuda")
+    static.copy_(torch.from_numpy(_fresh((32, 4096), 5)))
+    r0 = _clean_reserved()
+    cp0 = cp.get_default_memory_pool().total_bytes()
+    r = lowlevel.CUDAGraphRunner(_mixed_fn, M.FULL)
+    make = lambda desc: (static[: desc.num_tokens],)  # noqa: E731
+    assert r.capture_all(d, make) == 6
+    mem = r.memory()
+    assert mem["torch_bytes"] > 0 and mem["cupy_bytes"] > 0 and mem["graphs"] == 6
+    assert len(mem["per_graph"]) == 6 and sum(b.total for b in mem["per_graph"].values()) > 0
+    assert torch.cuda.memory_reserved() - r0 == mem["torch_bytes"]  # warm-ups reserved nothing outside the pool
+    st = r.last_capture
+    assert st.graphs == 6 and st.updated == 0 and st.total_s >= st.warmup_s + st.capture_s + st.instantiate_s
+    from lowlevel.info import format_graph_memory, graph_memory
+
+    print(format_graph_memory(graph_memory(r)))
+    before = {}
+    for n in (1, 3, 8, 17, 32):
+        mode, desc = d.dispatch(n)
+        out = r(mode, desc, static[: desc.num_tokens], num_tokens=n)
+        before[n] = out[:n].cpu()
+        torch.testing.assert_close(before[n].double(), _mixed_ref(static[:n]), rtol=1e-5, atol=1e-3)
+    del out
+    r.release()  # sleep
+    assert r.graphs == {} and r.pool.cupy_bytes() == 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == r0
+    assert r.pool.torch_bytes() == 0
+    assert cp.get_default_memory_pool().total_bytes() == cp0
+    assert r.capture_all(d, make) == 6  # wake
+    assert r.last_capture.updated == 6, "same topology: every graph updated in place"
+    for n in (1, 3, 8, 17, 32):
+        mode, desc = d.dispatch(n)
+        out = r(mode, desc, static[: desc.num_tokens], num_tokens=n)
+        assert torch.equal(out[:n].cpu(), before[n])
+    del out
+    r.clear()  # forget the graphs, keep the pool's memory
+    assert r.graphs == {} and r.pool.torch_bytes() > 0
+    mode, desc = d.dispatch(5)
+    out = r(mode, desc, static[: desc.num_tokens], num_tokens=5)
+    assert r.captures == 13
+    torch.testing.assert_close(out[:5].cpu(), _mixed_fn(static[:8])[:5].cpu(), rtol=1e-6, atol=1e-5)
+    del out
+    r.release(keep_execs=False)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == r0
+
+
+def test_graph_close_and_garbage_collection_free_an_owned_pool():
+    import gc
+    import weakref
+
+    x = torch.empty(1 << 20, device="cuda")
+    x.copy_(torch.from_numpy(_fresh(x.numel(), 1)))
+    r0 = _clean_reserved()
+    with lowlevel.capture() as g:  # owns its pool
+        y = torch.sin(x) * 2 + 1
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, torch.sin(x) * 2 + 1)
+    assert torch.cuda.memory_reserved() > r0
+    del y
+    g.close()
+    assert not g.captured
+    with pytest.raises(RuntimeError, match="cannot be replayed"):
+        g.replay()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == r0
+    # the garbage-collection path: the finalizer frees the instantiated graph, the pool goes too
+    with lowlevel.capture() as g2:
+        y = torch.cos(x) + 1
+    box, ref = g2._box, weakref.ref(g2)
+    assert box.handle
+    del g2, y
+    gc.collect()
+    assert ref() is None and box.handle == 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == r0
+
+
+def test_pool_release_refuses_while_a_graph_can_replay():
+    pool = lowlevel.GraphPool()
+    x = torch.randn(1024, device="cuda")
+    with lowlevel.capture(pool=pool) as g:
+        y = x * 2
+    with pytest.raises(RuntimeError, match="still be replayed"):
+        pool.release()
+    g.close()
+    del y
+    pool.release()
+
+
+def _f1(x):
+    return torch.sin(x) * 2 + x.cos()
+
+
+def _f2(x):  # another topology: more kernels
+    return (torch.sin(x) * 2 + x.cos()).exp() + x
+
+
+def test_recapture_updates_in_place_and_equals_a_fresh_capture():
+    n = 1 << 18
+    a, b = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+    a.copy_(torch.from_numpy(_fresh(n, 1)))
+    b.copy_(torch.from_numpy(_fresh(n, 2)))
+    pool = lowlevel.GraphPool()
+    with lowlevel.capture(pool=pool) as g:
+        out_a = _f1(a)
+    handle, t_inst = g._box.handle, g.instantiate_s
+    assert not g.updated
+    with lowlevel.capture(pool=pool, update=g) as g_again:  # same kernels, new pointers
+        out_b = _f1(b)
+    assert g_again is g and g.updated and g._box.handle == handle
+    with lowlevel.capture(pool=pool) as fresh:
+        out_f = _f1(b)
+    print(f"instantiate {t_inst * 1e6:.0f} us, update {g.instantiate_s * 1e6:.0f} us")
+    for seed in range(3, 6):
+        b.copy_(torch.from_numpy(_fresh(n, seed)))
+        out_a.fill_(7.0)
+        out_b.fill_(float("nan"))
+        out_f.fill_(float("nan"))
+        g.replay()
+        fresh.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_b, out_f)
+        torch.testing.assert_close(out_b, _f1(b))
+        assert bool((out_a == 7.0).all()), "the updated graph no longer writes the old output"
+
+
+def test_refused_update_falls_back_to_instantiation():
+    n = 1 << 16
+    a = torch.empty(n, device="cuda")
+    pool = lowlevel.GraphPool()
+    with lowlevel.capture(pool=pool) as g:
+        out1 = _f1(a)
+    handle = g._box.handle
+    with lowlevel.capture(pool=pool, update=g) as g2:
+        out2 = _f2(a)
+    assert g2 is g and not g.updated and g._box.handle and g._box.handle != handle
+    for seed in range(2):
+        a.copy_(torch.from_numpy(_fresh(n, seed)))
+        out2.fill_(float("nan"))
+        out1.fill_(7.0)
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out2, _f2(a))
+        assert bool((out1 == 7.0).all())
+    # a failed re-capture leaves the graph as it was
+    with pytest.raises(lowlevel.CaptureError):
+        with lowlevel.capture(pool=pool, update=g):
+            _f1(a)
+            raise RuntimeError("boom")
+    a.copy_(torch.from_numpy(_fresh(n, 9)))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out2, _f2(a))
+
+
+def test_estimate_memory_then_capture_all_with_progress():
+    d = lowlevel.CudagraphDispatcher([1, 2, 4, 8, 16, 32, 64], max_num_seqs=64)
+    d.initialize_cudagraph_keys(M.FULL)
+    static = torch.empty(64, 8192, device="cuda")
+    static.copy_(torch.from_numpy(_fresh((64, 8192), 3)))
+
+    def fn(x):
+        return (torch.sin(x) * 2 + 1).cumsum(dim=1)
+
+    make = lambda desc: (static[: desc.num_tokens],)  # noqa: E731
+    r = lowlevel.CUDAGraphRunner(fn, M.FULL)
+    r0 = _clean_reserved()
+    est = r.estimate_memory(d, make, sample=2)
+    assert r.graphs == {} and r.captures == 0 and r._pool is None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == r0  # the throwaway pool is gone
+    assert r.capture_all(d, make, progress=True) == 7
+    actual = r.memory()["total_bytes"]
+    print(f"estimate {est.total_bytes / 2**20:.1f} MiB (first {est.first_bytes / 2**20:.1f}, "
+          f"then {est.per_token_bytes / 2**10:.1f} KiB a token), actual {actual / 2**20:.1f} MiB")
+    assert est.graphs == 7 and est.sampled == 2
+    assert 0.5 * actual <= est.total_bytes <= 8 * actual
+    for n in (64, 5, 1):
+        mode, desc = d.dispatch(n)
+        out = r(mode, desc, static[: desc.num_tokens])
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, fn(static[: desc.num_tokens]))
+
+
+def test_weak_outputs_share_memory_and_stay_correct_until_the_next_replay():
+    d = lowlevel.CudagraphDispatcher([8, 16, 32, 64], max_num_seqs=64)
+    d.initialize_cudagraph_keys(M.FULL)
+    static = torch.empty(64, 1 << 17, device="cuda")
+    static.copy_(torch.from_numpy(_fresh((64, 1 << 17), 4)))
+
+    def fn(x):
+        return torch.sin(x)  # no temporaries: a 32 MiB output at 64 rows, 60 MiB for all four kept
+
+    make = lambda desc: (static[: desc.num_tokens],)  # noqa: E731
+    strong = lowlevel.CUDAGraphRunner(fn, M.FULL)
+    weak = lowlevel.CUDAGraphRunner(fn, M.FULL, weak_outputs=True)
+    strong.capture_all(d, make)
+    weak.capture_all(d, make)
+    s_mem, w_mem = strong.memory()["torch_bytes"], weak.memory()["torch_bytes"]
+    print(f"outputs kept: {s_mem / 2**20:.0f} MiB, weak outputs: {w_mem / 2**20:.0f} MiB")
+    assert w_mem < s_mem
+    for n in (64, 9, 33, 8, 64):
+        static.copy_(torch.from_numpy(_fresh((64, 1 << 17), n)))
+        mode, desc = d.dispatch(n)
+        out = weak(mode, desc, static[: desc.num_tokens])
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, fn(static[: desc.num_tokens]))
