@@ -7,36 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from . import _runtime as rt
-from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher
+from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher, as_cudagraph_mode
 from .device import require_cuda
 from .errors import check_int
-from .graphs import Graph, GraphPool, PoolBytes, _capture_stream, capture, torch_reserved_bytes
+from .graphs import Graph, GraphPool, PoolBytes, capture_stream, capture, torch_reserved_bytes
 from .stream import use_stream
 
 __all__ = ["CUDAGraphRunner", "CaptureStats", "MemoryEstimate"]
-
-_BY_VALUE: dict[int, CUDAGraphMode] = {0: CUDAGraphMode.NONE, 1: CUDAGraphMode.PIECEWISE, 2: CUDAGraphMode.FULL}
-
-
-def _runtime_mode(mode: Any, name: str = "mode") -> CUDAGraphMode:
-    """``mode`` as a runtime :class:`CUDAGraphMode`: accepts the enum or its int value (what
-    ``coordinate_batch_across_dp`` returns; NumPy integers too, never a bool); ``TypeError``
-    for anything else, ``ValueError`` for an int or a pair mode that is no runtime mode."""
-    if type(mode) is CUDAGraphMode:
-        if mode.separate_routine():
-            raise ValueError(f"{name} must be a runtime mode (NONE, PIECEWISE or FULL), got {mode.name}")
-        return mode
-    if isinstance(mode, bool) or isinstance(mode, (str, float)):
-        raise TypeError(f"{name} must be a CUDAGraphMode or its int value, got {type(mode).__name__} {mode!r}")
-    try:
-        v = operator.index(mode)
-    except TypeError:
-        raise TypeError(f"{name} must be a CUDAGraphMode or its int value, got {type(mode).__name__} {mode!r}") from None
-    m = _BY_VALUE.get(v)
-    if m is None:
-        raise ValueError(f"{name} must be 0 (NONE), 1 (PIECEWISE) or 2 (FULL), got {v}")
-    return m
-
 
 @dataclass
 class CaptureStats:
@@ -149,7 +126,7 @@ class CUDAGraphRunner:
                  pool: GraphPool | None = None, warmup: int = 1, weak_outputs: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        mode = _runtime_mode(runtime_mode, "runtime_mode")
+        mode = as_cudagraph_mode(runtime_mode, "runtime_mode", runtime=True)
         if mode not in (CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE):
             raise ValueError(f"runtime_mode must be FULL or PIECEWISE (a runner wraps graphs), got {mode.name}")
         if pool is not None and not isinstance(pool, GraphPool):
@@ -178,7 +155,7 @@ class CUDAGraphRunner:
     def __call__(self, mode: CUDAGraphMode | int, desc: BatchDescriptor, *args: Any, num_tokens: int | None = None,
                  **kwargs: Any) -> Any:
         if mode is not self.runtime_mode:
-            m = _runtime_mode(mode)
+            m = as_cudagraph_mode(mode, "mode", runtime=True)
             if m is not self.runtime_mode:
                 if num_tokens is not None:
                     self._check_tokens(num_tokens, desc)
@@ -189,7 +166,7 @@ class CUDAGraphRunner:
         entry = self.graphs.get(desc)
         if entry is None:
             entry = self._capture(desc, args, kwargs)
-            rt.order(_capture_stream().ptr, rt.current_handle())  # replays follow the warm-up and capture
+            rt.order(capture_stream().ptr, rt.current_handle())  # replays follow the warm-up and capture
         else:
             self.hits += 1
         tl = rt.tracer
@@ -219,7 +196,7 @@ class CUDAGraphRunner:
     def _capture_one(self, desc: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], pool: GraphPool,
                      template: Graph | None, stats: CaptureStats | None) -> tuple[Graph, Any]:
         """Warm up and capture ``fn`` for ``desc`` on lowlevel's capture stream, into ``pool``."""
-        s = _capture_stream()
+        s = capture_stream()
         t0 = time.perf_counter()
         # torch caches one cuBLAS workspace per stream; dropping it here makes this capture's
         # workspace come from ``pool`` (as torch's own capture does), so no graph points into
@@ -324,7 +301,7 @@ class CUDAGraphRunner:
             if bar is not None:
                 bar.close()
             if todo:
-                rt.order(_capture_stream().ptr, rt.current_handle())  # replays follow the captures
+                rt.order(capture_stream().ptr, rt.current_handle())  # replays follow the captures
         stats.total_s = time.perf_counter() - t0
         stats.other_s = max(0.0, stats.total_s - stats.warmup_s - stats.capture_s - stats.instantiate_s)
         if self._pool is not None:
@@ -355,7 +332,7 @@ class CUDAGraphRunner:
                 growth.append(g.pool_growth.total)
                 del out
         finally:
-            rt.order(_capture_stream().ptr, rt.current_handle())
+            rt.order(capture_stream().ptr, rt.current_handle())
             for g in graphs:
                 g.close()
             graphs.clear()

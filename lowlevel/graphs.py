@@ -312,7 +312,7 @@ class Graph:
 _capture_streams: dict[int, Stream] = {}
 
 
-def _capture_stream() -> Stream:
+def capture_stream() -> Stream:
     """One reusable capture stream per device (the legacy default stream cannot capture)."""
     dev = rt.cp.cuda.runtime.getDevice()
     s = _capture_streams.get(dev)
@@ -353,7 +353,7 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     _check_capture_args(pool, mode, update)
     require_cuda()
     cp = rt.cp
-    s = _capture_stream() if stream is None else adopt(stream)
+    s = capture_stream() if stream is None else adopt(stream)
     if s.ptr in (0, 1, 2):
         raise ValueError("cannot capture on the default stream; pass a stream made with lowlevel.Stream()")
     if s.is_capturing():

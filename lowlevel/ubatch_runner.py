@@ -11,8 +11,8 @@ from typing import Any, Callable, Literal, Sequence
 from . import _runtime as rt
 from . import ubatch_ring as ring
 from .errors import check_choice, check_int, check_timeout, describe
-from .graphs import Graph, GraphPool, capture
-from .stream import Stream, StreamLike, adopt, current_stream
+from .graphs import Graph, GraphPool, capture, capture_stream
+from .stream import Stream, StreamLike, adopt, current_stream, use_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
@@ -118,9 +118,12 @@ class UBatchRunner:
     def _capture(self, key: tuple[int, ...], per_ub: list[tuple[Any, ...]]) -> tuple[Graph, Any]:
         if self.pool is None:
             self.pool = GraphPool()
+        s = capture_stream()  # warm-up and capture on one stream (per-stream state), none made per size
         with self.sm_control if self.sm_control is not None else contextlib.nullcontext():
-            self._run(per_ub)  # warm-up: compilation and lazy allocations outside the capture
-            with capture(pool=self.pool) as g:  # on the per-device capture stream: no new stream per size
+            rt.order(rt.current_handle(), s.ptr)
+            with use_stream(s):
+                self._run(per_ub)  # warm-up: compilation and lazy allocations outside the capture
+            with capture(stream=s, pool=self.pool) as g:
                 out = _concat(self._run(per_ub, pool=self.pool))
         g.keep(per_ub, out)
         self.graphs[key] = (g, out)

@@ -37,10 +37,10 @@ def _state(r):
 
 
 @pytest.mark.parametrize("kwargs, exc, word", [
-    ({"warmup": 1.5}, ValueError, "warmup"),
+    ({"warmup": 1.5}, TypeError, "warmup"),
     ({"warmup": -1}, ValueError, "warmup"),
-    ({"warmup": True}, ValueError, "warmup"),
-    ({"warmup": "2"}, ValueError, "warmup"),
+    ({"warmup": True}, TypeError, "warmup"),
+    ({"warmup": "2"}, TypeError, "warmup"),
     ({"pool": "x"}, TypeError, "pool"),
     ({"pool": 3}, TypeError, "pool"),
     ({"weak_outputs": 1}, TypeError, "weak_outputs"),
