@@ -18,6 +18,15 @@ capturing again with ``capture(update=graph)`` then updates it in place
 (``cuGraphExecUpdate``) when the topology is unchanged, which costs less than instantiating.
 :meth:`GraphPool.release` gives a pool's memory back to the device.
 
+Workspace aliasing (true of torch's own graphs too): inside a capture, the pool hands a block
+that a temporary of the capture freed to the next allocation of the capture. A buffer allocated
+after that free shares the temporary's memory, so every replay writes the temporary's values
+into it. That is harmless for values the graph itself rewrites after the temporary's last use
+(outputs), and wrong for anything meant to keep its contents across replays or to be written
+from outside the graph (state, a buffer filled between replays). Allocate such buffers before
+the capture, or inside it under :meth:`GraphPool.outside`, which takes them from the
+frameworks' ordinary pools.
+
 Not capturable: host synchronisation (``torch.cuda.synchronize``, ``.item()``, ``cupy.asnumpy``)
 and torch's random number generators (use pre-drawn random buffers).
 """
@@ -84,6 +93,7 @@ class GraphPool:
         self.cupy_pool = rt.cp.cuda.MemoryPool()
         self.torch_pool = ops.torch.cuda.MemPool()
         self._graphs: weakref.WeakSet[Graph] = weakref.WeakSet()
+        self._routed_device: int | None = None  # set while active() routes torch allocations here
         _POOLS.add(self)
 
     @contextlib.contextmanager
@@ -103,11 +113,35 @@ class GraphPool:
             dev = torch.cuda.current_device()
             pid = self.torch_pool.id
             begin(dev, pid)
+            self._routed_device = dev
             try:
                 yield self
             finally:
+                self._routed_device = None
                 torch._C._cuda_endAllocateToPool(dev, pid)
                 torch._C._cuda_releasePool(dev, pid)
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator["GraphPool"]:
+        """Inside a capture into this pool (relaxed mode, the default), take the allocations
+        of the block from the frameworks' ordinary pools instead: torch's default caching
+        allocator (every thread, as :meth:`active` routes every thread) and CuPy's default
+        pool (the calling thread). Such a buffer never shares memory with a temporary the
+        capture freed, so replays leave its contents alone; the caller owns it and keeps it
+        alive as long as a replay may use it. Kernels launched in the block are still
+        captured. Outside a capture the block changes nothing."""
+        torch = rt.bind().torch
+        routed = self._routed_device
+        if routed is not None:
+            torch._C._cuda_endAllocateToPool(routed, self.torch_pool.id)
+        try:
+            with rt.cp.cuda.using_allocator(rt.cp.get_default_memory_pool().malloc):
+                yield self
+        finally:
+            if routed is not None:
+                pid = self.torch_pool.id
+                torch._C._cuda_beginAllocateToPool(routed, pid)  # routes again; takes a pool reference ...
+                torch._C._cuda_releasePool(routed, pid)  # ... which the one taken by active() already holds
 
     @contextlib.contextmanager
     def cupy_active(self) -> Iterator["GraphPool"]:

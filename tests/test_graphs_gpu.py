@@ -538,3 +538,43 @@ def test_weak_outputs_share_memory_and_stay_correct_until_the_next_replay():
         out = weak(mode, desc, static[: desc.num_tokens])
         torch.cuda.synchronize()
         torch.testing.assert_close(out, fn(static[: desc.num_tokens]))
+
+
+def test_workspace_aliasing_and_allocating_outside_the_pool():
+    """A buffer allocated in a capture after a temporary was freed can take the temporary's
+    block: replays then overwrite it. One allocated under ``pool.outside()`` never does."""
+    import torch
+
+    n = 1 << 22  # 16 MiB of fp32: the allocator's large-block path
+    x = torch.randn(n, device="cuda")
+    results = {}
+    for outside in (False, True):
+        pool = lowlevel.GraphPool()
+        with lowlevel.capture(pool=pool) as g:
+            t = x * 3.0  # a temporary of the capture
+            tmp_ptr = t.data_ptr()
+            y = t + 1.0
+            del t
+            if outside:
+                with pool.outside():
+                    state = torch.empty(n, device="cuda")
+                    cstate = cp.empty(n, dtype=cp.float32)
+            else:
+                state = torch.empty(n, device="cuda")
+        torch.cuda.synchronize()
+        fill = float(np.random.default_rng().integers(1, 1000))
+        state.fill_(fill)
+        x.copy_(torch.randn(n, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, x * 3.0 + 1.0)  # the graph's own output is right either way
+        results[outside] = (state.data_ptr() == tmp_ptr, bool((state == fill).all()))
+        if outside:
+            assert results[outside] == (False, True), "a buffer allocated outside the pool was overwritten"
+            assert cstate.data.mem.size >= n * 4
+            assert cstate.data.ptr not in range(tmp_ptr, tmp_ptr + n * 4)
+        g.close()
+    aliased, intact = results[False]
+    # The hazard itself (allocator behaviour, true of torch's graphs too): when the block is
+    # shared, the replay rewrote the buffer.
+    assert (not aliased) or not intact
