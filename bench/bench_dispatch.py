@@ -7,7 +7,7 @@ NEEDS_GPU = False
 
 
 def run(rep: Report) -> None:
-    from lowlevel import CUDAGraphMode, CudagraphDispatcher
+    from lowlevel import CudagraphDispatcher, CUDAGraphMode
 
     d = CudagraphDispatcher(max_num_seqs=256)
     d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE)

@@ -105,7 +105,7 @@ def _llama_decode(rep: Report, cfg: dict | None = None, steps: int = 64) -> None
     import numpy as np
     import torch
 
-    from lowlevel import CUDAGraphMode, CudagraphDispatcher, CUDAGraphRunner, padding_table
+    from lowlevel import CudagraphDispatcher, CUDAGraphMode, CUDAGraphRunner, padding_table
 
     sync = torch.cuda.synchronize
     conf = dict(LLAMA, **(cfg or {}))

@@ -28,7 +28,7 @@ def decode_gemms(rep: Report) -> None:
 
     import lowlevel
     from lowlevel import kernels as K
-    from lowlevel.kernels.matmul import plan, config_for
+    from lowlevel.kernels.matmul import config_for, plan
     from lowlevel.sm_control import device_sm_count
 
     total = device_sm_count()

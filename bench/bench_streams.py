@@ -27,9 +27,8 @@ def run(rep: Report) -> None:
             pass
 
     def naive():
-        with s.cupy:
-            with torch.cuda.stream(torch.cuda.ExternalStream(s.ptr)):
-                pass
+        with s.cupy, torch.cuda.stream(torch.cuda.ExternalStream(s.ptr)):
+            pass
 
     def torch_only():
         with torch.cuda.stream(ts):

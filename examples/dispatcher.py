@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lowlevel import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher, default_capture_sizes
+from lowlevel import BatchDescriptor, CudagraphDispatcher, CUDAGraphMode, default_capture_sizes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ def rank_main(rank: int, world: int, init_file: str, steps: int, seed: int, queu
     import torch.distributed as dist
 
     import lowlevel
-    from lowlevel import CUDAGraphMode, CudagraphDispatcher
+    from lowlevel import CudagraphDispatcher, CUDAGraphMode
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -11,9 +11,9 @@ import argparse
 import time
 
 import torch
+from _util import have_gpu
 
 import lowlevel
-from _util import have_gpu
 
 
 def branches(x: torch.Tensor, w: torch.Tensor):

@@ -12,15 +12,17 @@ import argparse
 import random
 import time
 
-import lowlevel
 from _util import have_gpu
-from lowlevel import CUDAGraphMode, CudagraphDispatcher, CUDAGraphRunner
+
+import lowlevel
+from lowlevel import CudagraphDispatcher, CUDAGraphMode, CUDAGraphRunner
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8, help="small layers per step (graphs pay off when launches dominate)")
+    p.add_argument("--layers", type=int, default=8,
+                   help="small layers per step (graphs pay off when launches dominate)")
     p.add_argument("--max-size", type=int, default=64, help="largest captured batch")
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args(argv)

@@ -12,8 +12,9 @@ import argparse
 import threading
 import time
 
-import lowlevel
 from _util import have_gpu
+
+import lowlevel
 from lowlevel import TO_COMM, TO_COMPUTE
 
 
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     assert diff < 1e-4
 
     runner = lowlevel.UBatchRunner(layer, mode="generators")
-    for name, fn in (("sequential", lambda: torch.cat([as_thread_fn(i, x[s.token_slice]) for i, s in enumerate(slices)])),
+    def sequential():
+        return torch.cat([as_thread_fn(i, x[s.token_slice]) for i, s in enumerate(slices)])
+
+    for name, fn in (("sequential", sequential),
                      ("generators", lambda: runner([x], slices))):
         for _ in range(3):
             fn()

@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import lowlevel
-from lowlevel import CUDAGraphMode, CudagraphDispatcher, CUDAGraphRunner
+from lowlevel import CudagraphDispatcher, CUDAGraphMode, CUDAGraphRunner
 
 MODELS = ("llama", "qwen2moe")
 

@@ -12,8 +12,9 @@ import argparse
 import os
 import time
 
-import lowlevel
 from _util import have_gpu
+
+import lowlevel
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 
-import lowlevel
 from _util import have_gpu
+
+import lowlevel
 
 
 def recorded_spans() -> lowlevel.Timeline:

@@ -32,7 +32,8 @@ runtimes read it once per call.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Protocol, Union, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from .device import require_cuda
 
@@ -51,7 +52,7 @@ class HasCudaStream(Protocol):
     def __cuda_stream__(self) -> tuple[int, int]: ...
 
 
-StreamLike = Union[HasCudaStream, int, Any]
+StreamLike = HasCudaStream | int | Any
 """A lowlevel Stream, a ``torch.cuda.Stream``, a CuPy stream, a raw handle, or any
 object implementing ``__cuda_stream__``."""
 

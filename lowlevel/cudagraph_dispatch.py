@@ -16,9 +16,10 @@ from __future__ import annotations
 import bisect
 import enum
 import operator
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
-from .errors import LowlevelError, describe, is_bool, check_bool, check_int, check_ints
+from .errors import LowlevelError, check_bool, check_int, check_ints, describe, is_bool
 
 __all__ = [
     "CUDAGraphMode",
@@ -47,13 +48,13 @@ class CUDAGraphMode(enum.Enum):
         """True for the pair modes, which treat uniform-decode and mixed batches differently."""
         return isinstance(self.value, tuple)
 
-    def decode_mode(self) -> "CUDAGraphMode":
+    def decode_mode(self) -> CUDAGraphMode:
         return CUDAGraphMode(self.value[0]) if self.separate_routine() else self
 
-    def mixed_mode(self) -> "CUDAGraphMode":
+    def mixed_mode(self) -> CUDAGraphMode:
         return CUDAGraphMode(self.value[1]) if self.separate_routine() else self
 
-    def has_mode(self, mode: "CUDAGraphMode | int") -> bool:
+    def has_mode(self, mode: CUDAGraphMode | int) -> bool:
         """Whether this mode uses the runtime mode ``mode`` (a runtime mode or its int;
         ``FULL_DECODE_ONLY`` has NONE). A pair mode raises ``ValueError``, anything else that
         is not a mode ``TypeError``."""
@@ -65,7 +66,7 @@ class CUDAGraphMode(enum.Enum):
     def requires_piecewise_compilation(self) -> bool:
         return self.has_mode(CUDAGraphMode.PIECEWISE)
 
-    def max_cudagraph_mode(self) -> "CUDAGraphMode":
+    def max_cudagraph_mode(self) -> CUDAGraphMode:
         return CUDAGraphMode(max(self.value)) if self.separate_routine() else self
 
     def has_full_cudagraphs(self) -> bool:
@@ -75,7 +76,7 @@ class CUDAGraphMode(enum.Enum):
         return self.requires_piecewise_compilation()
 
     @classmethod
-    def valid_runtime_modes(cls) -> frozenset["CUDAGraphMode"]:
+    def valid_runtime_modes(cls) -> frozenset[CUDAGraphMode]:
         return _RUNTIME_MODES
 
     def is_valid_runtime_mode(self) -> bool:
@@ -144,7 +145,7 @@ class BatchDescriptor(_BatchDescriptorFields):
     __slots__ = ()
 
     def __new__(cls, num_tokens: int, num_reqs: int | None = None, uniform: bool = False,
-                has_lora: bool = False, num_active_loras: int = 0) -> "BatchDescriptor":
+                has_lora: bool = False, num_active_loras: int = 0) -> BatchDescriptor:
         if type(num_tokens) is not int or num_tokens < 0:
             num_tokens = check_int(num_tokens, "num_tokens", 0)
         if num_reqs is not None and (type(num_reqs) is not int or num_reqs < 0):
@@ -160,10 +161,10 @@ class BatchDescriptor(_BatchDescriptorFields):
         return _tuple_new(cls, (num_tokens, num_reqs, uniform, has_lora, num_active_loras))
 
     @classmethod
-    def _make(cls, iterable: Iterable[Any]) -> "BatchDescriptor":
+    def _make(cls, iterable: Iterable[Any]) -> BatchDescriptor:
         return cls(*iterable)
 
-    def relax_for_mixed_batch_cudagraphs(self) -> "BatchDescriptor":
+    def relax_for_mixed_batch_cudagraphs(self) -> BatchDescriptor:
         """The same batch with ``num_reqs=None, uniform=False`` (the PIECEWISE key)."""
         return _tuple_new(BatchDescriptor, (self[0], None, False, self[3], self[4]))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import operator
 import typing
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["LowlevelError", "CudaUnavailableError", "CaptureError"]
 # The checks below are shared by every layer but are not public API (not in __all__).

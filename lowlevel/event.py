@@ -11,11 +11,12 @@ not move an earlier wait. Waiting on a never-recorded event is a no-op (CUDA's r
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _runtime as rt
-from .errors import check_bool
 from ._runtime import StreamLike
+from .errors import check_bool
 
 __all__ = ["Event", "EventLike", "record_event", "wait_event"]
 
@@ -40,7 +41,7 @@ class Event:
         self.ptr: int = int(self._cupy.ptr)
         self.timing = bool(timing)
 
-    def record(self, stream: StreamLike | None = None) -> "Event":
+    def record(self, stream: StreamLike | None = None) -> Event:
         """Record the work enqueued so far on ``stream`` (default: the current stream)."""
         rt.event_record(self.ptr, rt.current_handle() if stream is None else rt.stream_handle(stream))
         return self
@@ -57,7 +58,7 @@ class Event:
         """True when the recorded work has finished (or the event was never recorded)."""
         return rt.cp.cuda.runtime.eventQuery(self.ptr) != _NOT_READY
 
-    def elapsed_ms(self, end: "Event") -> float:
+    def elapsed_ms(self, end: Event) -> float:
         """Milliseconds between this event's record and ``end``'s; both need ``timing=True`` and
         both must have completed."""
         if not (self.timing and getattr(end, "timing", False)):

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 from . import _runtime as rt
-from .cudagraph_dispatch import BatchDescriptor, CUDAGraphMode, CudagraphDispatcher, as_cudagraph_mode
+from .cudagraph_dispatch import BatchDescriptor, CudagraphDispatcher, CUDAGraphMode, as_cudagraph_mode
 from .device import require_cuda
 from .errors import check_int
-from .graphs import Graph, GraphPool, PoolBytes, capture_stream, capture, torch_reserved_bytes
+from .graphs import Graph, GraphPool, PoolBytes, capture, capture_stream, torch_reserved_bytes
 from .stream import use_stream
 
 __all__ = ["CUDAGraphRunner", "CaptureStats", "MemoryEstimate"]

@@ -36,7 +36,8 @@ import contextlib
 import gc
 import time
 import weakref
-from typing import Any, Iterator, Literal, NamedTuple
+from collections.abc import Iterator
+from typing import Any, Literal, NamedTuple
 
 from . import _runtime as rt
 from .device import require_cuda
@@ -50,10 +51,10 @@ _MODE_NAMES: dict[str, str] = {"relaxed": "streamCaptureModeRelaxed",
                                "thread_local": "streamCaptureModeThreadLocal",
                                "global": "streamCaptureModeGlobal"}
 
-_POOLS: "weakref.WeakSet[GraphPool]" = weakref.WeakSet()
+_POOLS: weakref.WeakSet[GraphPool] = weakref.WeakSet()
 
 
-def live_pools() -> list["GraphPool"]:
+def live_pools() -> list[GraphPool]:
     """Every :class:`GraphPool` of this process that is still alive (for memory reports)."""
     return list(_POOLS)
 
@@ -97,7 +98,7 @@ class GraphPool:
         _POOLS.add(self)
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["GraphPool"]:
+    def active(self) -> Iterator[GraphPool]:
         """Inside the block, route the calling thread's CuPy allocations and *every* thread's
         torch allocations to the pool (torch lets one recorder per pool at a time; a capture
         may have helper threads). Threads that enqueue work into a capture also enter
@@ -122,7 +123,7 @@ class GraphPool:
                 torch._C._cuda_releasePool(dev, pid)
 
     @contextlib.contextmanager
-    def outside(self) -> Iterator["GraphPool"]:
+    def outside(self) -> Iterator[GraphPool]:
         """Inside a capture into this pool (relaxed mode, the default), take the allocations
         of the block from the frameworks' ordinary pools instead: torch's default caching
         allocator (every thread, as :meth:`active` routes every thread) and CuPy's default
@@ -144,7 +145,7 @@ class GraphPool:
                 torch._C._cuda_releasePool(routed, pid)  # ... which the one taken by active() already holds
 
     @contextlib.contextmanager
-    def cupy_active(self) -> Iterator["GraphPool"]:
+    def cupy_active(self) -> Iterator[GraphPool]:
         """Route the calling thread's CuPy allocations to the pool inside the block."""
         with rt.cp.cuda.using_allocator(self.cupy_pool.malloc):
             yield self
@@ -180,7 +181,7 @@ class GraphPool:
         """:class:`PoolBytes` (torch, cupy) this pool holds now."""
         return PoolBytes(self.torch_bytes(), self.cupy_bytes())
 
-    def live_graphs(self) -> list["Graph"]:
+    def live_graphs(self) -> list[Graph]:
         """Graphs captured into this pool that can still be replayed."""
         return [g for g in self._graphs if g._exec]
 

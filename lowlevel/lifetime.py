@@ -22,7 +22,8 @@ import dataclasses
 import sys
 import threading
 import types
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ._runtime import cp as _cp
 
@@ -103,7 +104,8 @@ def _plan(cls: type) -> Any:
         slots = []
         for klass in cls.__mro__:
             names = klass.__dict__.get("__slots__", ())
-            slots += [n for n in ((names,) if isinstance(names, str) else names) if n not in ("__dict__", "__weakref__")]
+            names = (names,) if isinstance(names, str) else names
+            slots += [n for n in names if n not in ("__dict__", "__weakref__")]
         plan = ("attrs", tuple(slots))
     if len(_PLANS) > 4096:  # classes made on the fly: keep the cache bounded
         _PLANS.clear()

@@ -16,11 +16,13 @@ valid on C after their Python references are dropped (skipped under graph captur
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import _runtime as rt
 from .errors import check_int, describe
-from .event import Event, EventLike, event_ops as _ops_for, record_event, wait_event
+from .event import Event, EventLike, record_event, wait_event
+from .event import event_ops as _ops_for
 from .lifetime import iter_arrays, protect_arrays
 from .stream import Stream, StreamLike, adopt
 

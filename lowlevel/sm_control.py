@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import _runtime as rt
 from .device import cuda_available, require_cuda
@@ -111,7 +112,7 @@ class SMControlContextManager:
         self.set_compute_sms = set_compute_sms
         self._depth = 0
 
-    def __enter__(self) -> "SMControlContextManager":
+    def __enter__(self) -> SMControlContextManager:
         try:
             self.set_comm_sms(self.comm_sms)
             self.set_compute_sms(self.compute_sms)
@@ -180,7 +181,7 @@ class SMPartition:
         if int(err) == 0 and cur is not None:
             drv.cuCtxSetCurrent(cur)  # leave the thread on the context it had
 
-    def __enter__(self) -> "SMPartition":
+    def __enter__(self) -> SMPartition:
         return self
 
     def __exit__(self, *exc: object) -> None:

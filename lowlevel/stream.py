@@ -67,13 +67,13 @@ class Stream:
         self._torch_key: tuple[int, int, int] | None = None
 
     @classmethod
-    def _wrap(cls, cupy_stream: Any, torch_stream: Any = None) -> "Stream":
+    def _wrap(cls, cupy_stream: Any, torch_stream: Any = None) -> Stream:
         self = cls.__new__(cls)
         self._init(cupy_stream, torch_stream)
         return self
 
     @classmethod
-    def from_external(cls, obj: StreamLike) -> "Stream":
+    def from_external(cls, obj: StreamLike) -> Stream:
         """Adopt ``obj``: a lowlevel Stream (returned as is), a ``torch.cuda.Stream``, a CuPy
         stream, an int handle, or anything with ``__cuda_stream__``. The caller keeps
         ownership; the returned Stream must not outlive the stream it adopts. ``TypeError``

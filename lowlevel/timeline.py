@@ -22,8 +22,9 @@ import contextlib
 import json
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from . import _runtime as rt
 from .errors import check_bool, describe
@@ -73,7 +74,7 @@ class _NullSpan:
 _NULL = _NullSpan()
 
 
-def active_timeline() -> "Timeline | None":
+def active_timeline() -> Timeline | None:
     """The timeline lowlevel's runtimes record into (set by :meth:`Timeline.activate`), or None.
     Process-wide: see the module docstring."""
     return rt.tracer  # type: ignore[no-any-return]
@@ -82,7 +83,7 @@ def active_timeline() -> "Timeline | None":
 class _LiveSpan:
     __slots__ = ("tl", "name", "stream", "h", "ev0")
 
-    def __init__(self, tl: "Timeline", name: str, stream: Any) -> None:
+    def __init__(self, tl: Timeline, name: str, stream: Any) -> None:
         self.tl, self.name, self.stream = tl, name, stream
 
     def __enter__(self) -> None:
@@ -133,7 +134,7 @@ class Timeline:
         return _LiveSpan(self, name, stream)
 
     @contextlib.contextmanager
-    def activate(self) -> Iterator["Timeline"]:
+    def activate(self) -> Iterator[Timeline]:
         """Let lowlevel's runtimes record their spans into this timeline inside the block (in
         every thread: the active timeline is process-wide); the previous one is active again
         after it."""

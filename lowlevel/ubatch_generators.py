@@ -7,7 +7,8 @@ stream a microbatch leaves records an event, and the stream it continues on wait
 """
 from __future__ import annotations
 
-from typing import Any, Generator, Iterable
+from collections.abc import Generator, Iterable
+from typing import Any
 
 from . import _runtime as rt
 from .errors import check_int, describe

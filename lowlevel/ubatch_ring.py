@@ -17,7 +17,8 @@ their next switch point; :func:`first_ubatch_error` gives the exception that sta
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import _runtime as rt
 from .errors import LowlevelError, check_int, check_timeout, describe
@@ -66,11 +67,11 @@ class _Ring:
 
 
 # thread id -> context of the microbatch running on that thread (see active_ubatch_contexts)
-_THREAD_CTX: dict[int, "UBatchContext"] = {}
+_THREAD_CTX: dict[int, UBatchContext] = {}
 _registry_lock = threading.Lock()
 
 
-def active_ubatch_contexts() -> dict[int, "UBatchContext"]:
+def active_ubatch_contexts() -> dict[int, UBatchContext]:
     """A copy of the live registry: thread id -> the microbatch context running on it."""
     with _registry_lock:
         return dict(_THREAD_CTX)
@@ -112,7 +113,7 @@ class UBatchContext:
             self._span = None
 
     # --- entry and exit ------------------------------------------------------------------------
-    def __enter__(self) -> "UBatchContext":
+    def __enter__(self) -> UBatchContext:
         with _registry_lock:
             _THREAD_CTX[threading.get_ident()] = self
         self._prev = rt.save()

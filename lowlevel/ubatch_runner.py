@@ -6,7 +6,8 @@ import contextlib
 import threading
 import time
 import weakref
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from . import _runtime as rt
 from . import ubatch_ring as ring
@@ -147,9 +148,8 @@ class UBatchRunner:
         def job(i: int) -> None:
             try:
                 rt.use_device(dev)  # a parked thread starts on device 0; work goes to the caller's
-                with pool.cupy_active() if pool is not None else contextlib.nullcontext():
-                    with ctxs[i]:
-                        results[i] = self.fn(i, *per_ub[i])
+                with pool.cupy_active() if pool is not None else contextlib.nullcontext(), ctxs[i]:
+                    results[i] = self.fn(i, *per_ub[i])
             except BaseException as exc:  # reported by the launching thread
                 errors[i] = exc
 
@@ -172,8 +172,9 @@ class UBatchRunner:
         if hung:
             ring.abort_ubatches(ctxs)
             raise ring.UBatchAbort(f"microbatch threads {hung} did not finish within {self.timeout_s} s")
-        err = ring.first_ubatch_error(ctxs) or next((e for e in errors if e is not None and not isinstance(e, ring.UBatchAbort)),
-                                           None) or next((e for e in errors if e is not None), None)
+        err = (ring.first_ubatch_error(ctxs)
+               or next((e for e in errors if e is not None and not isinstance(e, ring.UBatchAbort)), None)
+               or next((e for e in errors if e is not None), None))
         if err is not None:
             raise err
         return results

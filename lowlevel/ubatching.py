@@ -10,7 +10,8 @@ serve both runtimes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 from .ubatch_generators import TO_COMM, TO_COMPUTE, YIELD
 from .ubatch_ring import any_ubatch_active, current_ubatch_context

@@ -45,7 +45,6 @@ def _layer_of(module: str) -> str:
 def _resolve(current: str, level: int, target: str | None) -> str:
     """'lowlevel'-relative dotted name of an import made in ``current``."""
     base = current.split(".")
-    is_pkg = base[-1] == "__init__"
     base = base[:-1]  # the module's package
     if level:
         drop = level - 1

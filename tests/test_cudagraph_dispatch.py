@@ -2,8 +2,8 @@
 import pytest
 
 from lowlevel import BatchDescriptor as BD
-from lowlevel import CUDAGraphMode as M
 from lowlevel import CudagraphDispatcher, default_capture_sizes, padding_table
+from lowlevel import CUDAGraphMode as M
 from lowlevel.cudagraph_dispatch import captured_lora_counts
 
 

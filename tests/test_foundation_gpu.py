@@ -66,10 +66,8 @@ def test_use_stream_restores_on_exception():
     a, b = lowlevel.Stream(), lowlevel.Stream()
     t0 = torch.cuda.current_stream().cuda_stream
     c0 = cp.cuda.get_current_stream().ptr
-    with pytest.raises(KeyError):
-        with lowlevel.use_stream(a):
-            with lowlevel.use_stream(b):
-                raise KeyError("boom")
+    with pytest.raises(KeyError), lowlevel.use_stream(a), lowlevel.use_stream(b):
+        raise KeyError("boom")
     assert torch.cuda.current_stream().cuda_stream == t0
     assert cp.cuda.get_current_stream().ptr == c0
 
@@ -286,12 +284,10 @@ def test_timeline_pushes_and_pops_nvtx_ranges_in_pairs(monkeypatch):
     monkeypatch.setattr(tlm, "_nvtx", (counted_push, counted_pop))
     tl = lowlevel.Timeline()
     for i in range(2):
-        with tl.span(f"s{i}"):
-            with tl.span(f"inner{i}"):
-                spin(100_000)
-    with pytest.raises(KeyError):
-        with tl.span("raises"):
-            raise KeyError("x")
+        with tl.span(f"s{i}"), tl.span(f"inner{i}"):
+            spin(100_000)
+    with pytest.raises(KeyError), tl.span("raises"):
+        raise KeyError("x")
     assert calls == [("push", "s0"), ("push", "inner0"), ("pop",), ("pop",),
                      ("push", "s1"), ("push", "inner1"), ("pop",), ("pop",), ("push", "raises"), ("pop",)]
     assert len(tl.resolve()) == 5

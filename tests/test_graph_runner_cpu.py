@@ -172,25 +172,20 @@ def test_clear_and_release_without_a_pool_need_no_gpu():
 def test_capture_mode_is_a_literal_and_checked_first():
     hints = typing.get_type_hints(lowlevel.capture)
     assert set(typing.get_args(hints["mode"])) == {"relaxed", "thread_local", "global"}
-    with pytest.raises(ValueError, match="mode"):
-        with lowlevel.capture(mode="bogus"):
-            pass
-    with pytest.raises(ValueError, match="mode"):
-        with lowlevel.capture(mode=1):
-            pass
-    with pytest.raises(TypeError, match="pool"):
-        with lowlevel.capture(pool="x"):
-            pass
-    with pytest.raises(TypeError, match="update"):
-        with lowlevel.capture(update=object()):
-            pass
+    with pytest.raises(ValueError, match="mode"), lowlevel.capture(mode="bogus"):
+        pass
+    with pytest.raises(ValueError, match="mode"), lowlevel.capture(mode=1):
+        pass
+    with pytest.raises(TypeError, match="pool"), lowlevel.capture(pool="x"):
+        pass
+    with pytest.raises(TypeError, match="update"), lowlevel.capture(update=object()):
+        pass
 
 
 @no_gpu
 def test_capture_without_gpu_raises_cuda_unavailable():
-    with pytest.raises(lowlevel.CudaUnavailableError):
-        with lowlevel.capture():
-            pass
+    with pytest.raises(lowlevel.CudaUnavailableError), lowlevel.capture():
+        pass
     with pytest.raises(lowlevel.CudaUnavailableError):
         lowlevel.GraphPool()
 

@@ -119,15 +119,13 @@ def test_torch_allocations_go_to_the_graph_pool():
 def test_failed_capture_recovers():
     s = lowlevel.Stream()
     x = torch.randn(1000, device="cuda")
-    with pytest.raises(lowlevel.CaptureError, match="exception in the captured block"):
-        with lowlevel.capture(stream=s):
-            y = x * 2
-            raise RuntimeError("user code failed")
+    with pytest.raises(lowlevel.CaptureError, match="exception in the captured block"), lowlevel.capture(stream=s):
+        y = x * 2
+        raise RuntimeError("user code failed")
     assert not s.is_capturing()
-    with pytest.raises(lowlevel.CaptureError):
-        with lowlevel.capture(stream=s):
-            y = x * 2
-            torch.cuda.synchronize()  # illegal during capture
+    with pytest.raises(lowlevel.CaptureError), lowlevel.capture(stream=s):
+        y = x * 2
+        torch.cuda.synchronize()  # illegal during capture
     assert not s.is_capturing()
     assert torch.cuda.current_stream().cuda_stream != s.ptr
     with lowlevel.capture(stream=s) as g:
@@ -135,12 +133,10 @@ def test_failed_capture_recovers():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, x * 3)
-    with pytest.raises(ValueError):
-        with lowlevel.capture(mode="bogus"):
-            pass
-    with pytest.raises(TypeError):
-        with lowlevel.capture(pool=object()):
-            pass
+    with pytest.raises(ValueError), lowlevel.capture(mode="bogus"):
+        pass
+    with pytest.raises(TypeError), lowlevel.capture(pool=object()):
+        pass
 
 
 def test_multi_stream_capture_branches():
@@ -475,10 +471,9 @@ def test_refused_update_falls_back_to_instantiation():
         torch.testing.assert_close(out2, _f2(a))
         assert bool((out1 == 7.0).all())
     # a failed re-capture leaves the graph as it was
-    with pytest.raises(lowlevel.CaptureError):
-        with lowlevel.capture(pool=pool, update=g):
-            _f1(a)
-            raise RuntimeError("boom")
+    with pytest.raises(lowlevel.CaptureError), lowlevel.capture(pool=pool, update=g):
+        _f1(a)
+        raise RuntimeError("boom")
     a.copy_(torch.from_numpy(_fresh(n, 9)))
     g.replay()
     torch.cuda.synchronize()

@@ -210,7 +210,8 @@ def test_rms_norm_variants(prefetch, rows, n, rows_per):
         assert _rel(new_r, s) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [(16, 16, 16, 2, 1, 1, 3), (16, 32, 32, 2, 1, 1, 2, True), (16, 16, 16, 2, 1, 1, 1, True)])
+@pytest.mark.parametrize("cfg", [(16, 16, 16, 2, 1, 1, 3), (16, 32, 32, 2, 1, 1, 2, True),
+                                 (16, 16, 16, 2, 1, 1, 1, True)])
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("mnk", [(1, 40, 70), (17, 33, 64), (5, 16, 129), (20, 50, 0)])
 def test_matmul_split_k_flatten_and_wide_paths(cfg, wide, mnk):

@@ -5,7 +5,6 @@ import time
 import pytest
 
 import lowlevel
-from lowlevel import parallel
 
 
 def test_sequential_pair_preserves_results_and_order():

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lowlevel import BatchDescriptor as BD  # noqa: E402
-from lowlevel import CUDAGraphMode as M  # noqa: E402
 from lowlevel import CudagraphDispatcher, default_capture_sizes, maybe_create_ubatch_slices, padding_table  # noqa: E402
+from lowlevel import CUDAGraphMode as M  # noqa: E402
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 sizes_st = st.lists(st.integers(1, 600), min_size=1, max_size=24)

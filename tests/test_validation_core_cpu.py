@@ -213,15 +213,13 @@ def test_sm_control_restores_both_budgets_when_a_callback_raises():
     log = []
     ctl = lowlevel.SMControlContextManager(16, _Flaky(log, "comm", None), _Flaky(log, "compute", 116),
                                            total_sms=132)
-    with pytest.raises(RuntimeError, match="compute refused 116"):
-        with ctl:
-            pytest.fail("the body must not run")
+    with pytest.raises(RuntimeError, match="compute refused 116"), ctl:
+        pytest.fail("the body must not run")
     assert log[-2:] == [("comm", 132), ("compute", 132)]
     log.clear()
     ctl = lowlevel.SMControlContextManager(16, _Flaky(log, "comm", 132), _Flaky(log, "compute"), total_sms=132)
-    with pytest.raises(RuntimeError, match="comm refused 132"):
-        with ctl:
-            pass
+    with pytest.raises(RuntimeError, match="comm refused 132"), ctl:
+        pass
     assert log == [("comm", 16), ("compute", 116), ("comm", 132), ("compute", 132)]
     with pytest.raises(lowlevel.LowlevelError, match="without a matching __enter__"):
         ctl.__exit__(None, None, None)

@@ -12,8 +12,8 @@ import pytest
 
 import lowlevel
 from lowlevel import BatchDescriptor as BD
-from lowlevel import CUDAGraphMode as M
 from lowlevel import CudagraphDispatcher, default_capture_sizes, maybe_create_ubatch_slices, padding_table
+from lowlevel import CUDAGraphMode as M
 from lowlevel.cudagraph_dispatch import as_cudagraph_mode, captured_lora_counts
 from lowlevel.errors import LowlevelError, check_bool, check_choice, check_int, check_timeout
 from lowlevel.ubatch_slices import UBatchSlice

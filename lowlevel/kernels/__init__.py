@@ -6,7 +6,6 @@ never recompiles. Inputs may be torch tensors or CuPy arrays; launches go to low
 stream (:func:`lowlevel.use_stream`).
 """
 from ..sm_control import get_num_sms, set_num_sms, sm_limit
-
 from ._launch import PreparedLaunch
 from .copy import copy, prepare_copy
 from .matmul import matmul, prepare_matmul

@@ -32,7 +32,6 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ..sm_control import device_sm_count
-
 from ._launch import (
     INTERPRET,
     FastLauncher,
@@ -185,7 +184,7 @@ def m_bucket(M: int) -> int:
     """The table's row bucket of ``M``: the smallest of 1, 16, 32, 64, 128, 256 at least M, else 0
     (no table entry: :func:`heuristic_config`)."""
     for b in _BUCKETS:
-        if M <= b:
+        if b >= M:
             return b
     return 0
 

@@ -366,7 +366,7 @@ class TileOverlap:
         self._lock = threading.Lock()
 
     # -- context manager ---------------------------------------------------------------------
-    def __enter__(self) -> "TileOverlap":
+    def __enter__(self) -> TileOverlap:
         return self
 
     def __exit__(self, *exc: object) -> None:

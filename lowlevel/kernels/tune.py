@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del a, b, c, ref
 
     # rms_norm against the copy bandwidth
-    rms_configs = [] if ns.no_rms_norm else [(r, w, 1, pf) for r in (1, 2, 4) for w in (8, 16, 32) for pf in (False, True)]
+    rms_configs = [] if ns.no_rms_norm else [
+        (r, w, 1, pf) for r in (1, 2, 4) for w in (8, 16, 32) for pf in (False, True)]
     x = torch.randn(16384, 8192, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8192, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
