@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .dp import DPConfig
-
-__all__ = ["UBatchSlice", "check_ubatch_thresholds", "maybe_create_ubatch_slices"]
+__all__ = ["UBatchSlice", "maybe_create_ubatch_slices"]
 
 
 @dataclass(frozen=True)
@@ -27,17 +24,6 @@ class UBatchSlice:
     def is_empty(self) -> bool:
         return (self.request_slice.start == self.request_slice.stop
                 or self.token_slice.start == self.token_slice.stop)
-
-
-def check_ubatch_thresholds(config: "DPConfig", num_tokens: int, uniform_decode: bool) -> bool:
-    """Whether a batch is large enough to be worth microbatching: ``num_tokens >=`` the decode
-    threshold for a uniform-decode batch, the prefill threshold otherwise; always False when
-    microbatching is not enabled."""
-    if not config.enable_microbatching:
-        return False
-    if uniform_decode:
-        return num_tokens >= config.decode_token_threshold
-    return num_tokens >= config.prefill_token_threshold
 
 
 def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequence[int] | np.ndarray,
