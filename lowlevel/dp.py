@@ -208,28 +208,30 @@ def check_ubatch_thresholds(config: DPConfig, num_tokens: int, uniform_decode: b
     return num_tokens >= config.prefill_token_threshold
 
 
-def post_process_dp_table(table: np.ndarray, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
+def post_process_dp_table(table: Any, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
     """The plan every rank derives from the reduced table (its first five rows, columns in
-    ``dp_rank`` order): ``(should_ubatch, padded counts per rank, synced mode, padded to the max)``."""
-    unpadded, padded, wants, allows, modes = (table[i] for i in range(PLAN_ROWS))
-    mode = int(modes.min())
-    should_ubatch = bool((wants == 1).all())
-    if should_ubatch:
-        max_padded = int(padded.max())
-        # The rank with the fewest real tokens would get an all-padding last microbatch.
-        if (max_padded // num_ubatches) * (num_ubatches - 1) >= int(unpadded.min()):
-            should_ubatch = False
-    pad = should_ubatch or (bool((allows == 1).all()) and mode != 0)
-    counts = [int(padded.max())] * table.shape[1] if pad else [int(x) for x in padded]
+    ``dp_rank`` order; a NumPy array or a list of rows): ``(should_ubatch, padded counts per
+    rank, synced mode, padded to the max)``."""
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    unpadded, padded, wants, allows, modes = rows[:PLAN_ROWS]
+    mode = min(modes)
+    max_padded = max(padded)
+    should_ubatch = all(x == 1 for x in wants)
+    # The rank with the fewest real tokens would get an all-padding last microbatch.
+    if should_ubatch and (max_padded // num_ubatches) * (num_ubatches - 1) >= min(unpadded):
+        should_ubatch = False
+    pad = should_ubatch or (all(x == 1 for x in allows) and mode != 0)
+    counts = [max_padded] * len(padded) if pad else list(padded)
     return should_ubatch, counts, mode, pad
 
 
-def check_dp_table(table: np.ndarray) -> list[str]:
-    """The mismatches a reduced ``[ROWS, group size]`` table shows, as sentences (empty: all
-    ranks agree). Columns are group ranks. Identical on every rank, since the table is."""
-    w = table.shape[1]
-    cfg = table[R_PRESENT:].tolist()
-    present, ranks, sizes, nubs, steps = cfg
+def check_dp_table(table: Any) -> list[str]:
+    """The mismatches a reduced ``[ROWS, group size]`` table (a NumPy array or a list of rows)
+    shows, as sentences (empty: all ranks agree). Columns are group ranks. Identical on every
+    rank, since the table is."""
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    present, ranks, sizes, nubs, steps = rows[R_PRESENT:ROWS]
+    w = len(ranks)
     problems = []
     if any(s != w for s in sizes):
         problems.append(f"dp_size differs from the group's size {w}: "
@@ -363,8 +365,9 @@ def coordinate_batch_across_dp(num_tokens_unpadded: int, allow_microbatching: bo
     ``cudagraph_mode`` is a runtime :class:`~lowlevel.CUDAGraphMode` (NONE, PIECEWISE, FULL) or
     its int (NumPy ints too); token counts are non-negative ints (never bool), flags bools.
     Returns ``(should_ubatch, num_tokens_after_padding, synced_cudagraph_mode)``:
-    ``num_tokens_after_padding`` is a fresh CPU int32 torch tensor of length ``dp_size`` in
-    ``dp_rank`` order (pinned where a GPU exists; ``.numpy()`` and :func:`lowlevel.as_cupy`
+    ``num_tokens_after_padding`` is a CPU int32 torch tensor of length ``dp_size`` in
+    ``dp_rank`` order, never reused by a later step (a row of a block of results allocated
+    256 steps at a time; pinned where a GPU exists; ``.numpy()`` and :func:`lowlevel.as_cupy`
     views of it work), or None with ``dp_size == 1`` (no collective:
     ``(False, None, cudagraph_mode)``).
 
@@ -380,6 +383,16 @@ def coordinate_batch_across_dp(num_tokens_unpadded: int, allow_microbatching: bo
 
 # --- backends ---------------------------------------------------------------------------------------
 
+# Implementation choices, measured side by side in bench/bench_dp.py (private knobs, not API):
+# the NCCL path's stream switch ("lowlevel": lowlevel.use_stream on a cached Stream; "torch":
+# torch.cuda.stream), and how the gloo path waits ("timeout": work.wait(timedelta), a condition
+# variable wait in gloo's work; "poll": is_completed() against the deadline, which starves gloo's
+# threads on a small host).
+_NCCL_STREAM = "lowlevel"
+_GLOO_WAIT = "timeout"
+_OUT_BLOCK = 256  # results handed out per pinned block
+
+
 def _buffers(config: DPConfig) -> dict[str, Any]:
     st = config._state
     if st.bufs is None:
@@ -389,15 +402,35 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
         w = dist.get_world_size(config.group)
         cuda = torch.cuda.is_available()
         host = torch.zeros((ROWS, w), dtype=torch.int32, pin_memory=cuda)
-        bufs: dict[str, Any] = {"host": host, "np": host.numpy(), "pin": cuda}
+        bufs: dict[str, Any] = {"host": host, "np": host.numpy(), "pin": cuda, "out": None, "out_np": None,
+                                "out_i": _OUT_BLOCK}
         if config.use_device_collective:
+            from .event import Event
+            from .stream import Stream
+
             bufs["device"] = torch.zeros((ROWS, w), dtype=torch.int32, device="cuda")
-            bufs["stream"] = torch.cuda.Stream()
-            bufs["event"] = torch.cuda.Event()
+            bufs["stream"] = Stream()
+            bufs["tstream"] = torch.cuda.Stream()
+            bufs["event"] = Event()
         st.group_rank = dist.get_rank(config.group)
         st.group_size = w
         st.bufs = bufs
     return st.bufs
+
+
+def _out(b: dict[str, Any], counts: list[int]) -> Any:
+    """A fresh-looking int32 result: row ``i`` of a pinned block of ``_OUT_BLOCK`` results (a
+    new block when one is used up; a block lives while any of its rows is referenced), so a
+    step allocates nothing."""
+    i = b["out_i"]
+    if i == _OUT_BLOCK:
+        import torch
+
+        blk = torch.empty((_OUT_BLOCK, len(counts)), dtype=torch.int32, pin_memory=b["pin"])
+        b["out"], b["out_np"], i = blk, blk.numpy(), 0
+    b["out_np"][i] = counts
+    b["out_i"] = i + 1
+    return b["out"][i]
 
 
 def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
@@ -417,15 +450,25 @@ def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
     table[R_STEP, c] = st.step % _STEP_MOD
     try:
         if config.use_device_collective:
-            import torch
-
-            dev, s = b["device"], b["stream"]
+            dev, host = b["device"], b["host"]
             # A dedicated stream: the vote never waits for the model's queued work, and the
             # model's stream never waits for the vote. No host wait here: the event is polled.
-            with torch.cuda.stream(s):
-                dev.copy_(b["host"], non_blocking=True)
-                dist.all_reduce(dev, group=config.group)
-                b["host"].copy_(dev, non_blocking=True)
+            if _NCCL_STREAM == "torch":
+                import torch
+
+                with torch.cuda.stream(b["tstream"]):
+                    dev.copy_(host, non_blocking=True)
+                    dist.all_reduce(dev, group=config.group)
+                    host.copy_(dev, non_blocking=True)
+                b["event"].record(b["tstream"])
+            else:
+                from .stream import use_stream
+
+                s = b["stream"]
+                with use_stream(s):
+                    dev.copy_(host, non_blocking=True)
+                    dist.all_reduce(dev, group=config.group)
+                    host.copy_(dev, non_blocking=True)
                 b["event"].record(s)
             return None
         return dist.all_reduce(b["host"], group=config.group, async_op=True)
@@ -436,8 +479,6 @@ def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
 
 def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
     """Wait for the collective (bounded by ``timeout_s``), check the table, derive the plan."""
-    import torch
-
     st, b = config._state, config._state.bufs
     assert b is not None
     try:
@@ -451,28 +492,28 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
     except Exception as exc:
         st.broken = f"{type(exc).__name__}: {exc}"
         raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
-    table = b["np"]
+    rows = b["np"].tolist()
     w = st.group_size
-    problems = check_dp_table(table)
+    problems = check_dp_table(rows)
     if problems:
         msg = f"{_where(config)}: the ranks disagree: " + "; ".join(problems)
         if config.dp_size != w:
             raise DPConfigError(f"dp_size must equal the group's size ({w}), got {config.dp_size}. {msg}")
         raise DPSyncError(msg)
-    ranks = table[R_DP_RANK]
-    plan_table = table[:PLAN_ROWS]
-    if any(int(r) != i for i, r in enumerate(ranks)):  # dp_rank order differs from the group's
-        plan_table = plan_table[:, np.argsort(ranks)]
-    should_ubatch, counts, synced, _ = post_process_dp_table(plan_table, config.num_ubatches)
-    out = torch.empty(w, dtype=torch.int32, pin_memory=b["pin"])
-    out.numpy()[:] = counts
-    return should_ubatch, out, synced
+    plan_rows = rows[:PLAN_ROWS]
+    ranks = rows[R_DP_RANK]
+    if ranks != list(range(w)):  # dp_rank order differs from the group's: columns in dp_rank order
+        order = sorted(range(w), key=ranks.__getitem__)
+        plan_rows = [[r[c] for c in order] for r in plan_rows]
+    should_ubatch, counts, synced, _ = post_process_dp_table(plan_rows, config.num_ubatches)
+    return should_ubatch, _out(b, counts), synced
 
 
 def _poll(event: Any, config: DPConfig) -> None:
     """Wait for ``event`` (the D2H copy of the reduced table), raising on ``timeout_s``: spin on
     ``cudaEventQuery`` for the first 2 ms (a vote takes ~0.1 ms), then query every 50 µs
-    (the GIL released)."""
+    (the GIL released). Not ``work.wait(timeout)``: with a timeout, torch's NCCL work waits in
+    a sleep loop that cost ~700 µs a vote on an H200 pair (bench_dp, "earlier path")."""
     if event.query():
         return
     t0 = time.perf_counter()
@@ -487,10 +528,24 @@ def _poll(event: Any, config: DPConfig) -> None:
 
 
 def _wait_work(work: Any, config: DPConfig) -> None:
-    timeout = None if config.timeout_s is None else datetime.timedelta(seconds=config.timeout_s)
+    """Wait for the gloo work, at most ``timeout_s``."""
     where = _where(config)
+    if config.timeout_s is None:
+        work.wait()
+        return
+    if _GLOO_WAIT == "poll":
+        if not work.is_completed():
+            t0 = time.perf_counter()
+            while not work.is_completed():
+                now = time.perf_counter() - t0
+                if now > config.timeout_s:
+                    raise DPSyncError(f"{where} timed out after {config.timeout_s} s: a peer never joined")
+                if now > 2e-3:
+                    time.sleep(5e-5)
+        work.wait()  # completed: returns at once, or raises the collective's error
+        return
     try:
-        ok = work.wait() if timeout is None else work.wait(timeout)
+        ok = work.wait(datetime.timedelta(seconds=config.timeout_s))
     except Exception as exc:
         text = str(exc).lower()
         if "timeout" in text or "timed out" in text:

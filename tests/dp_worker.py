@@ -81,7 +81,13 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
             teardown = False
             cfg = lowlevel.DPConfig(world, rank, timeout_s=2.0, use_device_collective=device)
             if rank == 1:
-                time.sleep(8)  # never joins in time
+                if device:  # joins late, so the NCCL kernel rank 0 left behind completes and both exit
+                    time.sleep(4)
+                    lowlevel.coordinate_batch_across_dp(5, False, True, lowlevel.DPConfig(world, rank, timeout_s=30,
+                                                                                          use_device_collective=True))
+                    torch.cuda.synchronize()
+                else:
+                    time.sleep(8)  # never joins in time
             else:
                 t0 = time.monotonic()
                 try:
@@ -90,6 +96,12 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
                 except lowlevel.DPSyncError as e:
                     res["error"] = str(e)
                 res["elapsed"] = time.monotonic() - t0
+                if device:
+                    try:
+                        lowlevel.coordinate_batch_across_dp(5, False, True, cfg)
+                    except lowlevel.DPSyncError as e:  # a timed-out config refuses to go on
+                        res["after_timeout"] = str(e)
+                    torch.cuda.synchronize()  # the late peer completes the collective
         elif mode.startswith("mismatch-"):
             kind = mode.removeprefix("mismatch-")
             size, r, extra = mismatch_config(kind, rank, world)
@@ -172,3 +184,41 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
         json.dump(res, f)
     if not teardown:
         os._exit(0)  # the group is in an unknown state after a timeout: leave without teardown
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
+    """Run ``world`` worker processes; returns their JSON results, or raises AssertionError
+    naming a rank that hung or died (with its output)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    port = free_port()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
+            "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), "
+            "sys.argv[7], sys.argv[8])")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **NO_NVLS)
+    procs = [subprocess.Popen([sys.executable, "-c", code, here, str(r), str(world), str(port), str(out_dir),
+                               str(steps), mode, backend], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
+    for r, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"rank {r} hung ({mode}, {backend})") from None
+        assert p.returncode == 0, f"rank {r} died with {p.returncode}: " + out.decode(errors="replace")[-3000:]
+    results = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            results.append(json.load(f))
+    return results

@@ -1,8 +1,6 @@
 """CPU tier of DP padding sync: post-processing, slicing goldens, validation, real gloo runs."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -73,7 +71,7 @@ def _fake_peers(monkeypatch, peers, world=2, group_rank=0):
     def fake_start(config, column):
         st = config._state
         host = np.zeros((dp.ROWS, world), dtype=np.int32)
-        st.bufs = {"host": None, "np": host, "pin": False}
+        st.bufs = {"host": None, "np": host, "pin": False, "out": None, "out_np": None, "out_i": dp._OUT_BLOCK}
         st.group_size, st.group_rank = world, group_rank
         # fill our column exactly as the real code does, by running it against a stub group
         host[:dp.PLAN_ROWS, group_rank] = column
@@ -283,30 +281,14 @@ def test_slices_bad_input():
 
 # --- real torch.distributed over gloo, one process per rank -----------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, tmp_path, steps, mode="plan", timeout=240):
-    port = _free_port()
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
-            "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), sys.argv[7])")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", NCCL_NVLS_ENABLE="0",
-               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", code, HERE, str(r), str(world), str(port), str(tmp_path),
-                               str(steps), mode], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-        assert p.returncode == 0, f"rank died with {p.returncode}: " + out.decode(errors="replace")[-3000:]
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    sys.path.insert(0, HERE)
+    import dp_worker
+
+    try:
+        return dp_worker.spawn(world, tmp_path, steps, mode, "gloo", timeout)
+    except AssertionError as e:  # a rank hung or died
+        pytest.fail(str(e))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -365,3 +347,16 @@ def test_gloo_async_vote_equals_blocking_and_detects_generation(tmp_path):
         assert all(r["same"]) and len(r["same"]) == 30 and r["step"] == 30
         assert r["second_start"] and "already in flight" in r["second_start"]
         assert r["gen_error"] and "different steps" in r["gen_error"] and r["gen_elapsed"] < 20
+
+
+def test_results_are_never_reused(monkeypatch):
+    import lowlevel.dp as dp
+
+    _fake_peers(monkeypatch, {1: {"padded": 7, "mode": 0}})
+    cfg = lowlevel.DPConfig(2, 0)
+    outs = []
+    for k in range(dp._OUT_BLOCK + 5):  # across a block boundary
+        outs.append(lowlevel.coordinate_batch_across_dp(k, False, True, cfg)[1])
+    assert [o.tolist() for o in outs] == [[k, 7] for k in range(dp._OUT_BLOCK + 5)]
+    outs[0][0] = -1  # a caller writing its result touches no other step's
+    assert outs[1].tolist() == [1, 7]
