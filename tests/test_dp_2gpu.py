@@ -63,3 +63,23 @@ def test_nccl_timeout_names_step_and_rank(tmp_path):
     assert err is not None and "timed out" in err and "step 0" in err and "dp_rank 0" in err, err
     assert res[0]["elapsed"] < 3.9  # before the late peer joined (4 s)
     assert "earlier vote failed" in res[0]["after_timeout"]
+
+
+def test_ubatch_overlap_with_nccl_matches_sequential_and_reference(tmp_path):
+    """2 microbatches x 3 layers of (matmul -> NCCL all-reduce) on each of 2 GPUs: threads and
+    generators, with and without the SM split (NCCL communicator limited to 16 CTAs), and the
+    overlapped run captured as one FULL graph (NCCL inside) and replayed into a poisoned output,
+    all equal to the sequential run; the sequential run matches a float32 reference."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from bench.bench_ubatch_nccl import spawn as spawn_ub
+
+    try:
+        res = spawn_ub(str(tmp_path), 512, 512, 3, False, timeout=180)
+    except AssertionError as e:
+        pytest.fail(str(e))
+    for r in res:
+        assert r["seq_vs_reference_rel"] < 2e-2, r
+        tol = 1e-2 * r["seq_abs_max"]
+        diffs = {k: v for k, v in r.items() if k.startswith("max_abs_diff")}
+        assert r["graph_error"] is None, r["graph_error"]
+        assert len(diffs) >= 3 and all(v <= tol for v in diffs.values()), (diffs, tol)

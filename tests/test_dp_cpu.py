@@ -360,3 +360,33 @@ def test_results_are_never_reused(monkeypatch):
     assert [o.tolist() for o in outs] == [[k, 7] for k in range(dp._OUT_BLOCK + 5)]
     outs[0][0] = -1  # a caller writing its result touches no other step's
     assert outs[1].tolist() == [1, 7]
+
+
+# --- merged traces of several ranks -----------------------------------------------------------
+
+def test_merge_traces_aligns_ranks_and_plots(tmp_path):
+    from lowlevel.trace_merge import merge_traces, plot_merged
+
+    traces = []
+    for rank, offset in ((0, 0.0), (1, 5.0)):  # rank 1's clock reads 5 ms later for the same moment
+        tl = lowlevel.Timeline()
+        tl.add("align", "compute", offset + 0.0, offset + 1.0)
+        tl.add("ub0.0", "compute", offset + 1.0, offset + 3.0)
+        tl.add("ub0.1", "comm", offset + 3.0, offset + 4.0 + rank)
+        traces.append(tl.to_chrome_trace(str(tmp_path / f"r{rank}.json")))
+    merged = merge_traces([traces[0], str(tmp_path / "r1.json")], path=str(tmp_path / "m.json"))
+    ev = [e for e in merged["traceEvents"] if e["ph"] == "X"]
+    by = {(e["pid"], e["name"]): e for e in ev}
+    assert by[(0, "align")]["ts"] + by[(0, "align")]["dur"] == by[(1, "align")]["ts"] + by[(1, "align")]["dur"]
+    assert by[(1, "ub0.1")]["ts"] == by[(0, "ub0.1")]["ts"] == 3000.0 and by[(1, "ub0.1")]["dur"] == 2000.0
+    assert min(e["ts"] for e in ev) == 0.0
+    procs = {e["pid"]: e["args"]["name"] for e in merged["traceEvents"] if e["name"] == "process_name"}
+    assert procs == {0: "rank 0", 1: "rank 1"}
+    tracks = {(e["pid"], e["args"]["name"]) for e in merged["traceEvents"] if e["name"] == "thread_name"}
+    assert tracks == {(0, "comm"), (0, "compute"), (1, "comm"), (1, "compute")}
+    png = plot_merged(str(tmp_path / "m.json"), str(tmp_path / "m.png"))
+    assert os.path.getsize(png) > 1000
+    with pytest.raises(ValueError, match="no span named"):
+        merge_traces(traces, align="barrier")
+    with pytest.raises(TypeError):
+        merge_traces([{"events": []}])
