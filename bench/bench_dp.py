@@ -210,7 +210,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def measure(backend: str, world: int = 2, n: int = 200, trials: int = 15, timeout: float = 300) -> dict[str, Any]:
+def measure(backend: str, world: int = 2, n: int = 150, trials: int = 11, timeout: float = 300) -> dict[str, Any]:
     """Spawn ``world`` ranks and return rank 0's figures (µs per step: median, p20, p80)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")

@@ -290,7 +290,10 @@ def run(rep: Report) -> None:
         merge_traces([os.path.join(d, f"trace_rank{r}.json") for r in range(2)], path=trace)
     png = plot_merged(trace, os.path.join(rep.out_dir, "ubatch_nccl_2gpu.png"),
                       "2 GPUs: 2 microbatches x 6 layers (matmul -> NCCL all-reduce), generators, SM split")
-    rep.files += [trace, png]
+    raw = os.path.join(rep.out_dir, "ubatch_nccl_2gpu_ranks.json")
+    with open(raw, "w") as f:
+        json.dump(res, f, indent=1)
+    rep.files += [trace, png, raw]
     r0 = res[0]
     seq = min(max(r["seq_ms"][k] for r in res) for k in r0["seq_ms"])  # the best sequential, slower rank
     best = r0["best_k"]

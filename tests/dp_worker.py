@@ -102,25 +102,27 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
                     except lowlevel.DPSyncError as e:  # a timed-out config refuses to go on
                         res["after_timeout"] = str(e)
                     torch.cuda.synchronize()  # the late peer completes the collective
-        elif mode.startswith("mismatch-"):
-            kind = mode.removeprefix("mismatch-")
-            size, r, extra = mismatch_config(kind, rank, world)
-            cfg = lowlevel.DPConfig(size, r, timeout_s=30, use_device_collective=device, **extra)
-            if kind == "step" and rank == world - 1:
-                cfg._state.step += 1
-            t0 = time.monotonic()
-            try:
-                lowlevel.coordinate_batch_across_dp(5, False, True, cfg, cudagraph_mode=2)
-                res["error"] = None
-            except Exception as e:  # noqa: BLE001 - the test checks the class
-                res["error"] = str(e)
-                res["error_types"] = [c.__name__ for c in type(e).__mro__]
-            res["elapsed"] = time.monotonic() - t0
-            res["step"] = cfg.step
-            # The collective completed: the group still works after a mismatch.
-            t = torch.ones(1, device="cuda" if device else "cpu")
-            dist.all_reduce(t)
-            res["after"] = float(t.item())
+        elif mode.startswith("mismatch-"):  # one or more kinds, comma-separated, in one process group
+            res["kinds"] = {}
+            for kind in mode.removeprefix("mismatch-").split(","):
+                size, r, extra = mismatch_config(kind, rank, world)
+                cfg = lowlevel.DPConfig(size, r, timeout_s=30, use_device_collective=device, **extra)
+                if kind == "step" and rank == world - 1:
+                    cfg._state.step += 1
+                k = res["kinds"][kind] = {}
+                t0 = time.monotonic()
+                try:
+                    lowlevel.coordinate_batch_across_dp(5, False, True, cfg, cudagraph_mode=2)
+                    k["error"] = None
+                except Exception as e:  # noqa: BLE001 - the test checks the class
+                    k["error"] = str(e)
+                    k["error_types"] = [c.__name__ for c in type(e).__mro__]
+                k["elapsed"] = time.monotonic() - t0
+                k["step"] = cfg.step
+                # The collective completed: the group still works after a mismatch.
+                t = torch.ones(1, device="cuda" if device else "cpu")
+                dist.all_reduce(t)
+                k["after"] = float(t.item())
         elif mode == "async":
             cfg = lowlevel.DPConfig(world, rank, enable_microbatching=True, timeout_s=30,
                                     use_device_collective=device)

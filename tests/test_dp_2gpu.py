@@ -48,13 +48,17 @@ def test_nccl_async_vote_equals_blocking_and_detects_generation(tmp_path):
         assert r["gen_error"] and "different steps" in r["gen_error"] and r["gen_elapsed"] < 20
 
 
-@pytest.mark.parametrize("kind,names", [("dp_size", "dp_size differs"), ("dup_rank", "duplicate dp_rank 0"),
-                                        ("step", "different steps")])  # num_ubatches: same path, gloo tests
-def test_nccl_mismatch_raises_on_both_ranks(tmp_path, kind, names):
-    res = spawn(tmp_path, 0, f"mismatch-{kind}")
+NCCL_MISMATCH = {"dp_size": "dp_size differs", "dup_rank": "duplicate dp_rank 0", "num_ubatches": "num_ubatches differs",
+                 "step": "different steps"}
+
+
+def test_nccl_mismatch_raises_on_both_ranks(tmp_path):
+    res = spawn(tmp_path, 0, "mismatch-" + ",".join(NCCL_MISMATCH))  # one after another in one group
     for r in res:
-        assert r["error"] and names in r["error"] and "DPSyncError" in r["error_types"], r
-        assert r["elapsed"] < 20 and r["after"] == 2
+        for kind, names in NCCL_MISMATCH.items():
+            k = r["kinds"][kind]
+            assert k["error"] and names in k["error"] and "DPSyncError" in k["error_types"], (kind, k)
+            assert k["elapsed"] < 20 and k["after"] == 2
 
 
 def test_nccl_timeout_names_step_and_rank(tmp_path):
