@@ -148,7 +148,12 @@ def worker(rank: int, world: int, port: int, out: str, backend: str, n: int, tri
                            "plain_big": lambda: plain(big_host), "plain_small": lambda: plain(small_host),
                            "ours_then_host": ours_then_host, "ours_async_host": ours_async_host}
     if not dev:
+        import datetime
+
         fns["ours_poll"] = knob("_GLOO_WAIT", "poll")
+        td30 = datetime.timedelta(seconds=30)
+        fns["plain_big_async_wait"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait()
+        fns["plain_big_async_wait_timeout"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait(td30)
     if dev:
         import datetime
 
@@ -286,8 +291,7 @@ def run(rep: Report) -> None:
     rep.files.append(path)
 
 
-if __name__ == "__main__":
-    out: dict[str, Any] = {"gloo": measure("gloo")}
+if __name__ == "__main__":  # one JSON line per backend, printed as soon as it is measured
+    print(json.dumps({"gloo": measure("gloo")}), flush=True)
     if _gpus() >= 2:
-        out["nccl"] = measure("nccl")
-    print(json.dumps(out, indent=1))
+        print(json.dumps({"nccl": measure("nccl")}), flush=True)

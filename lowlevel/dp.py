@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .cudagraph_dispatch import CUDAGraphMode
 from .errors import LowlevelError
 
 __all__ = ["DPConfig", "DPSyncError", "DPConfigError", "DPVote", "check_ubatch_thresholds",
@@ -71,6 +72,8 @@ class DPConfigError(DPSyncError, ValueError):
 def _index(name: str, v: Any, minimum: int = 0) -> int:
     """``v`` as an int (anything ``operator.index`` takes, NumPy ints included, never a bool),
     at least ``minimum``: ``TypeError`` for a wrong type, ``ValueError`` for out of range."""
+    if type(v) is int and v >= minimum:  # the common case, checked first
+        return v
     if isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got a bool ({v!r})")
     try:
@@ -84,6 +87,8 @@ def _index(name: str, v: Any, minimum: int = 0) -> int:
 
 
 def _flag(name: str, v: Any) -> bool:
+    if v is True or v is False:
+        return v
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {v!r} of type {type(v).__qualname__}")
     return bool(v)
@@ -104,8 +109,8 @@ def _timeout(v: Any) -> float | None:
 def _runtime_mode(v: Any) -> int:
     """A runtime graph mode as its int: ``CUDAGraphMode.NONE/PIECEWISE/FULL`` or 0/1/2 (NumPy
     ints too). Local until ``cudagraph_dispatch`` offers the shared normaliser."""
-    from .cudagraph_dispatch import CUDAGraphMode
-
+    if type(v) is int and 0 <= v <= 2:  # the common case, checked first
+        return v
     if isinstance(v, CUDAGraphMode):
         if v.separate_routine():
             raise ValueError(f"cudagraph_mode must be a runtime mode (NONE, PIECEWISE or FULL; 0, 1 or 2), "
@@ -232,6 +237,9 @@ def check_dp_table(table: Any) -> list[str]:
     rows = table.tolist() if hasattr(table, "tolist") else table
     present, ranks, sizes, nubs, steps = rows[R_PRESENT:ROWS]
     w = len(ranks)
+    if (present.count(1) == w and sizes.count(w) == w and nubs.count(nubs[0]) == w
+            and steps.count(steps[0]) == w):  # all agree (the common case)
+        return []
     problems = []
     if any(s != w for s in sizes):
         problems.append(f"dp_size differs from the group's size {w}: "
@@ -403,7 +411,8 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
         cuda = torch.cuda.is_available()
         host = torch.zeros((ROWS, w), dtype=torch.int32, pin_memory=cuda)
         bufs: dict[str, Any] = {"host": host, "np": host.numpy(), "pin": cuda, "out": None, "out_np": None,
-                                "out_i": _OUT_BLOCK}
+                                "out_i": _OUT_BLOCK, "timedelta": None if config.timeout_s is None
+                                else datetime.timedelta(seconds=config.timeout_s)}
         if config.use_device_collective:
             from .event import Event
             from .stream import Stream
@@ -427,7 +436,7 @@ def _out(b: dict[str, Any], counts: list[int]) -> Any:
         import torch
 
         blk = torch.empty((_OUT_BLOCK, len(counts)), dtype=torch.int32, pin_memory=b["pin"])
-        b["out"], b["out_np"], i = blk, blk.numpy(), 0
+        b["out"], b["out_np"], i = blk.unbind(0), blk.numpy(), 0  # the row views made once per block
     b["out_np"][i] = counts
     b["out_i"] = i + 1
     return b["out"][i]
@@ -471,7 +480,11 @@ def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
                     host.copy_(dev, non_blocking=True)
                 b["event"].record(s)
             return None
-        return dist.all_reduce(b["host"], group=config.group, async_op=True)
+        pg = b.get("pg")
+        if pg is None:
+            pg = b["pg"] = dist.group.WORLD if config.group is None else config.group
+            b["opts"] = dist.AllreduceOptions()  # SUM
+        return pg.allreduce([b["host"]], b["opts"])
     except Exception as exc:
         st.broken = f"{type(exc).__name__}: {exc}"
         raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
@@ -529,7 +542,6 @@ def _poll(event: Any, config: DPConfig) -> None:
 
 def _wait_work(work: Any, config: DPConfig) -> None:
     """Wait for the gloo work, at most ``timeout_s``."""
-    where = _where(config)
     if config.timeout_s is None:
         work.wait()
         return
@@ -539,17 +551,19 @@ def _wait_work(work: Any, config: DPConfig) -> None:
             while not work.is_completed():
                 now = time.perf_counter() - t0
                 if now > config.timeout_s:
-                    raise DPSyncError(f"{where} timed out after {config.timeout_s} s: a peer never joined")
+                    raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")
                 if now > 2e-3:
                     time.sleep(5e-5)
         work.wait()  # completed: returns at once, or raises the collective's error
         return
+    timeout = config._state.bufs["timedelta"]
     try:
-        ok = work.wait(datetime.timedelta(seconds=config.timeout_s))
+        ok = work.wait(timeout)
     except Exception as exc:
         text = str(exc).lower()
         if "timeout" in text or "timed out" in text:
-            raise DPSyncError(f"{where} timed out after {config.timeout_s} s: a peer never joined ({exc})") from exc
+            raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined "
+                              f"({exc})") from exc
         raise
     if ok is False:
-        raise DPSyncError(f"{where} timed out after {config.timeout_s} s: a peer never joined")
+        raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")
