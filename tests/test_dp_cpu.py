@@ -390,3 +390,49 @@ def test_merge_traces_aligns_ranks_and_plots(tmp_path):
         merge_traces(traces, align="barrier")
     with pytest.raises(TypeError):
         merge_traces([{"events": []}])
+
+
+# --- property tests: the table logic against plain single-process statements ---------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_col = st.tuples(st.integers(0, 5000), st.integers(0, 64), st.booleans(), st.booleans(), st.integers(0, 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cols=st.lists(_col, min_size=2, max_size=8), n=st.integers(2, 4))
+def test_plan_matches_reference(cols, n):
+    sys.path.insert(0, HERE)
+    import dp_worker
+
+    full = [(u, u + p, int(w), int(a), m) for u, p, w, a, m in cols]
+    got = post_process_dp_table(np.array(full, dtype=np.int32).T, n)
+    want = dp_worker.reference_plan(full, n)
+    assert (got[0], got[1], got[2]) == (want[0], list(want[1]), want[2])
+    assert got[3] == (want[0] or (all(c[3] for c in full) and want[2] != 0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), w=st.integers(1, 6))
+def test_table_check_finds_exactly_the_mismatches(data, w):
+    from lowlevel import dp
+
+    ranks = data.draw(st.lists(st.integers(0, w), min_size=w, max_size=w), label="dp_rank per group rank")
+    sizes = data.draw(st.lists(st.sampled_from([w, w, w + 1]), min_size=w, max_size=w), label="dp_size")
+    nubs = data.draw(st.lists(st.sampled_from([2, 2, 3]), min_size=w, max_size=w), label="num_ubatches")
+    steps = data.draw(st.lists(st.sampled_from([7, 7, 8]), min_size=w, max_size=w), label="steps")
+    t = np.zeros((dp.ROWS, w), dtype=np.int32)
+    for c in range(w):  # what each process writes, summed as the all-reduce would
+        if ranks[c] < w:
+            t[dp.R_PRESENT, ranks[c]] += 1
+        t[dp.R_DP_RANK, c], t[dp.R_DP_SIZE, c] = ranks[c], sizes[c]
+        t[dp.R_NUM_UBATCHES, c], t[dp.R_STEP, c] = nubs[c], steps[c]
+    text = " ".join(dp.check_dp_table(t))
+    assert ("dp_size differs" in text) == any(s != w for s in sizes)
+    assert ("duplicate dp_rank" in text) == (len({r for r in ranks if r < w}) < sum(r < w for r in ranks))
+    assert ("missing dp_rank" in text) == (set(range(w)) - set(ranks) != set())
+    assert ("out-of-range dp_rank" in text) == any(r >= w for r in ranks)
+    assert ("num_ubatches differs" in text) == (len(set(nubs)) > 1)
+    assert ("different steps" in text) == (len(set(steps)) > 1)
+    assert (text == "") == (sorted(ranks) == list(range(w)) and set(sizes) == {w} and len(set(nubs)) == 1
+                            and len(set(steps)) == 1)
