@@ -1,69 +1,297 @@
-"""DP padding sync latency over gloo with 2 and 4 local processes: one collective per call vs a
-naive version that issues one collective per field (CPU only)."""
+"""DP padding sync latency, µs per step, side by side in one run (every rank's trials interleaved).
+
+NCCL, 2 GPUs (one process a GPU; skipped with the reason when fewer exist):
+lowlevel blocking (`use_device_collective=True`, timeout kept), lowlevel async (start, simulated
+host work, result) against blocking-then-host-work, vLLM's pattern (pinned CPU table -> device,
+one all-reduce, ``.cpu()``), one collective per field, a plain all-reduce of lowlevel's bigger
+table, and the earlier lowlevel path with its parts swapped one at a time (what cost the time).
+Gloo (CPU, 2 processes): lowlevel blocking vs one plain gloo all-reduce of the same table, of
+vLLM's 5-row table, and one collective per field.
+
+Each figure: the median over trials of the mean per step, with p20/p80 in ``extra``.
+``python -m bench.bench_dp`` prints the raw JSON.
+"""
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from .common import Report
 
-NEEDS_GPU = False
+NEEDS_GPU = False  # the gloo figures run anywhere; the NCCL ones need 2 GPUs
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+HOST_WORK_US = 150.0  # simulated host work between start and result (preparing the next step's inputs)
 
-_WORKER = r'''
-import json, statistics, sys, time
-import torch, torch.distributed as dist
-import lowlevel
-rank, world, port, out, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-cfg = lowlevel.DPConfig(world, rank, enable_microbatching=True)
-def ours():
-    lowlevel.coordinate_batch_across_dp(600 + rank, True, True, cfg, num_tokens_padded=640, uniform_decode=False,
-                                        cudagraph_mode=2)
-bufs = [torch.zeros(world, dtype=torch.int32) for _ in range(5)]
-def naive():  # one all-gather-by-sum per field, like code that syncs each quantity on its own
-    for i, v in enumerate((600 + rank, 640, 1, 1, 2)):
-        bufs[i].zero_(); bufs[i][rank] = v
-        dist.all_reduce(bufs[i])
-    modes = int(bufs[4].min()); pad = int(bufs[1].max())
-    return modes, pad
-res = {}
-for name, fn in (("ours", ours), ("naive", naive), ("ours2", ours), ("naive2", naive)):
-    for _ in range(50): fn()
+
+def _busy(us: float) -> None:
+    import time
+
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(xs)
+    return {"median": float(np.median(a)), "p20": float(np.percentile(a, 20)), "p80": float(np.percentile(a, 80))}
+
+
+def _measure(fns: dict[str, Any], barrier: Any, n: int, trials: int, warmup: int = 50) -> dict[str, dict[str, float]]:
+    """Mean µs per call of each fn over ``n`` calls, ``trials`` times, interleaved; every rank
+    runs the same sequence (each fn makes the same collectives on every rank)."""
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(trials):
+        for k, fn in fns.items():
+            barrier()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            per[k].append((time.perf_counter() - t0) / n * 1e6)
+    return {k: _stats(v) for k, v in per.items()}
+
+
+def worker(rank: int, world: int, port: int, out: str, backend: str, n: int, trials: int) -> None:
+    """One rank of the benchmark (spawned by :func:`run`)."""
+    os.environ.update(NO_NVLS)
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import lowlevel
+    from lowlevel import dp as dpm
+
+    kw: dict[str, Any] = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        kw["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **kw)
+    group = dist.group.WORLD
+    dev = backend == "nccl"
+    cfg = lowlevel.DPConfig(world, rank, group, enable_microbatching=True, use_device_collective=dev, timeout_s=30)
+    acfg = lowlevel.DPConfig(world, rank, group, enable_microbatching=True, use_device_collective=dev, timeout_s=30)
+    args = (600 + rank, True, True)
+    kws = dict(num_tokens_padded=640, uniform_decode=False, cudagraph_mode=2)
+    col = (600 + rank, 640, 1, 1, 2)
+
+    def ours():
+        return lowlevel.coordinate_batch_across_dp(*args, config=cfg, **kws)
+
+    def ours_then_host():
+        r = lowlevel.coordinate_batch_across_dp(*args, config=cfg, **kws)
+        _busy(HOST_WORK_US)
+        return r
+
+    def ours_async_host():
+        v = dpm.coordinate_batch_across_dp_async(*args, config=acfg, **kws)
+        _busy(HOST_WORK_US)
+        return v.result()
+
+    pin = dev
+    device = "cuda" if dev else "cpu"
+
+    def finish(t: Any) -> Any:  # the same post-processing as lowlevel's, on the reduced [5, dp] table
+        should, counts, mode, _ = dpm.post_process_dp_table(t.numpy(), 2)
+        return should, torch.tensor(counts, dtype=torch.int32), mode
+
+    def vllm():  # dp_utils._run_ar + _synchronize_dp_ranks: fresh pinned table, to device, all-reduce, .cpu()
+        t = torch.zeros(5, world, dtype=torch.int32, pin_memory=pin)
+        t[:, rank] = torch.tensor(col, dtype=torch.int32)
+        d = t.to(device, non_blocking=True)
+        dist.all_reduce(d, group=group)
+        return finish(d.cpu())
+
+    fields = [torch.zeros(world, dtype=torch.int32, device=device) for _ in range(5)]
+
+    def per_field():
+        for f, v in zip(fields, col):
+            f.zero_()
+            f[rank] = v
+            dist.all_reduce(f, group=group)
+        return finish(torch.stack([f.cpu() for f in fields]))
+
+    big_host = torch.zeros(dpm.ROWS, world, dtype=torch.int32, pin_memory=pin)
+    big_dev = torch.zeros(dpm.ROWS, world, dtype=torch.int32, device=device)
+    small_host = torch.zeros(5, world, dtype=torch.int32, pin_memory=pin)
+
+    def plain(table_host: Any) -> Any:
+        if dev:
+            d = big_dev[: table_host.shape[0]]
+            d.copy_(table_host, non_blocking=True)
+            dist.all_reduce(d, group=group)
+            return d.cpu()
+        dist.all_reduce(table_host, group=group)
+        return table_host
+
+    def knob(name: str, value: str) -> Any:  # ours with one private implementation choice swapped
+        def f() -> Any:
+            prev = getattr(dpm, name)
+            setattr(dpm, name, value)
+            try:
+                return ours()
+            finally:
+                setattr(dpm, name, prev)
+        return f
+
+    fns: dict[str, Any] = {"ours": ours, "vllm": vllm, "per_field": per_field,
+                           "plain_big": lambda: plain(big_host), "plain_small": lambda: plain(small_host),
+                           "ours_then_host": ours_then_host, "ours_async_host": ours_async_host}
+    if not dev:
+        import datetime
+
+        fns["ours_poll"] = knob("_GLOO_WAIT", "poll")
+        td30 = datetime.timedelta(seconds=30)
+        fns["plain_big_async_wait"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait()
+        fns["plain_big_async_wait_timeout"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait(td30)
+    if dev:
+        import datetime
+
+        fns["ours_torch_stream"] = knob("_NCCL_STREAM", "torch")
+
+        from lowlevel.stream import Stream, use_stream
+
+        old_s = Stream()
+        old_t = torch.cuda.Stream()
+        old_dev = torch.zeros(5, world, dtype=torch.int32, device="cuda")
+        old_host = torch.zeros(5, world, dtype=torch.int32, pin_memory=True)
+        td = datetime.timedelta(seconds=30)
+
+        def old(timeout: bool = True, lowlevel_stream: bool = True, sync: str = "stream") -> Any:
+            """The earlier lowlevel path with one part swapped at a time."""
+            old_host.numpy()[:, rank] = col
+            ctx = use_stream(old_s) if lowlevel_stream else torch.cuda.stream(old_t)
+            with ctx:
+                old_dev.copy_(old_host, non_blocking=True)
+                work = dist.all_reduce(old_dev, group=group, async_op=True)
+                work.wait(td) if timeout else work.wait()
+                old_host.copy_(old_dev, non_blocking=True)
+            (old_s if lowlevel_stream else old_t).synchronize()
+            return finish(old_host)
+
+        fns.update({"old": old, "old_no_timeout": lambda: old(timeout=False),
+                    "old_torch_stream": lambda: old(lowlevel_stream=False),
+                    "old_torch_stream_no_timeout": lambda: old(timeout=False, lowlevel_stream=False)})
+
+        def vllm_wait_timeout():  # vLLM's pattern, but waiting on the work with a timeout
+            t = torch.zeros(5, world, dtype=torch.int32, pin_memory=True)
+            t[:, rank] = torch.tensor(col, dtype=torch.int32)
+            d = t.to("cuda", non_blocking=True)
+            dist.all_reduce(d, group=group, async_op=True).wait(td)
+            return finish(d.cpu())
+
+        fns["vllm_wait_timeout"] = vllm_wait_timeout
+    barrier = (lambda: dist.barrier(device_ids=[rank])) if dev else dist.barrier
+    res = _measure(fns, barrier, n, trials)
+    res["_plans_equal"] = bool(_same_plan(ours(), vllm()))
+    res["_host_work_us"] = HOST_WORK_US
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
     dist.barrier()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(steps): fn()
-        ts.append((time.perf_counter() - t0) / steps * 1e6)
-    res[name] = statistics.median(ts)
-if rank == 0:
-    json.dump(res, open(out, "w"))
-dist.destroy_process_group()
-'''
+    dist.destroy_process_group()
+    _ = np
+
+
+def _same_plan(a: Any, b: Any) -> bool:
+    return a[0] == b[0] and a[1].tolist() == b[1].tolist() and a[2] == b[2]
 
 
 def _port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run(rep: Report) -> None:
-    for world in (2, 4):
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "r.json")
-            port = _port()
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), str(world), str(port), out, "300"],
-                                      env=env) for r in range(world)]
+def measure(backend: str, world: int = 2, n: int = 150, trials: int = 11, timeout: float = 300) -> dict[str, Any]:
+    """Spawn ``world`` ranks and return rank 0's figures (µs per step: median, p20, p80)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.json")
+        port = _port()
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **NO_NVLS)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        code = ("import sys; from bench.bench_dp import worker; "
+                "worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], "
+                "int(sys.argv[6]), int(sys.argv[7]))")
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port), out, backend, str(n),
+                                   str(trials)], env=env, cwd=ROOT) for r in range(world)]
+        try:
             for p in procs:
-                p.wait(timeout=600)
-            res = json.load(open(out))
-        ours = min(res["ours"], res["ours2"])
-        naive = min(res["naive"], res["naive2"])
-        rep.add(f"coordinate_batch_across_dp, gloo, {world} processes", ours, "us/step",
-                "one collective per field (5 all-reduces)", naive)
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"bench_dp {backend} ranks exited with {[p.returncode for p in procs]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def _add(rep: Report, res: dict[str, Any], name: str, key: str, base_name: str, base: str, target: str = "") -> None:
+    rep.add(name, res[key]["median"], "us/step", base_name, res[base]["median"], target=target,
+            extra={"p20": res[key]["p20"], "p80": res[key]["p80"], "baseline_p20": res[base]["p20"],
+                   "baseline_p80": res[base]["p80"]})
+
+
+def run(rep: Report) -> None:
+    results: dict[str, Any] = {}
+    g = measure("gloo")
+    results["gloo"] = g
+    _add(rep, g, "DP sync, gloo, 2 processes (lowlevel)", "ours",
+         "one plain gloo all-reduce of the same [10, 2] table", "plain_big", "<= 1.0x")
+    _add(rep, g, "plain gloo all-reduce of the [10, 2] table", "plain_big",
+         "plain gloo all-reduce of vLLM's [5, 2] table", "plain_small", "the checks' rows cost nothing")
+    _add(rep, g, "DP sync, gloo (lowlevel)", "ours", "one gloo collective per field (5)", "per_field")
+    _add(rep, g, "DP sync, gloo, work.wait(timeout)", "ours", "polling is_completed()", "ours_poll")
+    _add(rep, g, "DP sync, gloo, async (start, host work, result)", "ours_async_host",
+         f"blocking, then {HOST_WORK_US:.0f} us host work", "ours_then_host")
+    n = _gpus()
+    if n < 2:
+        print(f"bench_dp: NCCL figures skipped: need 2 CUDA GPUs, found {n}", file=sys.stderr)
+    else:
+        r = measure("nccl")
+        results["nccl"] = r
+        _add(rep, r, "DP sync, NCCL 2 GPUs (lowlevel, timeout kept)", "ours",
+             "vLLM's pattern (to device, all-reduce, .cpu())", "vllm", "<= 1.0x")
+        _add(rep, r, "DP sync, NCCL, async (start, host work, result)", "ours_async_host",
+             f"blocking, then {HOST_WORK_US:.0f} us host work", "ours_then_host")
+        _add(rep, r, "DP sync, NCCL (lowlevel)", "ours", "one NCCL all-reduce per field (5)", "per_field")
+        _add(rep, r, "plain NCCL all-reduce of the [10, 2] table + .cpu()", "plain_big",
+             "the same of vLLM's [5, 2] table", "plain_small")
+        _add(rep, r, "DP sync, NCCL (lowlevel)", "ours", "earlier lowlevel path (stream, wait(timeout), sync)", "old")
+        _add(rep, r, "DP sync, NCCL, lowlevel.use_stream", "ours", "torch.cuda.stream", "ours_torch_stream")
+        for k in ("old_no_timeout", "old_torch_stream", "old_torch_stream_no_timeout", "vllm_wait_timeout"):
+            _add(rep, r, f"earlier path variant: {k}", k, "earlier lowlevel path", "old")
+    path = os.path.join(rep.out_dir, "bench_dp_raw.json")
+    os.makedirs(rep.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    rep.files.append(path)
+
+
+if __name__ == "__main__":  # one JSON line per backend, printed as soon as it is measured
+    print(json.dumps({"gloo": measure("gloo")}), flush=True)
+    if _gpus() >= 2:
+        print(json.dumps({"nccl": measure("nccl")}), flush=True)

@@ -37,12 +37,14 @@ from . import (
     sm_control,
     stream,
     timeline,
+    trace_merge,
     ubatch_generators,
     ubatch_ring,
     ubatch_runner,
     ubatch_slices,
     ubatching,
 )
+from ._version import __version__ as __version__
 from .cpu_gpu_event import *  # noqa: F403
 from .cudagraph_dispatch import *  # noqa: F403
 from .device import *  # noqa: F403
@@ -57,15 +59,14 @@ from .parallel import *  # noqa: F403
 from .sm_control import *  # noqa: F403
 from .stream import *  # noqa: F403
 from .timeline import *  # noqa: F403
+from .trace_merge import *  # noqa: F403
 from .ubatch_generators import *  # noqa: F403
 from .ubatch_ring import *  # noqa: F403
 from .ubatch_runner import *  # noqa: F403
 from .ubatch_slices import *  # noqa: F403
 from .ubatching import *  # noqa: F403
 
-from ._version import __version__
-
 _MODULES = (errors, device, stream, event, interop, lifetime, graphs, sm_control, parallel, cpu_gpu_event,
             cudagraph_dispatch, graph_runner, dp, ubatch_slices, ubatch_ring, ubatch_generators, ubatching,
-            ubatch_runner, timeline)
+            ubatch_runner, timeline, trace_merge)
 __all__ = sorted({name for m in _MODULES for name in m.__all__}, key=str.lower)

@@ -1,9 +1,9 @@
 """DP padding sync: data-parallel ranks agree on batch shape, microbatching and graph mode.
 
 Every rank calls :func:`coordinate_batch_across_dp` once per step, with its own token counts;
-exactly one collective (a SUM all-reduce of an int32 ``[5, dp_size]`` table in which each rank
-fills its own column) makes the table identical everywhere, and every rank derives the same
-plan from it:
+exactly one collective (a SUM all-reduce of an int32 ``[ROWS, group size]`` table in which each
+process fills its own column, the column of its rank in the group) makes the table identical
+everywhere, and every rank derives the same plan from it:
 
 * mode = the minimum of the ranks' graph modes (0 NONE, 1 PIECEWISE, 2 FULL: lower is safer);
 * microbatch only if every rank wants to and the rank with the fewest real tokens would not get
@@ -11,175 +11,495 @@ plan from it:
 * pad every rank to the largest padded count when microbatching, or when every rank allows DP
   padding and the synced mode is not NONE; otherwise each rank keeps its own padded count.
 
+The same table carries each rank's configuration, so the one collective also checks it: a
+presence row (each rank writes 1 in the column of its ``dp_rank``), and every rank's
+``dp_rank``, ``dp_size``, ``num_ubatches`` and step number (the generation). A duplicate or
+missing ``dp_rank``, a ``dp_size`` other than the group's size, different ``num_ubatches`` or a
+rank a step ahead or behind raises :class:`DPSyncError` on *every* rank, naming the mismatch.
+The table's shape depends only on the group's size, never on a rank's beliefs, so ranks that
+disagree still meet in the same collective (no rank is killed inside gloo).
+
 Backends: gloo on CPU tensors (default; no GPU synchronisation, fit for async scheduling) or
-NCCL on device tensors (``use_device_collective=True``) on a dedicated stream. The staging
-buffers are allocated once per :class:`DPConfig` and reused.
+NCCL on device tensors (``use_device_collective=True``), enqueued on a dedicated cached stream
+(so it never waits for the model's queued work), the result copied back into pinned memory and
+an event polled against the deadline. :func:`coordinate_batch_across_dp_async` (or
+:meth:`DPConfig.start`) starts the vote and returns a :class:`DPVote` at once; its
+:meth:`DPVote.result` gives the plan the blocking call would have given. Buffers, stream and
+event are made once per :class:`DPConfig` and reused.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from .cudagraph_dispatch import as_cudagraph_mode
+from .errors import LowlevelError, check_bool, check_int, check_timeout
 
-from .errors import LowlevelError, check_int
-from .ubatch_slices import check_ubatch_thresholds
+__all__ = ["DPConfig", "DPSyncError", "DPConfigError", "DPVote", "check_ubatch_thresholds",
+           "coordinate_batch_across_dp", "coordinate_batch_across_dp_async", "post_process_dp_table"]
 
-__all__ = ["DPConfig", "DPSyncError", "coordinate_batch_across_dp", "post_process_dp_table"]
-
-ROWS = 5  # unpadded, padded, wants to microbatch, allows DP padding, graph mode
+# Rows of the table. The first five are the plan's inputs (vLLM's layout plus the DP-padding row);
+# the rest check the configuration. Every row but PRESENT is written in the process's column
+# (its rank in the group); PRESENT is written in the column of the rank's dp_rank.
+R_UNPADDED, R_PADDED, R_WANTS, R_ALLOWS, R_MODE, R_PRESENT, R_DP_RANK, R_DP_SIZE, R_NUM_UBATCHES, R_STEP = range(10)
+PLAN_ROWS = 5
+ROWS = 10
+_STEP_MOD = 1 << 31  # the step is sent modulo 2**31 (int32 table)
 
 
 class DPSyncError(LowlevelError):
-    """The DP collective failed or timed out; the message names the step and this rank. After
-    it, the process group is in an unknown state: tear it down."""
+    """The DP collective failed, timed out, or showed ranks that disagree (configuration or
+    step); the message names the step, this rank and the mismatch. After a failure or timeout
+    the process group is in an unknown state: tear it down. After a mismatch the collective
+    itself completed and the step counter was not advanced."""
 
 
-def _pos_int(name: str, v: Any, minimum: int = 0) -> int:
-    return check_int(v, name, minimum, types=(int, np.integer))
+class DPConfigError(DPSyncError, ValueError):
+    """This rank's own configuration does not fit the group (``dp_size`` other than the group's
+    size). Raised after this rank joined the collective, so its peers raise too instead of
+    waiting for it."""
 
 
+# --- configuration ------------------------------------------------------------------------------
+
+class _State:
+    """The mutable part of a DPConfig: step counter, cached group facts, buffers, the vote in flight."""
+
+    __slots__ = ("step", "group_size", "group_rank", "bufs", "inflight", "broken", "lock")
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.group_size: int | None = None
+        self.group_rank = 0
+        self.bufs: dict[str, Any] | None = None
+        self.inflight: DPVote | None = None
+        self.broken: str | None = None
+        self.lock = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False, init=False)
 class DPConfig:
-    """What a rank needs to take part in DP padding sync, plus the buffers it reuses each step.
+    """What a rank needs to take part in DP padding sync (validated at construction; immutable),
+    plus the state it keeps between steps (step counter, buffers) apart from it.
 
-    ``group`` is a ``torch.distributed`` process group (default: the world group); with
-    ``use_device_collective=False`` it must be able to all-reduce CPU tensors (gloo).
-    ``timeout_s`` bounds the wait for peers (None: the group's own timeout). Not thread-safe:
-    one DPConfig per rank and thread.
+    ``dp_size``: the number of DP ranks, which must equal the group's size (checked at the first
+    call); ``dp_rank`` in ``[0, dp_size)``; ints are anything ``operator.index`` accepts (NumPy
+    ints included), never bool. ``group`` is a ``torch.distributed`` process group (default: the
+    world group); with ``use_device_collective=False`` it must all-reduce CPU tensors (gloo),
+    with True device tensors (NCCL). ``timeout_s`` (finite, > 0, or None for no bound of ours)
+    bounds each wait for the peers. ``num_ubatches`` >= 2 must be the same on every rank.
+    Wrong types raise ``TypeError``, out-of-range values ``ValueError``, naming the argument.
+    Not thread-safe: one DPConfig per rank and thread.
     """
+
+    dp_size: int
+    dp_rank: int
+    group: Any = None
+    num_ubatches: int = 2
+    enable_microbatching: bool = False
+    decode_token_threshold: int = 32
+    prefill_token_threshold: int = 512
+    use_device_collective: bool = False
+    timeout_s: float | None = None
+    _state: _State = field(init=False, repr=False, compare=False)
 
     def __init__(self, dp_size: int, dp_rank: int, group: Any = None, *, num_ubatches: int = 2,
                  enable_microbatching: bool = False, decode_token_threshold: int = 32,
                  prefill_token_threshold: int = 512, use_device_collective: bool = False,
                  timeout_s: float | None = None) -> None:
-        self.dp_size = _pos_int("dp_size", dp_size, 1)
-        self.dp_rank = _pos_int("dp_rank", dp_rank)
-        if self.dp_rank >= self.dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is out of range for dp_size {dp_size}")
-        self.num_ubatches = _pos_int("num_ubatches", num_ubatches, 2)
-        self.decode_token_threshold = _pos_int("decode_token_threshold", decode_token_threshold)
-        self.prefill_token_threshold = _pos_int("prefill_token_threshold", prefill_token_threshold)
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
-        self.group = group
-        self.enable_microbatching = bool(enable_microbatching)
-        self.use_device_collective = bool(use_device_collective)
-        self.timeout_s = timeout_s
-        self.step = 0
-        self._bufs: dict[str, Any] | None = None
-        self._lock = threading.Lock()
+        size = check_int(dp_size, "dp_size", 1)
+        rank = check_int(dp_rank, "dp_rank", 0)
+        if rank >= size:
+            raise ValueError(f"dp_rank must be in [0, dp_size={size}), got {rank}")
+        values = dict(dp_size=size, dp_rank=rank, group=group,
+                      num_ubatches=check_int(num_ubatches, "num_ubatches", 2),
+                      enable_microbatching=check_bool(enable_microbatching, "enable_microbatching"),
+                      decode_token_threshold=check_int(decode_token_threshold, "decode_token_threshold", 0),
+                      prefill_token_threshold=check_int(prefill_token_threshold, "prefill_token_threshold", 0),
+                      use_device_collective=check_bool(use_device_collective, "use_device_collective"),
+                      timeout_s=check_timeout(timeout_s, "timeout_s"), _state=_State())
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
 
-    def _buffers(self) -> dict[str, Any]:
-        if self._bufs is None:
-            import torch
+    @property
+    def step(self) -> int:
+        """Votes completed with this config (the generation the next vote sends, modulo 2**31)."""
+        return self._state.step
 
-            pin = torch.cuda.is_available()
-            host = torch.zeros((ROWS, self.dp_size), dtype=torch.int32, pin_memory=pin)
-            bufs: dict[str, Any] = {"host": host, "np": host.numpy()}
-            if self.use_device_collective:
-                from .stream import Stream
-
-                bufs["device"] = torch.zeros((ROWS, self.dp_size), dtype=torch.int32, device="cuda")
-                bufs["stream"] = Stream()
-            self._bufs = bufs
-        return self._bufs
+    def start(self, num_tokens_unpadded: int, allow_microbatching: bool, allow_dp_padding: bool,
+              num_tokens_padded: int | None = None, uniform_decode: bool | None = None,
+              cudagraph_mode: Any = 0) -> DPVote:
+        """:func:`coordinate_batch_across_dp_async` with this config."""
+        return coordinate_batch_across_dp_async(num_tokens_unpadded, allow_microbatching, allow_dp_padding, self,
+                                                num_tokens_padded, uniform_decode, cudagraph_mode)
 
 
-def post_process_dp_table(table: np.ndarray, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
-    """The plan every rank derives from the reduced ``[5, dp_size]`` table:
-    ``(should_ubatch, padded counts per rank, synced mode, padded to the max)``."""
-    unpadded, padded, wants, allows, modes = (table[i] for i in range(ROWS))
-    mode = int(modes.min())
-    should_ubatch = bool((wants == 1).all())
-    if should_ubatch:
-        max_padded = int(padded.max())
-        # The rank with the fewest real tokens would get an all-padding last microbatch.
-        if (max_padded // num_ubatches) * (num_ubatches - 1) >= int(unpadded.min()):
-            should_ubatch = False
-    pad = should_ubatch or (bool((allows == 1).all()) and mode != 0)
-    counts = [int(padded.max())] * table.shape[1] if pad else [int(x) for x in padded]
+def check_ubatch_thresholds(config: DPConfig, num_tokens: int, uniform_decode: bool) -> bool:
+    """Whether a batch is large enough to be worth microbatching: ``num_tokens >=`` the decode
+    threshold for a uniform-decode batch, the prefill threshold otherwise; always False when
+    microbatching is not enabled."""
+    if not config.enable_microbatching:
+        return False
+    if uniform_decode:
+        return num_tokens >= config.decode_token_threshold
+    return num_tokens >= config.prefill_token_threshold
+
+
+def post_process_dp_table(table: Any, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
+    """The plan every rank derives from the reduced table (its first five rows, columns in
+    ``dp_rank`` order; a NumPy array or a list of rows): ``(should_ubatch, padded counts per
+    rank, synced mode, padded to the max)``."""
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    unpadded, padded, wants, allows, modes = rows[:PLAN_ROWS]
+    mode = min(modes)
+    max_padded = max(padded)
+    should_ubatch = all(x == 1 for x in wants)
+    # The rank with the fewest real tokens would get an all-padding last microbatch.
+    if should_ubatch and (max_padded // num_ubatches) * (num_ubatches - 1) >= min(unpadded):
+        should_ubatch = False
+    pad = should_ubatch or (all(x == 1 for x in allows) and mode != 0)
+    counts = [max_padded] * len(padded) if pad else list(padded)
     return should_ubatch, counts, mode, pad
+
+
+def check_dp_table(table: Any) -> list[str]:
+    """The mismatches a reduced ``[ROWS, group size]`` table (a NumPy array or a list of rows)
+    shows, as sentences (empty: all ranks agree). Columns are group ranks. Identical on every
+    rank, since the table is."""
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    present, ranks, sizes, nubs, steps = rows[R_PRESENT:ROWS]
+    w = len(ranks)
+    if (present.count(1) == w and sizes.count(w) == w and nubs.count(nubs[0]) == w
+            and steps.count(steps[0]) == w):  # all agree (the common case)
+        return []
+    problems = []
+    if any(s != w for s in sizes):
+        problems.append(f"dp_size differs from the group's size {w}: "
+                        + ", ".join(f"group rank {c} has dp_size {s}" for c, s in enumerate(sizes) if s != w))
+    if any(p != 1 for p in present):
+        dup = [r for r, p in enumerate(present) if p > 1]
+        missing = [r for r, p in enumerate(present) if p == 0]
+        out = [(c, r) for c, r in enumerate(ranks) if not 0 <= r < w]
+        parts = []
+        if dup:
+            parts.append("duplicate dp_rank " + ", ".join(
+                f"{r} (group ranks {[c for c, x in enumerate(ranks) if x == r]})" for r in dup))
+        if missing:
+            parts.append(f"missing dp_rank {missing}")
+        if out:
+            parts.append("out-of-range dp_rank " + ", ".join(f"{r} on group rank {c}" for c, r in out))
+        problems.append("; ".join(parts))
+    if len(set(nubs)) > 1:
+        problems.append("num_ubatches differs: " + ", ".join(f"dp_rank {r} has {n}" for r, n in zip(ranks, nubs)))
+    if len(set(steps)) > 1:
+        problems.append("ranks are at different steps (one is ahead or behind): "
+                        + ", ".join(f"dp_rank {r} at step {s}" for r, s in zip(ranks, steps)))
+    return problems
+
+
+# --- the vote -------------------------------------------------------------------------------------
+
+class DPVote:
+    """A DP vote in flight (from :func:`coordinate_batch_across_dp_async`). :meth:`result` waits
+    for it (at most the config's ``timeout_s``) and returns the plan; later calls return the same
+    plan. Until :meth:`result` returns or raises, the config takes no other vote."""
+
+    __slots__ = ("config", "_mode", "_work", "_t0", "_plan", "_error")
+
+    def __init__(self, config: DPConfig, mode: int, work: Any) -> None:
+        self.config = config
+        self._mode = mode
+        self._work = work  # gloo: the async work; NCCL: None (the config's event); dp_size 1: None
+        self._t0 = time.perf_counter()
+        self._plan: tuple[bool, Any, int] | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether :meth:`result` would return without waiting for the peers."""
+        if self._plan is not None or self._error is not None or self.config.dp_size == 1:
+            return True
+        if self.config.use_device_collective:
+            return bool(self.config._state.bufs["event"].query())
+        return bool(self._work.is_completed())
+
+    def result(self) -> tuple[bool, Any, int]:
+        """``(should_ubatch, num_tokens_after_padding, synced_cudagraph_mode)``, as
+        :func:`coordinate_batch_across_dp` returns it. Raises :class:`DPSyncError` on a
+        timeout, a failed collective or a mismatch between ranks (on every rank)."""
+        if self._plan is not None:
+            return self._plan
+        if self._error is not None:
+            raise self._error
+        config, st = self.config, self.config._state
+        try:
+            if config.dp_size == 1:
+                self._plan = (False, None, self._mode)
+            else:
+                self._plan = _finish(config, self._work)
+                st.step += 1
+            return self._plan
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._work = None
+            st.inflight = None
+
+
+def _where(config: DPConfig) -> str:
+    return f"DP sync step {config._state.step} on dp_rank {config.dp_rank} of {config.dp_size}"
+
+
+def _check_args(num_tokens_unpadded: Any, allow_microbatching: Any, allow_dp_padding: Any, config: Any,
+                num_tokens_padded: Any, uniform_decode: Any, cudagraph_mode: Any) -> tuple[int, int, int, int, int]:
+    if not isinstance(config, DPConfig):
+        raise TypeError(f"config must be a DPConfig, got {type(config).__qualname__}")
+    unp = check_int(num_tokens_unpadded, "num_tokens_unpadded", 0)
+    pad = unp if num_tokens_padded is None else check_int(num_tokens_padded, "num_tokens_padded", 0)
+    if pad < unp:
+        raise ValueError(f"num_tokens_padded must be >= num_tokens_unpadded ({unp}), got {pad}")
+    if pad >= _STEP_MOD:
+        raise ValueError(f"num_tokens_padded must be < 2**31 (an int32 table), got {pad}")
+    mode = as_cudagraph_mode(cudagraph_mode, "cudagraph_mode", runtime=True).value
+    ubatch = check_bool(allow_microbatching, "allow_microbatching")
+    allows = check_bool(allow_dp_padding, "allow_dp_padding")
+    if ubatch and uniform_decode is None:
+        raise ValueError("uniform_decode must be given (a bool) when allow_microbatching is True")
+    uniform = False if uniform_decode is None else check_bool(uniform_decode, "uniform_decode")
+    wants = ubatch and check_ubatch_thresholds(config, unp, uniform)
+    return unp, pad, int(wants), int(allows), mode
+
+
+def coordinate_batch_across_dp_async(num_tokens_unpadded: int, allow_microbatching: bool, allow_dp_padding: bool,
+                                     config: DPConfig, num_tokens_padded: int | None = None,
+                                     uniform_decode: bool | None = None, cudagraph_mode: Any = 0) -> DPVote:
+    """Start this step's vote and return at once; :meth:`DPVote.result` gives the plan that
+    :func:`coordinate_batch_across_dp` would have given, so the host can prepare the next step
+    while the collective runs. One vote in flight per config: a second start before the first
+    one's ``result()`` raises ``RuntimeError`` (nothing changed). Bad input raises
+    ``TypeError``/``ValueError`` before any collective."""
+    column = _check_args(num_tokens_unpadded, allow_microbatching, allow_dp_padding, config, num_tokens_padded,
+                         uniform_decode, cudagraph_mode)
+    st = config._state
+    with st.lock:
+        if st.inflight is not None:
+            raise RuntimeError(f"a DP vote is already in flight for this DPConfig (step {st.step}): "
+                               "call result() on it before starting another")
+        if st.broken is not None:
+            raise DPSyncError(f"{_where(config)}: an earlier vote failed ({st.broken}); the group is in an "
+                              "unknown state: tear it down")
+        if config.dp_size == 1:
+            vote = DPVote(config, column[4], None)
+        else:
+            vote = DPVote(config, column[4], _start(config, column))
+        st.inflight = vote
+    return vote
 
 
 def coordinate_batch_across_dp(num_tokens_unpadded: int, allow_microbatching: bool, allow_dp_padding: bool,
                                config: DPConfig, num_tokens_padded: int | None = None,
-                               uniform_decode: bool | None = None, cudagraph_mode: int = 0,
+                               uniform_decode: bool | None = None, cudagraph_mode: Any = 0,
                                ) -> tuple[bool, Any, int]:
     """Agree with the other DP ranks on this step's plan.
 
+    ``cudagraph_mode`` is a runtime :class:`~lowlevel.CUDAGraphMode` (NONE, PIECEWISE, FULL) or
+    its int (NumPy ints too); token counts are non-negative ints (never bool), flags bools.
     Returns ``(should_ubatch, num_tokens_after_padding, synced_cudagraph_mode)``:
-    ``num_tokens_after_padding`` is a CPU int32 torch tensor of length ``dp_size`` (pinned where
-    a GPU exists; ``.numpy()`` and :func:`lowlevel.as_cupy` views of it work), or None with
-    ``dp_size == 1`` (no collective: ``(False, None, cudagraph_mode)``).
+    ``num_tokens_after_padding`` is a CPU int32 torch tensor of length ``dp_size`` in
+    ``dp_rank`` order, never reused by a later step (a row of a block of results allocated
+    256 steps at a time; pinned where a GPU exists; ``.numpy()`` and :func:`lowlevel.as_cupy`
+    views of it work), or None with ``dp_size == 1`` (no collective:
+    ``(False, None, cudagraph_mode)``).
 
-    Bad input raises ``ValueError`` before any collective, so a bad rank fails alone and fast
-    (its peers then time out, if ``timeout_s`` is set). Collective errors and timeouts raise
-    :class:`DPSyncError`.
+    Bad input raises ``TypeError``/``ValueError`` before any collective, so a bad rank fails
+    alone and fast (its peers then time out, if ``timeout_s`` is set). Ranks that disagree on
+    the configuration or the step raise :class:`DPSyncError` together (a ``dp_size`` other than
+    the group's size: :class:`DPConfigError`, also a ``ValueError``, on that rank); collective
+    errors and timeouts raise :class:`DPSyncError`.
     """
-    unp = _pos_int("num_tokens_unpadded", num_tokens_unpadded)
-    pad = unp if num_tokens_padded is None else _pos_int("num_tokens_padded", num_tokens_padded)
-    if pad < unp:
-        raise ValueError(f"num_tokens_padded ({pad}) < num_tokens_unpadded ({unp})")
-    mode = getattr(cudagraph_mode, "value", cudagraph_mode)  # a CUDAGraphMode or its int
-    if isinstance(cudagraph_mode, bool) or isinstance(mode, tuple) or mode not in (0, 1, 2):
-        raise ValueError(f"cudagraph_mode must be 0, 1 or 2 (a runtime mode), got {cudagraph_mode!r}")
-    mode = int(mode)
-    if allow_microbatching and uniform_decode is None:
-        raise ValueError("uniform_decode must be given when allow_microbatching is True")
-    if config.dp_size == 1:
-        return False, None, mode
-    wants = bool(allow_microbatching) and check_ubatch_thresholds(config, unp, bool(uniform_decode))
-    with config._lock:
-        table = _all_reduce(config, (unp, pad, int(wants), int(bool(allow_dp_padding)), mode))
-        should_ubatch, counts, synced, _ = post_process_dp_table(table, config.num_ubatches)
-        config.step += 1
-    import torch
-
-    out = torch.tensor(counts, dtype=torch.int32)
-    if torch.cuda.is_available():
-        out = out.pin_memory()
-    return should_ubatch, out, synced
+    return coordinate_batch_across_dp_async(num_tokens_unpadded, allow_microbatching, allow_dp_padding, config,
+                                            num_tokens_padded, uniform_decode, cudagraph_mode).result()
 
 
-def _all_reduce(config: DPConfig, column: tuple[int, int, int, int, int]) -> np.ndarray:
-    """One SUM all-reduce of the ``[5, dp_size]`` table with this rank's column filled."""
+# --- backends ---------------------------------------------------------------------------------------
+
+# Implementation choices, measured side by side in bench/bench_dp.py (private knobs, not API):
+# the NCCL path's stream switch ("lowlevel": lowlevel.use_stream on a cached Stream; "torch":
+# torch.cuda.stream), and how the gloo path waits ("timeout": work.wait(timedelta), a condition
+# variable wait in gloo's work; "poll": is_completed() against the deadline, which starves gloo's
+# threads on a small host).
+_NCCL_STREAM = "lowlevel"
+_GLOO_WAIT = "timeout"
+_OUT_BLOCK = 256  # results handed out per pinned block
+
+
+def _buffers(config: DPConfig) -> dict[str, Any]:
+    st = config._state
+    if st.bufs is None:
+        import torch
+        import torch.distributed as dist
+
+        w = dist.get_world_size(config.group)
+        cuda = torch.cuda.is_available()
+        host = torch.zeros((ROWS, w), dtype=torch.int32, pin_memory=cuda)
+        bufs: dict[str, Any] = {"host": host, "np": host.numpy(), "pin": cuda, "out": None, "out_np": None,
+                                "out_i": _OUT_BLOCK, "timedelta": None if config.timeout_s is None
+                                else datetime.timedelta(seconds=config.timeout_s)}
+        if config.use_device_collective:
+            from .event import Event
+            from .stream import Stream
+
+            bufs["device"] = torch.zeros((ROWS, w), dtype=torch.int32, device="cuda")
+            bufs["stream"] = Stream()
+            bufs["tstream"] = torch.cuda.Stream()
+            bufs["event"] = Event()
+        st.group_rank = dist.get_rank(config.group)
+        st.group_size = w
+        st.bufs = bufs
+    return st.bufs
+
+
+def _out(b: dict[str, Any], counts: list[int]) -> Any:
+    """A fresh-looking int32 result: row ``i`` of a pinned block of ``_OUT_BLOCK`` results (a
+    new block when one is used up; a block lives while any of its rows is referenced), so a
+    step allocates nothing."""
+    i = b["out_i"]
+    if i == _OUT_BLOCK:
+        import torch
+
+        blk = torch.empty((_OUT_BLOCK, len(counts)), dtype=torch.int32, pin_memory=b["pin"])
+        b["out"], b["out_np"], i = blk.unbind(0), blk.numpy(), 0  # the row views made once per block
+    b["out_np"][i] = counts
+    b["out_i"] = i + 1
+    return b["out"][i]
+
+
+def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
+    """Fill this rank's column and enqueue the one SUM all-reduce; the gloo work or None."""
     import torch.distributed as dist
 
-    b = config._buffers()
-    host, table = b["host"], b["np"]
+    st = config._state
+    b = _buffers(config)
+    table, c, w = b["np"], st.group_rank, st.group_size
     table.fill(0)
-    table[:, config.dp_rank] = column
-    group = config.group
-    timeout = None if config.timeout_s is None else datetime.timedelta(seconds=config.timeout_s)
-    where = f"DP sync step {config.step} on dp_rank {config.dp_rank} of {config.dp_size}"
+    table[:PLAN_ROWS, c] = column
+    if config.dp_rank < w:
+        table[R_PRESENT, config.dp_rank] = 1
+    table[R_DP_RANK, c] = config.dp_rank
+    table[R_DP_SIZE, c] = config.dp_size
+    table[R_NUM_UBATCHES, c] = config.num_ubatches
+    table[R_STEP, c] = st.step % _STEP_MOD
     try:
         if config.use_device_collective:
-            from .stream import use_stream
+            dev, host = b["device"], b["host"]
+            # A dedicated stream: the vote never waits for the model's queued work, and the
+            # model's stream never waits for the vote. No host wait here: the event is polled.
+            if _NCCL_STREAM == "torch":
+                import torch
 
-            dev, s = b["device"], b["stream"]
-            with use_stream(s):  # the collective and both copies are ordered on one stream
-                dev.copy_(host, non_blocking=True)
-                work = dist.all_reduce(dev, group=group, async_op=True)
-                _wait(work, timeout, where)
-                host.copy_(dev, non_blocking=True)
-            s.synchronize()
+                with torch.cuda.stream(b["tstream"]):
+                    dev.copy_(host, non_blocking=True)
+                    dist.all_reduce(dev, group=config.group)
+                    host.copy_(dev, non_blocking=True)
+                b["event"].record(b["tstream"])
+            else:
+                from .stream import use_stream
+
+                s = b["stream"]
+                with use_stream(s):
+                    dev.copy_(host, non_blocking=True)
+                    dist.all_reduce(dev, group=config.group)
+                    host.copy_(dev, non_blocking=True)
+                b["event"].record(s)
+            return None
+        pg = b.get("pg")
+        if pg is None:
+            pg = b["pg"] = dist.group.WORLD if config.group is None else config.group
+            b["opts"] = dist.AllreduceOptions()  # SUM
+        return pg.allreduce([b["host"]], b["opts"])
+    except Exception as exc:
+        st.broken = f"{type(exc).__name__}: {exc}"
+        raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
+    """Wait for the collective (bounded by ``timeout_s``), check the table, derive the plan."""
+    st, b = config._state, config._state.bufs
+    assert b is not None
+    try:
+        if config.use_device_collective:
+            _poll(b["event"], config)
         else:
-            work = dist.all_reduce(host, group=group, async_op=True)
-            _wait(work, timeout, where)
-    except DPSyncError:
+            _wait_work(work, config)
+    except DPSyncError as exc:
+        st.broken = str(exc)
         raise
     except Exception as exc:
-        raise DPSyncError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
-    return table
+        st.broken = f"{type(exc).__name__}: {exc}"
+        raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
+    rows = b["np"].tolist()
+    w = st.group_size
+    problems = check_dp_table(rows)
+    if problems:
+        msg = f"{_where(config)}: the ranks disagree: " + "; ".join(problems)
+        if config.dp_size != w:
+            raise DPConfigError(f"dp_size must equal the group's size ({w}), got {config.dp_size}. {msg}")
+        raise DPSyncError(msg)
+    plan_rows = rows[:PLAN_ROWS]
+    ranks = rows[R_DP_RANK]
+    if ranks != list(range(w)):  # dp_rank order differs from the group's: columns in dp_rank order
+        order = sorted(range(w), key=ranks.__getitem__)
+        plan_rows = [[r[c] for c in order] for r in plan_rows]
+    should_ubatch, counts, synced, _ = post_process_dp_table(plan_rows, config.num_ubatches)
+    return should_ubatch, _out(b, counts), synced
 
 
-def _wait(work: Any, timeout: datetime.timedelta | None, where: str) -> None:
+def _poll(event: Any, config: DPConfig) -> None:
+    """Wait for ``event`` (the D2H copy of the reduced table), raising on ``timeout_s``: spin on
+    ``cudaEventQuery`` for the first 2 ms (a vote takes ~0.1 ms), then query every 50 µs
+    (the GIL released). Not ``work.wait(timeout)``: with a timeout, torch's NCCL work waits in
+    a sleep loop that cost ~700 µs a vote on an H200 pair (bench_dp, "earlier path")."""
+    if event.query():
+        return
+    t0 = time.perf_counter()
+    limit = math.inf if config.timeout_s is None else config.timeout_s
+    spin_until = t0 + 2e-3
+    while not event.query():
+        now = time.perf_counter()
+        if now - t0 > limit:
+            raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")
+        if now > spin_until:
+            time.sleep(5e-5)
+
+
+def _wait_work(work: Any, config: DPConfig) -> None:
+    """Wait for the gloo work, at most ``timeout_s``."""
+    if config.timeout_s is None:
+        work.wait()
+        return
+    if _GLOO_WAIT == "poll":
+        if not work.is_completed():
+            t0 = time.perf_counter()
+            while not work.is_completed():
+                now = time.perf_counter() - t0
+                if now > config.timeout_s:
+                    raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")
+                if now > 2e-3:
+                    time.sleep(5e-5)
+        work.wait()  # completed: returns at once, or raises the collective's error
+        return
+    timeout = config._state.bufs["timedelta"]
     try:
-        ok = work.wait() if timeout is None else work.wait(timeout)
+        ok = work.wait(timeout)
     except Exception as exc:
-        if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
-            raise DPSyncError(f"{where} timed out after {timeout}: a peer never joined ({exc})") from exc
+        text = str(exc).lower()
+        if "timeout" in text or "timed out" in text:
+            raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined "
+                              f"({exc})") from exc
         raise
     if ok is False:
-        raise DPSyncError(f"{where} timed out after {timeout}: a peer never joined")
+        raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")

@@ -1,17 +1,15 @@
 """Microbatch thresholds and slices (vLLM's ``ubatch_utils``), pure NumPy."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import describe, check_bool, check_int
+from .errors import check_bool, check_int, describe
 
-if TYPE_CHECKING:
-    from .dp import DPConfig
-
-__all__ = ["UBatchSlice", "check_ubatch_thresholds", "maybe_create_ubatch_slices"]
+__all__ = ["UBatchSlice", "maybe_create_ubatch_slices"]
 
 
 def _index_slice(s: Any, name: str) -> slice:
@@ -56,17 +54,6 @@ class UBatchSlice:
     def is_empty(self) -> bool:
         return (self.request_slice.start == self.request_slice.stop
                 or self.token_slice.start == self.token_slice.stop)
-
-
-def check_ubatch_thresholds(config: "DPConfig", num_tokens: int, uniform_decode: bool) -> bool:
-    """Whether a batch is large enough to be worth microbatching: ``num_tokens >=`` the decode
-    threshold for a uniform-decode batch, the prefill threshold otherwise; always False when
-    microbatching is not enabled."""
-    if not config.enable_microbatching:
-        return False
-    if uniform_decode:
-        return num_tokens >= config.decode_token_threshold
-    return num_tokens >= config.prefill_token_threshold
 
 
 def _token_counts(num_scheduled_tokens: Any) -> np.ndarray:

@@ -1,8 +1,6 @@
 """CPU tier of DP padding sync: post-processing, slicing goldens, validation, real gloo runs."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -48,60 +46,201 @@ def test_empty_last_microbatch_rule_and_equality_case():
 def test_dp_size_one_makes_no_collective(monkeypatch):
     import lowlevel.dp as dp
 
-    monkeypatch.setattr(dp, "_all_reduce", lambda *a: pytest.fail("no collective expected"))
+    monkeypatch.setattr(dp, "_start", lambda *a: pytest.fail("no collective expected"))
     cfg = lowlevel.DPConfig(1, 0)
     assert lowlevel.coordinate_batch_across_dp(7, False, True, cfg, cudagraph_mode=2) == (False, None, 2)
+    assert lowlevel.coordinate_batch_across_dp(7, False, True, cfg, cudagraph_mode=np.int64(1)) == (False, None, 1)
+
+
+class _DoneWork:
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _fake_peers(monkeypatch, peers, world=2, group_rank=0):
+    """Replace the collective by a table whose other columns are ``peers`` (group rank -> dict of
+    row values); returns the list of columns this rank sent."""
+    import lowlevel.dp as dp
+
+    sent = []
+    real_start = dp._start
+
+    def fake_start(config, column):
+        st = config._state
+        host = np.zeros((dp.ROWS, world), dtype=np.int32)
+        st.bufs = {"host": None, "np": host, "pin": False, "out": None, "out_np": None, "out_i": dp._OUT_BLOCK}
+        st.group_size, st.group_rank = world, group_rank
+        # fill our column exactly as the real code does, by running it against a stub group
+        host[:dp.PLAN_ROWS, group_rank] = column
+        host[dp.R_PRESENT, config.dp_rank] += 1
+        host[dp.R_DP_RANK, group_rank] = config.dp_rank
+        host[dp.R_DP_SIZE, group_rank] = config.dp_size
+        host[dp.R_NUM_UBATCHES, group_rank] = config.num_ubatches
+        host[dp.R_STEP, group_rank] = st.step
+        for c, vals in peers.items():
+            full = dict(unpadded=600, padded=640, wants=1, allows=1, mode=2, dp_rank=c, dp_size=world,
+                        num_ubatches=config.num_ubatches, step=st.step)
+            full.update(vals)
+            host[:dp.PLAN_ROWS, c] = [full[k] for k in ("unpadded", "padded", "wants", "allows", "mode")]
+            if 0 <= full["dp_rank"] < world:
+                host[dp.R_PRESENT, full["dp_rank"]] += 1
+            host[dp.R_DP_RANK, c] = full["dp_rank"]
+            host[dp.R_DP_SIZE, c] = full["dp_size"]
+            host[dp.R_NUM_UBATCHES, c] = full["num_ubatches"]
+            host[dp.R_STEP, c] = full["step"]
+        sent.append(column)
+        return _DoneWork()
+
+    assert real_start is not None
+    monkeypatch.setattr(dp, "_start", fake_start)
+    return sent
 
 
 def test_one_collective_per_call_with_fake(monkeypatch):
-    import lowlevel.dp as dp
-
-    calls = []
-
-    def fake(config, column):
-        calls.append(column)
-        t = np.zeros((5, 2), dtype=np.int32)
-        t[:, config.dp_rank] = column
-        t[:, 1 - config.dp_rank] = (600, 640, 1, 1, 2)
-        return t
-
-    monkeypatch.setattr(dp, "_all_reduce", fake)
+    sent = _fake_peers(monkeypatch, {1: {}})
     cfg = lowlevel.DPConfig(2, 0, enable_microbatching=True)
     should, counts, mode = lowlevel.coordinate_batch_across_dp(520, True, True, cfg, num_tokens_padded=528,
                                                                uniform_decode=False, cudagraph_mode=1)
-    assert calls == [(520, 528, 1, 1, 1)]
+    assert sent == [(520, 528, 1, 1, 1)]
     assert should is True and mode == 1
     assert counts.dtype.is_floating_point is False and counts.tolist() == [640, 640]
     assert counts.numpy().dtype == np.int32 and cfg.step == 1
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(num_tokens_unpadded=-1), "num_tokens_unpadded"),
-    (dict(num_tokens_padded=3), "num_tokens_padded"),
-    (dict(cudagraph_mode=3), "cudagraph_mode"),
-    (dict(cudagraph_mode=lowlevel.CUDAGraphMode.FULL_AND_PIECEWISE), "cudagraph_mode"),
-    (dict(allow_microbatching=True, uniform_decode=None), "uniform_decode"),
+def test_plan_follows_dp_rank_order_not_group_order(monkeypatch):
+    # this process is group rank 1 but dp_rank 0; the peer is group rank 0, dp_rank 1
+    _fake_peers(monkeypatch, {0: {"dp_rank": 1, "padded": 64, "unpadded": 60, "mode": 0}}, group_rank=1)
+    cfg = lowlevel.DPConfig(2, 0)
+    should, counts, mode = lowlevel.coordinate_batch_across_dp(5, False, True, cfg, num_tokens_padded=8)
+    assert (should, counts.tolist(), mode) == (False, [8, 64], 0)
+
+
+@pytest.mark.parametrize("peer,match", [
+    ({"dp_size": 3}, "group rank 1 has dp_size 3"),
+    ({"dp_rank": 0}, "duplicate dp_rank 0"),
+    ({"num_ubatches": 3}, "num_ubatches differs"),
+    ({"step": 1}, "different steps"),
 ])
-def test_bad_input_fails_before_any_collective(monkeypatch, kw, match):
+def test_mismatch_in_the_table_raises_and_leaves_step(monkeypatch, peer, match):
+    _fake_peers(monkeypatch, {1: peer})
+    cfg = lowlevel.DPConfig(2, 0)
+    with pytest.raises(lowlevel.DPSyncError, match=match):
+        lowlevel.coordinate_batch_across_dp(5, False, True, cfg)
+    assert cfg.step == 0 and cfg._state.inflight is None
+    _fake_peers(monkeypatch, {1: {}})
+    lowlevel.coordinate_batch_across_dp(5, False, True, cfg)  # agreement again: the config still works
+    assert cfg.step == 1
+
+
+def test_own_dp_size_against_group_is_a_value_error(monkeypatch):
     import lowlevel.dp as dp
 
-    monkeypatch.setattr(dp, "_all_reduce", lambda *a: pytest.fail("collective reached"))
+    _fake_peers(monkeypatch, {1: {"dp_size": 3}})
+    cfg = lowlevel.DPConfig(3, 0)
+    with pytest.raises(ValueError, match="dp_size must equal the group's size") as ei:
+        lowlevel.coordinate_batch_across_dp(5, False, True, cfg)
+    assert isinstance(ei.value, dp.DPSyncError) and isinstance(ei.value, dp.DPConfigError)
+
+
+def test_one_vote_in_flight(monkeypatch):
+    import lowlevel.dp as dp
+
+    _fake_peers(monkeypatch, {1: {}})
+    cfg = lowlevel.DPConfig(2, 0)
+    vote = dp.coordinate_batch_across_dp_async(5, False, True, cfg, cudagraph_mode=2)
+    with pytest.raises(RuntimeError, match="already in flight"):
+        cfg.start(5, False, True)
+    with pytest.raises(RuntimeError, match="already in flight"):
+        lowlevel.coordinate_batch_across_dp(5, False, True, cfg)
+    assert vote.done() and cfg.step == 0
+    plan = vote.result()
+    assert plan[0] is False and plan[1].tolist() == [640, 640] and plan[2] == 2
+    assert vote.result() is plan and cfg.step == 1  # idempotent, counted once
+    assert cfg.start(5, False, True).result()[1].tolist() == [5, 640]  # mode NONE: no padding
+
+
+def _args(**kw):
     args = dict(num_tokens_unpadded=5, allow_microbatching=False, allow_dp_padding=True,
                 config=lowlevel.DPConfig(2, 0), num_tokens_padded=8, uniform_decode=False, cudagraph_mode=0)
     args.update(kw)
-    with pytest.raises(ValueError, match=match):
+    return args
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(num_tokens_unpadded=-1), ValueError, "num_tokens_unpadded"),
+    (dict(num_tokens_unpadded=5.0), TypeError, "num_tokens_unpadded"),
+    (dict(num_tokens_unpadded=True), TypeError, "num_tokens_unpadded"),
+    (dict(num_tokens_padded=3), ValueError, "num_tokens_padded"),
+    (dict(num_tokens_padded=np.float64(8)), TypeError, "num_tokens_padded"),
+    (dict(num_tokens_padded=2**31), ValueError, "num_tokens_padded"),
+    (dict(cudagraph_mode=3), ValueError, "cudagraph_mode"),
+    (dict(cudagraph_mode=-1), ValueError, "cudagraph_mode"),
+    (dict(cudagraph_mode=True), TypeError, "cudagraph_mode"),
+    (dict(cudagraph_mode=1.0), TypeError, "cudagraph_mode"),
+    (dict(cudagraph_mode="FULL"), TypeError, "cudagraph_mode"),
+    (dict(cudagraph_mode=np.bool_(True)), TypeError, "cudagraph_mode"),
+    (dict(cudagraph_mode=lowlevel.CUDAGraphMode.FULL_AND_PIECEWISE), ValueError, "cudagraph_mode"),
+    (dict(allow_microbatching=True, uniform_decode=None), ValueError, "uniform_decode"),
+    (dict(allow_microbatching=1), TypeError, "allow_microbatching"),
+    (dict(allow_dp_padding="yes"), TypeError, "allow_dp_padding"),
+    (dict(config="cfg"), TypeError, "config"),
+])
+def test_bad_input_fails_before_any_collective(monkeypatch, kw, exc, match):
+    import lowlevel.dp as dp
+
+    monkeypatch.setattr(dp, "_start", lambda *a: pytest.fail("collective reached"))
+    args = _args(**kw)
+    with pytest.raises(exc, match=match):
         lowlevel.coordinate_batch_across_dp(**args)
+    cfg = args["config"]
+    if isinstance(cfg, lowlevel.DPConfig):
+        assert cfg.step == 0 and cfg._state.inflight is None and cfg._state.bufs is None
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="out of range"):
-        lowlevel.DPConfig(2, 2)
-    with pytest.raises(ValueError):
-        lowlevel.DPConfig(0, 0)
-    with pytest.raises(ValueError):
-        lowlevel.DPConfig(2, 0, num_ubatches=1)
-    with pytest.raises(ValueError):
-        lowlevel.DPConfig(2, 0, timeout_s=0)
+@pytest.mark.parametrize("mode,want", [(lowlevel.CUDAGraphMode.FULL, 2), (lowlevel.CUDAGraphMode.NONE, 0),
+                                       (np.int32(1), 1), (np.int64(2), 2), (1, 1)])
+def test_mode_accepts_enum_and_ints(monkeypatch, mode, want):
+    _fake_peers(monkeypatch, {1: {"mode": 2}})
+    got = lowlevel.coordinate_batch_across_dp(5, False, True, lowlevel.DPConfig(2, 0), cudagraph_mode=mode)
+    assert got[2] == want and type(got[2]) is int
+
+
+@pytest.mark.parametrize("args,kw,exc,match", [
+    ((2, 2), {}, ValueError, "dp_rank"),
+    ((0, 0), {}, ValueError, "dp_size"),
+    ((2.0, 0), {}, TypeError, "dp_size"),
+    ((True, 0), {}, TypeError, "dp_size"),
+    ((2, False), {}, TypeError, "dp_rank"),
+    ((2, -1), {}, ValueError, "dp_rank"),
+    ((2, 0), dict(num_ubatches=1), ValueError, "num_ubatches"),
+    ((2, 0), dict(num_ubatches=2.5), TypeError, "num_ubatches"),
+    ((2, 0), dict(decode_token_threshold=-1), ValueError, "decode_token_threshold"),
+    ((2, 0), dict(prefill_token_threshold="512"), TypeError, "prefill_token_threshold"),
+    ((2, 0), dict(timeout_s=0), ValueError, "timeout_s"),
+    ((2, 0), dict(timeout_s=-1.0), ValueError, "timeout_s"),
+    ((2, 0), dict(timeout_s=float("nan")), ValueError, "timeout_s"),
+    ((2, 0), dict(timeout_s=float("inf")), ValueError, "timeout_s"),
+    ((2, 0), dict(timeout_s=True), TypeError, "timeout_s"),
+    ((2, 0), dict(timeout_s="5"), TypeError, "timeout_s"),
+    ((2, 0), dict(enable_microbatching=1), TypeError, "enable_microbatching"),
+    ((2, 0), dict(use_device_collective="nccl"), TypeError, "use_device_collective"),
+])
+def test_config_validation(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        lowlevel.DPConfig(*args, **kw)
+
+
+def test_config_takes_numpy_ints_and_is_immutable():
+    cfg = lowlevel.DPConfig(np.int64(4), np.int32(3), num_ubatches=np.int16(3), timeout_s=np.float32(2.5))
+    assert (cfg.dp_size, cfg.dp_rank, cfg.num_ubatches) == (4, 3, 3)
+    assert type(cfg.dp_size) is int and type(cfg.timeout_s) is float and cfg.step == 0
+    with pytest.raises(AttributeError):
+        cfg.dp_size = 5  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        cfg.step = 3  # type: ignore[misc]
 
 
 def test_thresholds_use_greater_or_equal():
@@ -142,31 +281,14 @@ def test_slices_bad_input():
 
 # --- real torch.distributed over gloo, one process per rank -----------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, tmp_path, steps, mode="plan", timeout=240):
-    port = _free_port()
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
-            "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), sys.argv[7])")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    procs = [subprocess.Popen([sys.executable, "-c", code, HERE, str(r), str(world), str(port), str(tmp_path),
-                               str(steps), mode], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-        outs.append(out.decode(errors="replace"))
-        assert p.returncode == 0, out.decode(errors="replace")[-3000:]
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    sys.path.insert(0, HERE)
+    import dp_worker
+
+    try:
+        return dp_worker.spawn(world, tmp_path, steps, mode, "gloo", timeout)
+    except AssertionError as e:  # a rank hung or died
+        pytest.fail(str(e))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -190,3 +312,128 @@ def test_gloo_timeout_names_step_and_rank(tmp_path):
     err = res[0]["error"]
     assert err is not None and "step 0" in err and "dp_rank 0" in err, err
     assert res[0]["elapsed"] < 7.5
+
+
+MISMATCH = {  # kind -> (what every rank's message names, error class on the ranks that are themselves wrong)
+    "dp_size": "dp_size differs from the group's size",
+    "dp_size_all": "dp_size differs from the group's size",
+    "dup_rank": "duplicate dp_rank 0",
+    "num_ubatches": "num_ubatches differs",
+    "step": "different steps",
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", sorted(MISMATCH))
+def test_gloo_mismatch_raises_on_every_rank(world, kind, tmp_path):
+    res = [r["kinds"][kind] for r in _spawn(world, tmp_path, 0, mode=f"mismatch-{kind}", timeout=120)]
+    for rank, r in enumerate(res):
+        assert r["error"] is not None and MISMATCH[kind] in r["error"], r
+        assert "DPSyncError" in r["error_types"], r
+        assert r["elapsed"] < 20 and r["step"] == (1 if kind == "step" and rank == world - 1 else 0)
+        assert r["after"] == world  # the group still works: nothing was left half-done
+    if kind == "dup_rank":
+        assert "missing dp_rank [" + str(world - 1) + "]" in res[0]["error"]
+    if kind.startswith("dp_size"):  # the ranks whose own dp_size is wrong also raise a ValueError
+        for rank, r in enumerate(res):
+            own_wrong = kind == "dp_size_all" or rank > 0
+            assert ("ValueError" in r["error_types"]) == own_wrong, r
+            assert ("dp_size must equal the group's size" in r["error"]) == own_wrong
+
+
+def test_gloo_async_vote_equals_blocking_and_detects_generation(tmp_path):
+    res = _spawn(2, tmp_path, 30, mode="async", timeout=180)
+    for r in res:
+        assert all(r["same"]) and len(r["same"]) == 30 and r["step"] == 30
+        assert r["second_start"] and "already in flight" in r["second_start"]
+        assert r["gen_error"] and "different steps" in r["gen_error"] and r["gen_elapsed"] < 20
+
+
+def test_results_are_never_reused(monkeypatch):
+    import lowlevel.dp as dp
+
+    _fake_peers(monkeypatch, {1: {"padded": 7, "mode": 0}})
+    cfg = lowlevel.DPConfig(2, 0)
+    outs = []
+    for k in range(dp._OUT_BLOCK + 5):  # across a block boundary
+        outs.append(lowlevel.coordinate_batch_across_dp(k, False, True, cfg)[1])
+    assert [o.tolist() for o in outs] == [[k, 7] for k in range(dp._OUT_BLOCK + 5)]
+    outs[0][0] = -1  # a caller writing its result touches no other step's
+    assert outs[1].tolist() == [1, 7]
+
+
+# --- merged traces of several ranks -----------------------------------------------------------
+
+def test_merge_traces_aligns_ranks_and_plots(tmp_path):
+    from lowlevel.trace_merge import merge_traces, plot_merged
+
+    traces = []
+    for rank, offset in ((0, 0.0), (1, 5.0)):  # rank 1's clock reads 5 ms later for the same moment
+        tl = lowlevel.Timeline()
+        tl.add("align", "compute", offset + 0.0, offset + 1.0)
+        tl.add("ub0.0", "compute", offset + 1.0, offset + 3.0)
+        tl.add("ub0.1", "comm", offset + 3.0, offset + 4.0 + rank)
+        traces.append(tl.to_chrome_trace(str(tmp_path / f"r{rank}.json")))
+    merged = merge_traces([traces[0], str(tmp_path / "r1.json")], path=str(tmp_path / "m.json"))
+    ev = [e for e in merged["traceEvents"] if e["ph"] == "X"]
+    by = {(e["pid"], e["name"]): e for e in ev}
+    assert by[(0, "align")]["ts"] + by[(0, "align")]["dur"] == by[(1, "align")]["ts"] + by[(1, "align")]["dur"]
+    assert by[(1, "ub0.1")]["ts"] == by[(0, "ub0.1")]["ts"] == 3000.0 and by[(1, "ub0.1")]["dur"] == 2000.0
+    assert min(e["ts"] for e in ev) == 0.0
+    procs = {e["pid"]: e["args"]["name"] for e in merged["traceEvents"] if e["name"] == "process_name"}
+    assert procs == {0: "rank 0", 1: "rank 1"}
+    tracks = {(e["pid"], e["args"]["name"]) for e in merged["traceEvents"] if e["name"] == "thread_name"}
+    assert tracks == {(0, "comm"), (0, "compute"), (1, "comm"), (1, "compute")}
+    png = plot_merged(str(tmp_path / "m.json"), str(tmp_path / "m.png"))
+    assert os.path.getsize(png) > 1000
+    with pytest.raises(ValueError, match="no span named"):
+        merge_traces(traces, align="barrier")
+    with pytest.raises(TypeError):
+        merge_traces([{"events": []}])
+
+
+# --- property tests: the table logic against plain single-process statements ---------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
+
+_col = st.tuples(st.integers(0, 5000), st.integers(0, 64), st.booleans(), st.booleans(), st.integers(0, 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cols=st.lists(_col, min_size=2, max_size=8), n=st.integers(2, 4))
+def test_plan_matches_reference(cols, n):
+    sys.path.insert(0, HERE)
+    import dp_worker
+
+    full = [(u, u + p, int(w), int(a), m) for u, p, w, a, m in cols]
+    got = post_process_dp_table(np.array(full, dtype=np.int32).T, n)
+    want = dp_worker.reference_plan(full, n)
+    assert (got[0], got[1], got[2]) == (want[0], list(want[1]), want[2])
+    assert got[3] == (want[0] or (all(c[3] for c in full) and want[2] != 0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), w=st.integers(1, 6))
+def test_table_check_finds_exactly_the_mismatches(data, w):
+    from lowlevel import dp
+
+    ranks = data.draw(st.lists(st.integers(0, w), min_size=w, max_size=w), label="dp_rank per group rank")
+    sizes = data.draw(st.lists(st.sampled_from([w, w, w + 1]), min_size=w, max_size=w), label="dp_size")
+    nubs = data.draw(st.lists(st.sampled_from([2, 2, 3]), min_size=w, max_size=w), label="num_ubatches")
+    steps = data.draw(st.lists(st.sampled_from([7, 7, 8]), min_size=w, max_size=w), label="steps")
+    t = np.zeros((dp.ROWS, w), dtype=np.int32)
+    for c in range(w):  # what each process writes, summed as the all-reduce would
+        if ranks[c] < w:
+            t[dp.R_PRESENT, ranks[c]] += 1
+        t[dp.R_DP_RANK, c], t[dp.R_DP_SIZE, c] = ranks[c], sizes[c]
+        t[dp.R_NUM_UBATCHES, c], t[dp.R_STEP, c] = nubs[c], steps[c]
+    text = " ".join(dp.check_dp_table(t))
+    assert ("dp_size differs" in text) == any(s != w for s in sizes)
+    assert ("duplicate dp_rank" in text) == (len({r for r in ranks if r < w}) < sum(r < w for r in ranks))
+    assert ("missing dp_rank" in text) == (set(range(w)) - set(ranks) != set())
+    assert ("out-of-range dp_rank" in text) == any(r >= w for r in ranks)
+    assert ("num_ubatches differs" in text) == (len(set(nubs)) > 1)
+    assert ("different steps" in text) == (len(set(steps)) > 1)
+    assert (text == "") == (sorted(ranks) == list(range(w)) and set(sizes) == {w} and len(set(nubs)) == 1
+                            and len(set(steps)) == 1)

@@ -1,0 +1,89 @@
+"""DP sync on 2 GPUs, one process a GPU, NCCL (``use_device_collective=True``): plans equal to
+gloo's and to a reference over random steps, the async vote equal to the blocking one, a
+generation mismatch and configuration mismatches raise on both ranks within the timeout, a
+timeout holds."""
+import os
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.gpu2]
+torch = pytest.importorskip("torch")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import dp_worker  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _two_gpus():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+
+
+def spawn(tmp_path, steps, mode, timeout=240):
+    try:
+        return dp_worker.spawn(2, tmp_path, steps, mode, "nccl", timeout)
+    except AssertionError as e:
+        pytest.fail(str(e))
+
+
+def test_nccl_plans_equal_gloo_and_reference(tmp_path):
+    steps = 200
+    res = spawn(tmp_path, steps, "plan")
+    for r in res:
+        assert r["steps"] == steps
+        assert all(p["ok"] for p in r["plans"]), [p for p in r["plans"] if not p["ok"]][:3]
+        assert all(p["gloo_same"] for p in r["plans"])
+        assert all(p["pinned"] and p["dtype"] == "torch.int32" for p in r["plans"])
+    assert [p["got"] for p in res[0]["plans"]] == [p["got"] for p in res[1]["plans"]]
+    gots = [p["got"] for p in res[0]["plans"]]
+    assert any(g[0] for g in gots) and not all(g[0] for g in gots)
+
+
+def test_nccl_async_vote_equals_blocking_and_detects_generation(tmp_path):
+    res = spawn(tmp_path, 50, "async")
+    for r in res:
+        assert len(r["same"]) == 50 and all(r["same"]) and r["step"] == 50
+        assert r["second_start"] and "already in flight" in r["second_start"]
+        assert r["gen_error"] and "different steps" in r["gen_error"] and r["gen_elapsed"] < 20
+
+
+NCCL_MISMATCH = {"dp_size": "dp_size differs", "dup_rank": "duplicate dp_rank 0",
+                 "num_ubatches": "num_ubatches differs", "step": "different steps"}
+
+
+def test_nccl_mismatch_raises_on_both_ranks(tmp_path):
+    res = spawn(tmp_path, 0, "mismatch-" + ",".join(NCCL_MISMATCH))  # one after another in one group
+    for r in res:
+        for kind, names in NCCL_MISMATCH.items():
+            k = r["kinds"][kind]
+            assert k["error"] and names in k["error"] and "DPSyncError" in k["error_types"], (kind, k)
+            assert k["elapsed"] < 20 and k["after"] == 2
+
+
+def test_nccl_timeout_names_step_and_rank(tmp_path):
+    res = spawn(tmp_path, 0, "timeout", timeout=120)
+    err = res[0]["error"]
+    assert err is not None and "timed out" in err and "step 0" in err and "dp_rank 0" in err, err
+    assert res[0]["elapsed"] < 3.9  # before the late peer joined (4 s)
+    assert "earlier vote failed" in res[0]["after_timeout"]
+
+
+def test_ubatch_overlap_with_nccl_matches_sequential_and_reference(tmp_path):
+    """2 microbatches x 3 layers of (matmul -> NCCL all-reduce) on each of 2 GPUs: threads and
+    generators, with and without the SM split (NCCL communicator limited to 16 CTAs), and the
+    overlapped run captured as one FULL graph (NCCL inside) and replayed into a poisoned output,
+    all equal to the sequential run; the sequential run matches a float32 reference."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from bench.bench_ubatch_nccl import spawn as spawn_ub
+
+    try:
+        res = spawn_ub(str(tmp_path), 512, 512, 3, False, timeout=180)
+    except AssertionError as e:
+        pytest.fail(str(e))
+    for r in res:
+        assert r["seq_vs_reference_rel"] < 2e-2, r
+        tol = 1e-2 * r["seq_abs_max"]
+        diffs = {k: v for k, v in r.items() if k.startswith("max_abs_diff")}
+        assert r["graph_error"] is None, r["graph_error"]
+        assert len(diffs) >= 3 and all(v <= tol for v in diffs.values()), (diffs, tol)
