@@ -212,11 +212,22 @@ def cupy_external(handle: int) -> Any:
 
 
 _handle_getters: dict[type, Callable[[Any], int]] = {}
+class _NoStreamYet:
+    """What :data:`stream_class` is until lowlevel.Stream registers (no object has this type)."""
+
+
+stream_class: type = _NoStreamYet
+"""``lowlevel.Stream`` once :mod:`lowlevel.stream` is imported: the hot paths below the stream
+module compare ``type(s) is rt.stream_class`` and read ``s.ptr`` without a look-up."""
 
 
 def register_stream_type(cls: type, get_handle: Callable[[Any], int]) -> None:
-    """Teach :func:`stream_handle` a stream class (``lowlevel.Stream`` registers itself)."""
+    """Teach :func:`stream_handle` a stream class (``lowlevel.Stream`` registers itself, and
+    becomes :data:`stream_class`)."""
+    global stream_class
     _handle_getters[cls] = get_handle
+    if stream_class is _NoStreamYet:
+        stream_class = cls
 
 
 def stream_handle(stream: Any) -> int:

@@ -84,11 +84,27 @@ def execute_in_parallel(
     ``done_events`` differ or a launched slot has no done event, ``TypeError`` when
     ``start_event`` is None or a stream or event is of no kind lowlevel knows.
     """
-    _check_fns(default_fn, aux_fns)
     if aux_streams is None or not enable:
+        _check_fns(default_fn, aux_fns)
         d = default_fn()
         return d, [None if fn is None else fn() for fn in aux_fns]
-    _check_slots(aux_fns, start_event, done_events, aux_streams)
+    # The common case (lists or tuples of one length, callables, lowlevel Events and Streams)
+    # passes in one allocation-free pass, inlined: this is the hot path. Anything else goes
+    # through the full checks, which name what is wrong or accept foreign events and streams.
+    t, de, st = type(aux_fns), type(done_events), type(aux_streams)
+    native = ((t is list or t is tuple) and (de is list or de is tuple) and (st is list or st is tuple)
+              and type(start_event) is Event and callable(default_fn)
+              and len(done_events) == len(aux_fns) == len(aux_streams))
+    if native:
+        for i in range(len(aux_fns)):
+            fn = aux_fns[i]
+            if fn is not None and not (callable(fn) and type(done_events[i]) is Event
+                                       and type(aux_streams[i]) is Stream):
+                native = False
+                break
+    if not native:
+        _check_fns(default_fn, aux_fns)
+        _check_slots(aux_fns, start_event, done_events, aux_streams)
     return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first,
                       rt.current_handle())
 
