@@ -55,7 +55,7 @@ bench: $(STAMP)
 
 # Both run (and report) even when the first finds something; the target fails if either did.
 lint: $(STAMP)-dev
-	rc=0; $(PY) -m ruff check lowlevel tests bench || rc=1; $(PY) -m mypy lowlevel || rc=1; exit $$rc
+	rc=0; $(PY) -m ruff check lowlevel tests bench examples || rc=1; $(PY) -m mypy lowlevel || rc=1; exit $$rc
 
 dist: $(STAMP)-dev
 	rm -rf dist

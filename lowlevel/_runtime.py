@@ -40,7 +40,7 @@ from .device import require_cuda
 try:  # CuPy imports without a GPU; its absence is reported by require_cuda().
     import cupy as cp
 except ImportError:  # pragma: no cover
-    cp = None  # type: ignore[assignment]
+    cp = None
 
 __all__: list[str] = []  # a private layer: nothing here is public API (stream.py re-exports StreamLike)
 
@@ -237,7 +237,7 @@ def stream_handle(stream: Any) -> int:
         return current_handle()
     cls = type(stream)
     if cls is int:
-        return stream  # type: ignore[no-any-return]
+        return stream
     get = _handle_getters.get(cls)
     if get is None:
         get = _handle_getter_for(stream)

@@ -161,7 +161,7 @@ class BatchDescriptor(_BatchDescriptorFields):
         return _tuple_new(cls, (num_tokens, num_reqs, uniform, has_lora, num_active_loras))
 
     @classmethod
-    def _make(cls, iterable: Iterable[Any]) -> BatchDescriptor:
+    def _make(cls, iterable: Iterable[Any]) -> BatchDescriptor:  # type: ignore[override]
         return cls(*iterable)
 
     def relax_for_mixed_batch_cudagraphs(self) -> BatchDescriptor:

@@ -33,8 +33,9 @@ import datetime
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .cudagraph_dispatch import as_cudagraph_mode
 from .errors import LowlevelError, check_bool, check_int, check_timeout
@@ -73,9 +74,9 @@ class _State:
 
     def __init__(self) -> None:
         self.step = 0
-        self.group_size: int | None = None
+        self.group_size = 0  # the group's size, known once the buffers exist
         self.group_rank = 0
-        self.bufs: dict[str, Any] | None = None
+        self.bufs: dict[str, Any] = {}  # made at the first call
         self.inflight: DPVote | None = None
         self.broken: str | None = None
         self.lock = threading.Lock()
@@ -243,6 +244,10 @@ class DPVote:
                 st.step += 1
             return self._plan
         except BaseException as exc:
+            # The finished frames of the wait (kept by the traceback) hold the collective's work
+            # object; a stored error would keep it alive past destroy_process_group(), and gloo
+            # aborts the process when a work object outlives its group. Drop their locals.
+            traceback.clear_frames(exc.__traceback__)
             self._error = exc
             raise
         finally:
@@ -339,7 +344,7 @@ _OUT_BLOCK = 256  # results handed out per pinned block
 
 def _buffers(config: DPConfig) -> dict[str, Any]:
     st = config._state
-    if st.bufs is None:
+    if not st.bufs:
         import torch
         import torch.distributed as dist
 
@@ -416,11 +421,14 @@ def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
                     host.copy_(dev, non_blocking=True)
                 b["event"].record(s)
             return None
-        pg = b.get("pg")
-        if pg is None:
-            pg = b["pg"] = dist.group.WORLD if config.group is None else config.group
-            b["opts"] = dist.AllreduceOptions()  # SUM
-        return pg.allreduce([b["host"]], b["opts"])
+        opts = b.get("opts")
+        if opts is None:
+            opts = b["opts"] = dist.AllreduceOptions()  # SUM
+        # The group is looked up per call, not cached: a config must not keep the world group's
+        # C++ object alive after destroy_process_group() (gloo aborts the process when a group
+        # is destroyed late, at interpreter exit).
+        pg = dist.group.WORLD if config.group is None else config.group
+        return cast(Any, pg).allreduce([b["host"]], opts)
     except Exception as exc:
         st.broken = f"{type(exc).__name__}: {exc}"
         raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc

@@ -235,7 +235,7 @@ def _exec_updater() -> Any:
             from cuda.bindings import driver
         except ImportError:  # pragma: no cover - cuda.bindings not installed
             try:
-                from cuda import cuda as driver  # type: ignore[no-redef]
+                from cuda import cuda as driver
             except ImportError:
                 _exec_update = False
                 return None

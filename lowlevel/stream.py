@@ -191,7 +191,7 @@ def adopt(obj: StreamLike) -> Stream:
     """:meth:`Stream.from_external`, cached by (type, handle) so that hot paths which are handed
     foreign streams on every call create nothing after the first call."""
     if type(obj) is Stream:
-        return obj  # type: ignore[return-value]
+        return obj
     key = (type(obj), rt.stream_handle(obj))
     s = _adopted.get(key)
     if s is None:

@@ -77,7 +77,7 @@ _NULL = _NullSpan()
 def active_timeline() -> Timeline | None:
     """The timeline lowlevel's runtimes record into (set by :meth:`Timeline.activate`), or None.
     Process-wide: see the module docstring."""
-    return rt.tracer  # type: ignore[no-any-return]
+    return rt.tracer
 
 
 class _LiveSpan:
@@ -151,13 +151,13 @@ class Timeline:
         for what, v in (("name", name), ("track", track)):
             if not isinstance(v, str):
                 raise TypeError(f"{what} must be a str, got {describe(v)}")
-        times = []
-        for what, v in (("start_ms", start_ms), ("end_ms", end_ms)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
-                raise TypeError(f"{what} must be a number of milliseconds, got {describe(v)}")
-            f = float(v)
+        times: list[float] = []
+        for arg, t in (("start_ms", start_ms), ("end_ms", end_ms)):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) and not hasattr(t, "__float__"):
+                raise TypeError(f"{arg} must be a number of milliseconds, got {describe(t)}")
+            f = float(t)
             if not math.isfinite(f):
-                raise ValueError(f"{what} must be finite, got {v!r}")
+                raise ValueError(f"{arg} must be finite, got {t!r}")
             times.append(f)
         if times[1] < times[0]:
             raise ValueError(f"span {name!r} ends ({times[1]} ms) before it starts ({times[0]} ms)")

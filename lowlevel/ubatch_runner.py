@@ -3,6 +3,7 @@ eagerly, or as one CUDA graph of the whole overlapped run."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import weakref
@@ -158,7 +159,7 @@ class UBatchRunner:
                 self._workers = _Workers(n)
                 weakref.finalize(self, self._workers.close)  # a dropped runner ends its threads
             workers = self._workers
-            workers.submit([lambda i=i: job(i) for i in range(n)])
+            workers.submit([functools.partial(job, i) for i in range(n)])
             ring.start_ubatches(ctxs)
             hung = workers.wait(self.timeout_s)
             if hung:  # those threads are lost to this runner; the next run starts new ones

@@ -71,7 +71,10 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kw["device_id"] = torch.device("cuda", rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **kw)
+    # A file rendezvous (unique per spawn): no race for a TCP port with other process groups
+    # starting on the machine at the same time; a bare port number still means TCP.
+    init = f"tcp://127.0.0.1:{port}" if str(port).isdigit() else f"file://{port}"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, **kw)
     gloo = dist.new_group(backend="gloo") if backend == "nccl" else None
     device = backend == "nccl"
     res = {"rank": rank}
@@ -203,9 +206,11 @@ def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    port = free_port()
+    import uuid
+
+    port = os.path.join(str(out_dir), f"rendezvous-{uuid.uuid4().hex}")  # a FileStore path, not a port
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
-            "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), "
+            "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), "
             "sys.argv[7], sys.argv[8])")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **NO_NVLS)
     procs = [subprocess.Popen([sys.executable, "-c", code, here, str(r), str(world), str(port), str(out_dir),

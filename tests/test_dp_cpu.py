@@ -197,7 +197,7 @@ def test_bad_input_fails_before_any_collective(monkeypatch, kw, exc, match):
         lowlevel.coordinate_batch_across_dp(**args)
     cfg = args["config"]
     if isinstance(cfg, lowlevel.DPConfig):
-        assert cfg.step == 0 and cfg._state.inflight is None and cfg._state.bufs is None
+        assert cfg.step == 0 and cfg._state.inflight is None and not cfg._state.bufs
 
 
 @pytest.mark.parametrize("mode,want", [(lowlevel.CUDAGraphMode.FULL, 2), (lowlevel.CUDAGraphMode.NONE, 0),

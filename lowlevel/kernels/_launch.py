@@ -368,7 +368,7 @@ class PreparedLaunch:
         if grid != self._grid:
             self._regrid(grid)
         if self._entry is None:  # the interpreter, or Triton's own launch path
-            self._launcher(grid, self._keep[:self._grid_at] + (grid,) + tuple(self._keep[self._grid_at + 1:]),
+            self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
                            self._constexprs, *self._opts)
         else:
             h = rt.torch_get_raw(-1)  # lowlevel's current stream, as rt.current_handle() finds it

@@ -108,7 +108,7 @@ def plan(x: Any, weight: Any, eps: float, residual: Any, out: Any,
     block = triton.next_power_of_2(max(N, 1))
     rows_per, warps, stages, prefetch = (_config(block, residual is not None) if cfg is None
                                          else (tuple(cfg) + (PREFETCH,))[:4])
-    r_args = (rt, rot, rt.stride(0), rot.stride(0)) if rt is not None else (xt, yt, 0, 0)
+    r_args = (rt, rot, rt.stride(0), rot.stride(0)) if rt is not None and rot is not None else (xt, yt, 0, 0)
     args = (xt, wt, r_args[0], yt, r_args[1], rows, N, xt.stride(0), r_args[2], yt.stride(0), r_args[3],
             float(eps), 0)
     y = like_input(yt, x_cp) if out is None else out
