@@ -31,6 +31,7 @@ runtimes read it once per call.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -237,6 +238,8 @@ def stream_handle(stream: Any) -> int:
         return current_handle()
     cls = type(stream)
     if cls is int:
+        if stream < 0:
+            raise ValueError(f"a stream handle is a non-negative int, got {stream}")
         return stream
     get = _handle_getters.get(cls)
     if get is None:
@@ -249,10 +252,10 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
     for base, get in list(_handle_getters.items()):
         if isinstance(stream, base):
             return get
-    if isinstance(stream, bool):
+    if isinstance(stream, bool) or type(stream).__name__ in ("bool", "bool_"):
         raise TypeError("a bool is not a stream handle")
-    if isinstance(stream, int):
-        return int
+    if isinstance(stream, int) or hasattr(type(stream), "__index__"):
+        return _int_handle
     if type(stream).__module__.startswith("torch") and hasattr(stream, "cuda_stream"):
         return lambda s: s.cuda_stream
     if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):
@@ -262,6 +265,13 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
     raise TypeError(
         f"cannot use {type(stream).__module__}.{type(stream).__qualname__} as a CUDA stream: expected a "
         "lowlevel.Stream, torch.cuda.Stream, cupy stream, int handle or an object with __cuda_stream__")
+
+
+def _int_handle(stream: Any) -> int:
+    h = operator.index(stream)  # NumPy integers and other __index__ types
+    if h < 0:
+        raise ValueError(f"a stream handle is a non-negative int, got {h}")
+    return h
 
 
 def torch_stream(handle: int) -> Any:

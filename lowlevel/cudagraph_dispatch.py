@@ -158,6 +158,9 @@ class BatchDescriptor(_BatchDescriptorFields):
             num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
         if num_active_loras and not has_lora:
             raise ValueError(f"num_active_loras must be 0 when has_lora is False, got {num_active_loras}")
+        if num_reqs is not None and num_reqs > num_tokens:
+            raise ValueError(f"num_reqs must be at most num_tokens ({num_tokens}): every request has a token, "
+                             f"got {num_reqs}")
         return _tuple_new(cls, (num_tokens, num_reqs, uniform, has_lora, num_active_loras))
 
     @classmethod

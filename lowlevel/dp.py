@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from .cudagraph_dispatch import as_cudagraph_mode
-from .errors import LowlevelError, check_bool, check_int, check_timeout
+from .device import cuda_available, probe
+from .errors import CudaUnavailableError, LowlevelError, check_bool, check_int, check_ints, check_timeout, describe
 
 __all__ = ["DPConfig", "DPSyncError", "DPConfigError", "DPVote", "check_ubatch_thresholds",
            "coordinate_batch_across_dp", "coordinate_batch_across_dp_async", "post_process_dp_table"]
@@ -67,6 +68,9 @@ class DPConfigError(DPSyncError, ValueError):
 
 # --- configuration ------------------------------------------------------------------------------
 
+_MAX_TIMEOUT_S = 10**9  # torch counts a collective's timeout in int64 nanoseconds (~9.2e9 s): keep well below
+
+
 class _State:
     """The mutable part of a DPConfig: step counter, cached group facts, buffers, the vote in flight."""
 
@@ -88,8 +92,9 @@ class DPConfig:
     plus the state it keeps between steps (step counter, buffers) apart from it.
 
     ``dp_size``: the number of DP ranks, which must equal the group's size (checked at the first
-    call); ``dp_rank`` in ``[0, dp_size)``; ints are anything ``operator.index`` accepts (NumPy
-    ints included), never bool. ``group`` is a ``torch.distributed`` process group (default: the
+    call; ``dp_size=1`` makes no collective at all, so it is not checked against any group);
+    ``dp_rank`` in ``[0, dp_size)``; ints are anything ``operator.index`` accepts (NumPy ints
+    included), never bool. ``group`` is a ``torch.distributed`` process group (default: the
     world group); with ``use_device_collective=False`` it must all-reduce CPU tensors (gloo),
     with True device tensors (NCCL). ``timeout_s`` (finite, > 0, or None for no bound of ours)
     bounds each wait for the peers. ``num_ubatches`` >= 2 must be the same on every rank.
@@ -116,13 +121,24 @@ class DPConfig:
         rank = check_int(dp_rank, "dp_rank", 0)
         if rank >= size:
             raise ValueError(f"dp_rank must be in [0, dp_size={size}), got {rank}")
+        if group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(group, dist.ProcessGroup):
+                raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {describe(group)}")
+        timeout = check_timeout(timeout_s, "timeout_s")
+        if timeout is not None and timeout > _MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be at most {_MAX_TIMEOUT_S} s (torch counts a collective's "
+                             f"timeout in int64 nanoseconds), got {timeout_s!r}")
+        device = check_bool(use_device_collective, "use_device_collective")
+        if device and not cuda_available():
+            raise CudaUnavailableError("use_device_collective=True needs a CUDA device: " + probe()[1])
         values = dict(dp_size=size, dp_rank=rank, group=group,
                       num_ubatches=check_int(num_ubatches, "num_ubatches", 2),
                       enable_microbatching=check_bool(enable_microbatching, "enable_microbatching"),
                       decode_token_threshold=check_int(decode_token_threshold, "decode_token_threshold", 0),
                       prefill_token_threshold=check_int(prefill_token_threshold, "prefill_token_threshold", 0),
-                      use_device_collective=check_bool(use_device_collective, "use_device_collective"),
-                      timeout_s=check_timeout(timeout_s, "timeout_s"), _state=_State())
+                      use_device_collective=device, timeout_s=timeout, _state=_State())
         for k, v in values.items():
             object.__setattr__(self, k, v)
 
@@ -142,7 +158,15 @@ class DPConfig:
 def check_ubatch_thresholds(config: DPConfig, num_tokens: int, uniform_decode: bool) -> bool:
     """Whether a batch is large enough to be worth microbatching: ``num_tokens >=`` the decode
     threshold for a uniform-decode batch, the prefill threshold otherwise; always False when
-    microbatching is not enabled."""
+    microbatching is not enabled. ``TypeError`` / ``ValueError`` naming the argument for a
+    ``config`` that is no :class:`DPConfig`, a ``num_tokens`` that is no non-negative int, or a
+    ``uniform_decode`` that is no bool."""
+    if not isinstance(config, DPConfig):
+        raise TypeError(f"config must be a DPConfig, got {describe(config)}")
+    if type(num_tokens) is not int or num_tokens < 0:
+        num_tokens = check_int(num_tokens, "num_tokens", 0)
+    if uniform_decode is not True and uniform_decode is not False:
+        uniform_decode = check_bool(uniform_decode, "uniform_decode")
     if not config.enable_microbatching:
         return False
     if uniform_decode:
@@ -153,8 +177,30 @@ def check_ubatch_thresholds(config: DPConfig, num_tokens: int, uniform_decode: b
 def post_process_dp_table(table: Any, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
     """The plan every rank derives from the reduced table (its first five rows, columns in
     ``dp_rank`` order; a NumPy array or a list of rows): ``(should_ubatch, padded counts per
-    rank, synced mode, padded to the max)``."""
+    rank, synced mode, padded to the max)``.
+
+    ``TypeError`` / ``ValueError`` for a table without five rows of one length of integers,
+    negative token counts, a padded count below its unpadded one, flags other than 0/1, modes
+    other than 0/1/2, or ``num_ubatches`` that is no int >= 2."""
+    num_ubatches = check_int(num_ubatches, "num_ubatches", 2)
     rows = table.tolist() if hasattr(table, "tolist") else table
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)) or len(rows) < PLAN_ROWS:
+        raise TypeError(f"table must have at least {PLAN_ROWS} rows (a NumPy array or a list of rows), "
+                        f"got {describe(table)}")
+    plan = [check_ints(r, f"table[{i}]") for i, r in enumerate(rows[:PLAN_ROWS])]
+    w = len(plan[0])
+    if w == 0 or any(len(r) != w for r in plan):
+        raise ValueError(f"table rows must have one non-zero length, got lengths {[len(r) for r in plan]}")
+    unp, pad, wants, allows, modes = plan
+    if min(unp) < 0 or any(p < u for p, u in zip(pad, unp)):
+        raise ValueError(f"table: token counts must be >= 0 and padded >= unpadded, got {unp} and {pad}")
+    if any(x not in (0, 1) for x in wants + allows) or any(m not in (0, 1, 2) for m in modes):
+        raise ValueError(f"table: flags must be 0 or 1 and modes 0, 1 or 2, got {wants}, {allows}, {modes}")
+    return _plan_of(plan, num_ubatches)
+
+
+def _plan_of(rows: Any, num_ubatches: int) -> tuple[bool, list[int], int, bool]:
+    """:func:`post_process_dp_table` of rows already known to be well formed (the reduced table)."""
     unpadded, padded, wants, allows, modes = rows[:PLAN_ROWS]
     mode = min(modes)
     max_padded = max(padded)
@@ -462,7 +508,7 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
     if ranks != list(range(w)):  # dp_rank order differs from the group's: columns in dp_rank order
         order = sorted(range(w), key=ranks.__getitem__)
         plan_rows = [[r[c] for c in order] for r in plan_rows]
-    should_ubatch, counts, synced, _ = post_process_dp_table(plan_rows, config.num_ubatches)
+    should_ubatch, counts, synced, _ = _plan_of(plan_rows, config.num_ubatches)
     return should_ubatch, _out(b, counts), synced
 
 

@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 
 from . import _runtime as rt
 from .device import require_cuda
-from .errors import CaptureError
+from .errors import CaptureError, check_choice
 from .stream import Stream, StreamLike, adopt, use_stream
 
 __all__ = ["Graph", "GraphPool", "PoolBytes", "capture", "live_pools"]
@@ -356,9 +356,10 @@ def capture_stream() -> Stream:
     return s
 
 
-def _check_capture_args(pool: Any, mode: Any, update: Any) -> None:
-    if not isinstance(mode, str) or mode not in _MODE_NAMES:
-        raise ValueError(f"mode must be one of {sorted(_MODE_NAMES)}, got {mode!r}")
+def _check_capture_args(stream: Any, pool: Any, mode: Any, update: Any) -> None:
+    check_choice(mode, "mode", CaptureMode)
+    if stream is not None:
+        rt.stream_handle(stream)  # TypeError / ValueError for what is no stream, GPU or not
     if pool is not None and not isinstance(pool, GraphPool):
         raise TypeError(f"pool must be a lowlevel.GraphPool or None, got {type(pool).__qualname__}")
     if update is not None and not isinstance(update, Graph):
@@ -385,7 +386,7 @@ def capture(stream: StreamLike | None = None, pool: GraphPool | None = None, *,
     normally. :class:`~lowlevel.CudaUnavailableError` without a usable GPU; ``ValueError`` /
     ``TypeError`` for a bad ``mode`` / ``pool`` / ``update``.
     """
-    _check_capture_args(pool, mode, update)
+    _check_capture_args(stream, pool, mode, update)
     require_cuda()
     cp = rt.cp
     s = capture_stream() if stream is None else adopt(stream)

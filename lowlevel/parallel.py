@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _runtime as rt
-from .errors import check_int, describe
+from .errors import check_bool, check_int, describe
 from .event import Event, EventLike, record_event, wait_event
 from .event import event_ops as _ops_for
 from .lifetime import iter_arrays, protect_arrays
@@ -84,6 +84,10 @@ def execute_in_parallel(
     ``done_events`` differ or a launched slot has no done event, ``TypeError`` when
     ``start_event`` is None or a stream or event is of no kind lowlevel knows.
     """
+    if enable is not True and enable is not False:
+        enable = check_bool(enable, "enable")
+    if enqueue_default_first is not False and enqueue_default_first is not True:
+        enqueue_default_first = check_bool(enqueue_default_first, "enqueue_default_first")
     if aux_streams is None or not enable:
         _check_fns(default_fn, aux_fns)
         d = default_fn()

@@ -36,7 +36,10 @@ def _sm_count(device: int) -> int:
 
 
 def device_sm_count(device: int | None = None) -> int:
-    """SMs of ``device`` (default: the current one); :data:`INTERPRETER_SMS` without a GPU."""
+    """SMs of ``device`` (default: the current one); :data:`INTERPRETER_SMS` without a GPU.
+    ``TypeError`` / ``ValueError`` for a ``device`` that is no non-negative int."""
+    if device is not None and (type(device) is not int or device < 0):
+        device = check_int(device, "device", 0)
     if not cuda_available():
         return INTERPRETER_SMS
     if device is None:
@@ -206,6 +209,8 @@ def sm_partition(sm_counts: list[int], device: int | None = None) -> SMPartition
     if not sm_counts:
         raise ValueError("sm_counts must name at least one group")
     sm_counts = [check_int(c, f"sm_counts[{i}]", 1) for i, c in enumerate(sm_counts)]
+    if device is not None:
+        device = check_int(device, "device", 0)
     require_cuda()
     import cupy
 

@@ -17,6 +17,7 @@ from typing import Any
 from . import _runtime as rt
 from ._runtime import StreamLike
 from .device import require_cuda
+from .errors import LowlevelError, check_bool, check_int
 from .event import Event, EventLike, record_event, wait_event
 
 __all__ = ["Stream", "StreamLike", "adopt", "current_stream", "use_stream", "stream_handle"]
@@ -44,10 +45,11 @@ class Stream:
     __slots__ = ("_cupy", "ptr", "device_id", "_torch", "_torch_key", "__weakref__")
 
     def __init__(self, *, non_blocking: bool = True, priority: int | None = None) -> None:
+        non_blocking = check_bool(non_blocking, "non_blocking")
+        if priority is not None:
+            priority = check_int(priority, "priority")
         require_cuda()
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise TypeError(f"priority must be an int or None, got {priority!r} ({type(priority).__name__})")
-        s = rt.cp.cuda.Stream(non_blocking=bool(non_blocking), priority=priority)
+        s = rt.cp.cuda.Stream(non_blocking=non_blocking, priority=priority)
         # Streams made here live until the process exits, as torch's pool streams do: torch's
         # allocators may record events on a stream's handle after its Python objects are gone
         # (a pinned buffer used by a non_blocking copy, a record_stream), and a destroyed
@@ -264,6 +266,9 @@ class use_stream:
         return s
 
     def __exit__(self, *exc: object) -> None:
-        prev_torch, prev_cupy = _saved.stack.pop()
+        try:
+            prev_torch, prev_cupy = _saved.stack.pop()
+        except (AttributeError, IndexError):
+            raise LowlevelError("use_stream.__exit__ without a matching __enter__ in this thread") from None
         rt.torch_set_current(*prev_torch)
         prev_cupy.use()

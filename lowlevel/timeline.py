@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -231,6 +232,8 @@ class Timeline:
 
     def plot(self, path: str, title: str = "timeline") -> str:
         """Draw a Gantt chart (one row per stream) to a PNG at ``path``."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {describe(path)}")
         import matplotlib
 
         matplotlib.use("Agg")

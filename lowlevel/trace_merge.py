@@ -39,6 +39,8 @@ def merge_traces(traces: Sequence[dict[str, Any] | str], *, align: str | None = 
     named ``align`` falls at the same time as in trace 0 (``ValueError`` if a trace has none);
     then all are shifted so the earliest event starts at 0. Times are in microseconds (``ts``,
     ``dur``), as in the inputs. Written to ``path`` if given."""
+    if isinstance(traces, (str, bytes, dict)) or not isinstance(traces, Sequence):
+        raise TypeError(f"traces must be a list of Chrome-trace dicts or JSON paths, got {type(traces).__name__}")
     loaded = [_load(t) for t in traces]
     if not loaded:
         raise ValueError("traces must not be empty")

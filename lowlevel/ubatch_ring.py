@@ -234,7 +234,9 @@ class UBatchContext:
     # --- receive hooks -------------------------------------------------------------------------
     def register_recv_hook(self, hook: Callable[[], Any]) -> None:
         """Hand ``hook`` to the next microbatch, which runs it at its next
-        :meth:`maybe_run_recv_hook` (or when it finishes)."""
+        :meth:`maybe_run_recv_hook` (or when it finishes). ``TypeError`` if it is not callable."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {describe(hook)}")
         ring = self._ring
         ring.contexts[(self.id + 1) % len(ring.contexts)].recv_hook = hook
 
@@ -264,21 +266,30 @@ def make_ubatch_contexts(num_micro_batches: int, compute_stream: StreamLike, com
     return list(ring.contexts)
 
 
+def _ring_of(contexts: Any) -> _Ring:
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Sequence) or not contexts:
+        raise TypeError(f"contexts must be the non-empty list make_ubatch_contexts returned, got {describe(contexts)}")
+    c = contexts[0]
+    if not isinstance(c, UBatchContext):
+        raise TypeError(f"contexts[0] must be a UBatchContext, got {describe(c)}")
+    return c._ring
+
+
 def start_ubatches(contexts: Sequence[UBatchContext]) -> None:
     """Give the CPU turn to microbatch 0 of ``contexts`` (once every thread is parked in its
     context's entry)."""
-    contexts[0]._ring.cpu_events[0].set()
+    _ring_of(contexts).cpu_events[0].set()
 
 
 def first_ubatch_error(contexts: Sequence[UBatchContext]) -> BaseException | None:
     """The exception that aborted the ring of ``contexts`` (the first microbatch error), or None."""
-    return contexts[0]._ring.error
+    return _ring_of(contexts).error
 
 
 def abort_ubatches(contexts: Sequence[UBatchContext]) -> None:
     """Abort the ring of ``contexts``: every microbatch wakes and raises :class:`UBatchAbort` at
     its next switch point (a launcher whose threads hung calls this)."""
-    ring = contexts[0]._ring
+    ring = _ring_of(contexts)
     ring.abort.set()
     for ev in ring.cpu_events:
         ev.set()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from . import _runtime as rt
 from . import ubatch_ring as ring
-from .errors import check_choice, check_int, check_timeout, describe
+from .errors import check_bool, check_choice, check_int, check_timeout, describe
 from .graphs import Graph, GraphPool, capture, capture_stream
 from .stream import Stream, StreamLike, adopt, current_stream, use_stream
 from .ubatch_generators import run_generators
@@ -87,6 +87,8 @@ class UBatchRunner:
             raise TypeError(f"inputs must be a sequence of arrays, got {describe(inputs)}")
         if isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence):
             raise TypeError(f"slices must be a sequence of UBatchSlice, got {describe(slices)}")
+        if graph is not True and graph is not False:
+            graph = check_bool(graph, "graph")
         if len(slices) != self.num_ubatches:
             raise ValueError(f"expected {self.num_ubatches} slices, got {len(slices)}")
         rows = []
@@ -103,6 +105,9 @@ class UBatchRunner:
                 raise ValueError(f"slices[{i}].token_slice must have no step, got {t}")
             if s.num_tokens <= 0:
                 raise ValueError(f"empty microbatch slices[{i}] = {s}: abort microbatching for this step instead")
+            if i and t.start != slices[i - 1].token_slice.stop:
+                raise ValueError(f"slices must tile the batch in order: slices[{i}] starts at row {t.start}, "
+                                 f"slices[{i - 1}] ends at row {slices[i - 1].token_slice.stop}")
             for j, n in enumerate(rows):
                 if t.start < 0 or t.stop > n:
                     raise ValueError(f"slices[{i}] covers rows {t.start}..{t.stop} but inputs[{j}] has {n} rows")

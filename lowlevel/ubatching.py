@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
+from .errors import describe
 from .ubatch_generators import TO_COMM, TO_COMPUTE, YIELD
 from .ubatch_ring import any_ubatch_active, current_ubatch_context
 
@@ -96,6 +97,8 @@ def dbo_switch_to_compute_sync() -> None:
 def dbo_register_recv_hook(hook: Callable[[], Any]) -> None:
     """Hand ``hook`` to the next microbatch, which runs it at its next
     :func:`dbo_maybe_run_recv_hook` (or when it finishes). Nothing outside a microbatch thread."""
+    if not callable(hook):
+        raise TypeError(f"hook must be callable, got {describe(hook)}")
     c = current_ubatch_context()
     if c is not None:
         c.register_recv_hook(hook)
@@ -126,6 +129,8 @@ def thread_fn_from_generator(gen_fn: Callable[..., Generator[str, None, Any]]) -
 
     def run(*args: Any) -> Any:
         g = gen_fn(*args)
+        if not hasattr(g, "__next__"):
+            raise TypeError(f"gen_fn must return a generator (a function with yield), returned {describe(g)}")
         try:
             while True:
                 marker = next(g)

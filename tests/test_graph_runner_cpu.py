@@ -174,7 +174,7 @@ def test_capture_mode_is_a_literal_and_checked_first():
     assert set(typing.get_args(hints["mode"])) == {"relaxed", "thread_local", "global"}
     with pytest.raises(ValueError, match="mode"), lowlevel.capture(mode="bogus"):
         pass
-    with pytest.raises(ValueError, match="mode"), lowlevel.capture(mode=1):
+    with pytest.raises(TypeError, match="mode"), lowlevel.capture(mode=1):
         pass
     with pytest.raises(TypeError, match="pool"), lowlevel.capture(pool="x"):
         pass

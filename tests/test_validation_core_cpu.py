@@ -298,3 +298,120 @@ def test_no_gpu_entry_points_raise_cuda_unavailable():
                  lambda: lowlevel.current_stream()):
         with pytest.raises(CudaUnavailableError):
             call()
+
+
+# --- inputs found by trying the library as a new user (same kinds as faults.md A-C) ----------
+
+def test_dispatch_runs_lora_counts_without_a_graph_eagerly_as_vllm_does():
+    """A LoRA count above every captured one gets NONE and the unpadded descriptor (vLLM's
+    rule: the lookup misses and the batch runs eagerly); a negative one is refused."""
+    d = lowlevel.CudagraphDispatcher(max_num_seqs=256, max_loras=2)
+    d.initialize_cudagraph_keys(lowlevel.CUDAGraphMode.FULL_AND_PIECEWISE)
+    assert d.dispatch(5, has_lora=True, num_active_loras=100) == (lowlevel.CUDAGraphMode.NONE,
+                                                                    lowlevel.BatchDescriptor(5))
+    with pytest.raises(ValueError, match="num_active_loras"):
+        d.dispatch(5, has_lora=True, num_active_loras=-2)
+
+
+def test_batch_descriptor_refuses_more_requests_than_tokens():
+    with pytest.raises(ValueError, match="num_reqs"):
+        lowlevel.BatchDescriptor(8, 16)
+    assert lowlevel.BatchDescriptor(8, 8).num_reqs == 8
+
+
+def test_post_process_dp_table_checks_its_table():
+    ok = np.array([[5, 9], [8, 16], [0, 0], [1, 1], [2, 2]])
+    assert lowlevel.post_process_dp_table(ok, 2) == (False, [16, 16], 2, True)
+    with pytest.raises(ValueError, match="padded"):
+        lowlevel.post_process_dp_table(np.array([[5, 9], [1, 1], [1, 1], [1, 1], [2, 2]]), 2)
+    with pytest.raises(ValueError, match="num_ubatches"):
+        lowlevel.post_process_dp_table(ok, 1)
+    with pytest.raises(TypeError, match="num_ubatches"):
+        lowlevel.post_process_dp_table(ok, True)
+    with pytest.raises(TypeError, match="table"):
+        lowlevel.post_process_dp_table(np.array([[5, 9], [8, 16]]), 2)
+    with pytest.raises(ValueError, match="flags"):
+        lowlevel.post_process_dp_table(np.array([[5, 9], [8, 16], [2, 0], [1, 1], [2, 2]]), 2)
+
+
+def test_check_ubatch_thresholds_checks_its_arguments():
+    cfg = lowlevel.DPConfig(2, 0, enable_microbatching=True)
+    assert lowlevel.check_ubatch_thresholds(cfg, 64, True) is True
+    for args, exc, word in [(("cfg", 8, True), TypeError, "config"), ((None, 8, True), TypeError, "config"),
+                            ((cfg, -1, True), ValueError, "num_tokens"), ((cfg, 8.0, True), TypeError, "num_tokens"),
+                            ((cfg, True, True), TypeError, "num_tokens"), ((cfg, 8, 1), TypeError, "uniform_decode")]:
+        with pytest.raises(exc, match=word):
+            lowlevel.check_ubatch_thresholds(*args)
+
+
+def test_dp_config_refuses_what_would_fail_at_the_first_collective():
+    with pytest.raises(ValueError, match="timeout_s"):
+        lowlevel.DPConfig(2, 0, timeout_s=1e10)
+    with pytest.raises(TypeError, match="group"):
+        lowlevel.DPConfig(2, 0, group="x")
+    if not GPU:
+        with pytest.raises(CudaUnavailableError, match="use_device_collective"):
+            lowlevel.DPConfig(2, 0, use_device_collective=True)
+    assert lowlevel.DPConfig(2, 0, timeout_s=3e6).timeout_s == 3e6
+
+
+def test_use_stream_exit_without_entry_is_refused():
+    u = lowlevel.use_stream.__new__(lowlevel.use_stream)
+    with pytest.raises(lowlevel.LowlevelError, match="without a matching __enter__"):
+        u.__exit__(None, None, None)
+    t = threading.Thread(target=lambda: errors.append(_exit_error(u)))
+    errors: list = []
+    t.start()
+    t.join()
+    assert errors == ["LowlevelError"]
+
+
+def _exit_error(u):
+    try:
+        u.__exit__(None, None, None)
+    except Exception as exc:  # noqa: BLE001 - the class is what is checked
+        return type(exc).__name__
+    return None
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: lowlevel.Stream(priority="x"), TypeError, "priority"),
+    (lambda: lowlevel.Stream(priority=1.5), TypeError, "priority"),
+    (lambda: lowlevel.Stream(non_blocking="x"), TypeError, "non_blocking"),
+    (lambda: lowlevel.ParallelRunner(2, priority="high"), TypeError, "priority"),
+    (lambda: lowlevel.capture(stream="x").__enter__(), TypeError, "stream"),
+    (lambda: lowlevel.sm_partition([8], device="0"), TypeError, "device"),
+    (lambda: lowlevel.sm_partition([8], device=-1), ValueError, "device"),
+    (lambda: lowlevel.device_sm_count("0"), TypeError, "device"),
+    (lambda: lowlevel.stream_handle(-1), ValueError, "handle"),
+    (lambda: lowlevel.start_ubatches([]), TypeError, "contexts"),
+    (lambda: lowlevel.start_ubatches(["x"]), TypeError, "contexts"),
+    (lambda: lowlevel.abort_ubatches(None), TypeError, "contexts"),
+    (lambda: lowlevel.first_ubatch_error(None), TypeError, "contexts"),
+    (lambda: lowlevel.merge_traces({"traceEvents": []}), TypeError, "traces"),
+    (lambda: lowlevel.Timeline().plot(5), TypeError, "path"),
+    (lambda: lowlevel.dbo_register_recv_hook("x"), TypeError, "hook"),
+    (lambda: lowlevel.execute_in_parallel(_fn, [], None, [], enable=1), TypeError, "enable"),
+    (lambda: lowlevel.execute_in_parallel(_fn, [], None, [], enqueue_default_first=1), TypeError,
+     "enqueue_default_first"),
+    (lambda: lowlevel.thread_fn_from_generator(lambda: 5)(), TypeError, "generator"),
+])
+def test_arguments_are_checked_before_the_gpu_is_needed(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_stream_handle_accepts_numpy_integers():
+    assert lowlevel.stream_handle(np.int64(5)) == 5 and type(lowlevel.stream_handle(np.int64(5))) is int
+
+
+def test_ubatch_runner_refuses_overlapping_slices_and_non_bool_graph(monkeypatch):
+    from lowlevel import ubatch_runner
+
+    monkeypatch.setattr(ubatch_runner, "Stream", lambda: object())
+    r = lowlevel.UBatchRunner(_fn)
+    x = np.arange(8 * 3).reshape(8, 3)
+    with pytest.raises(ValueError, match="tile the batch"):
+        r([x], [UBatchSlice(slice(0, 1), slice(0, 6)), UBatchSlice(slice(1, 2), slice(4, 8))])
+    with pytest.raises(TypeError, match="graph"):
+        r([x], [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 2), slice(4, 8))], graph=1)
