@@ -122,6 +122,23 @@ def as_cudagraph_mode(value: Any, name: str = "mode", *, runtime: bool = False) 
     return mode
 
 
+def _batch_args(num_tokens: Any, uniform: Any, has_lora: Any, num_active_loras: Any,
+                uniform_name: str) -> tuple[int, bool, bool, int]:
+    """The batch fields shared by :class:`BatchDescriptor` and ``dispatch``, checked: token and
+    LoRA counts non-negative ints, flags bools, no active LoRAs without ``has_lora``."""
+    if type(num_tokens) is not int or num_tokens < 0:
+        num_tokens = check_int(num_tokens, "num_tokens", 0)
+    if uniform is not False and uniform is not True:
+        uniform = check_bool(uniform, uniform_name)
+    if has_lora is not False and has_lora is not True:
+        has_lora = check_bool(has_lora, "has_lora")
+    if type(num_active_loras) is not int or num_active_loras < 0:
+        num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
+    if num_active_loras and not has_lora:
+        raise ValueError(f"num_active_loras must be 0 when has_lora is False, got {num_active_loras}")
+    return num_tokens, uniform, has_lora, num_active_loras
+
+
 class _BatchDescriptorFields(NamedTuple):
     num_tokens: int
     num_reqs: int | None = None
@@ -146,18 +163,10 @@ class BatchDescriptor(_BatchDescriptorFields):
 
     def __new__(cls, num_tokens: int, num_reqs: int | None = None, uniform: bool = False,
                 has_lora: bool = False, num_active_loras: int = 0) -> BatchDescriptor:
-        if type(num_tokens) is not int or num_tokens < 0:
-            num_tokens = check_int(num_tokens, "num_tokens", 0)
+        num_tokens, uniform, has_lora, num_active_loras = _batch_args(num_tokens, uniform, has_lora,
+                                                                      num_active_loras, "uniform")
         if num_reqs is not None and (type(num_reqs) is not int or num_reqs < 0):
             num_reqs = check_int(num_reqs, "num_reqs", 0)
-        if uniform is not False and uniform is not True:
-            uniform = check_bool(uniform, "uniform")
-        if has_lora is not False and has_lora is not True:
-            has_lora = check_bool(has_lora, "has_lora")
-        if type(num_active_loras) is not int or num_active_loras < 0:
-            num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
-        if num_active_loras and not has_lora:
-            raise ValueError(f"num_active_loras must be 0 when has_lora is False, got {num_active_loras}")
         if num_reqs is not None and num_reqs > num_tokens:
             raise ValueError(f"num_reqs must be at most num_tokens ({num_tokens}): every request has a token, "
                              f"got {num_reqs}")
@@ -429,16 +438,8 @@ class CudagraphDispatcher:
 
     def _dispatch_checked(self, num_tokens: Any, uniform_decode: Any, has_lora: Any, num_active_loras: Any,
                           valid_modes: Any, invalid_modes: Any) -> tuple[CUDAGraphMode, BatchDescriptor]:
-        if type(num_tokens) is not int or num_tokens < 0:
-            num_tokens = check_int(num_tokens, "num_tokens", 0)
-        if uniform_decode is not False and uniform_decode is not True:
-            uniform_decode = check_bool(uniform_decode, "uniform_decode")
-        if has_lora is not False and has_lora is not True:
-            has_lora = check_bool(has_lora, "has_lora")
-        if type(num_active_loras) is not int or num_active_loras < 0:
-            num_active_loras = check_int(num_active_loras, "num_active_loras", 0)
-        if num_active_loras and not has_lora:
-            raise ValueError(f"num_active_loras must be 0 when has_lora is False, got {num_active_loras}")
+        num_tokens, uniform_decode, has_lora, num_active_loras = _batch_args(
+            num_tokens, uniform_decode, has_lora, num_active_loras, "uniform_decode")
         if valid_modes is None and invalid_modes is None:
             allowed = _RUNTIME_MODES
         else:
