@@ -158,6 +158,10 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     """One rank: correctness of every variant against the sequential run and the reference;
     with ``full``, also the timings, the SM sweep and the merged-trace inputs."""
     os.environ.update(NO_NVLS)
+    if float(os.environ.get("UB_DUMP_S", "0")) > 0:  # a hang prints every thread's stack first
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["UB_DUMP_S"]), exit=True)
     import torch
     import torch.distributed as dist
 
@@ -250,7 +254,7 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **NO_NVLS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", UB_DUMP_S=str(max(timeout - 10, 5)), **NO_NVLS)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import sys; from bench.bench_ubatch_nccl import worker; "
             "worker(*[int(a) if a.isdigit() else a for a in sys.argv[1:]])")
@@ -258,13 +262,18 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
                                str(layers), str(int(full))], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for r in range(2)]
     outs = []
+    deadline = time.monotonic() + timeout
     try:
         for r, p in enumerate(procs):
-            out, _ = p.communicate(timeout=timeout)
+            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
             outs.append(out.decode(errors="replace"))
             assert p.returncode == 0, f"rank {r} exited with {p.returncode}: {outs[-1][-3000:]}"
     except subprocess.TimeoutExpired:
-        raise AssertionError("a rank hung") from None
+        for p in procs:
+            p.kill()
+        tails = [f"--- rank {i} ---\n" + p.communicate()[0].decode(errors="replace")[-4000:]
+                 for i, p in enumerate(procs)]
+        raise AssertionError("a rank hung\n" + "\n".join(tails)) from None
     finally:
         for p in procs:
             if p.poll() is None:

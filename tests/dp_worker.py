@@ -61,6 +61,11 @@ def _plan_json(plan):
 
 def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
     os.environ.update(NO_NVLS)
+    dump_s = float(os.environ.get("DP_WORKER_DUMP_S", "0"))
+    if dump_s > 0:  # a hang prints every thread's stack before the parent gives up on it
+        import faulthandler
+
+        faulthandler.dump_traceback_later(dump_s, exit=True)
     import torch
     import torch.distributed as dist
 
@@ -212,17 +217,21 @@ def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
             "dp_worker.run(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), "
             "sys.argv[7], sys.argv[8])")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **NO_NVLS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DP_WORKER_DUMP_S=str(max(timeout - 10, 5)),
+               **NO_NVLS)
     procs = [subprocess.Popen([sys.executable, "-c", code, here, str(r), str(world), str(port), str(out_dir),
                                str(steps), mode, backend], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for r in range(world)]
+    deadline = time.monotonic() + timeout
     for r, p in enumerate(procs):
         try:
-            out, _ = p.communicate(timeout=timeout)
+            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"rank {r} hung ({mode}, {backend})") from None
+            tails = [f"--- rank {i} ---\n" + q.communicate()[0].decode(errors="replace")[-4000:]
+                     for i, q in enumerate(procs)]
+            raise AssertionError(f"rank {r} hung ({mode}, {backend})\n" + "\n".join(tails)) from None
         assert p.returncode == 0, f"rank {r} died with {p.returncode}: " + out.decode(errors="replace")[-3000:]
     results = []
     for r in range(world):

@@ -62,7 +62,7 @@ def test_nccl_mismatch_raises_on_both_ranks(tmp_path):
 
 
 def test_nccl_timeout_names_step_and_rank(tmp_path):
-    res = spawn(tmp_path, 0, "timeout", timeout=120)
+    res = spawn(tmp_path, 0, "timeout", timeout=60)
     err = res[0]["error"]
     assert err is not None and "timed out" in err and "step 0" in err and "dp_rank 0" in err, err
     assert res[0]["elapsed"] < 3.9  # before the late peer joined (4 s)
