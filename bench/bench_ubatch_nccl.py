@@ -241,10 +241,22 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
             res["graph_k"] = k_test
     except Exception as exc:
         res["graph_error"] = f"{type(exc).__name__}: {exc}"
+    g.clear()  # free the graph that holds NCCL kernels before the communicators go
+    g.close()
+    torch.cuda.synchronize()
+    dist.barrier(device_ids=[rank])
+    # Teardown, bounded: destroy_process_group() hung here on the device (torch 2.11) when the
+    # graph was still alive; whether it finishes is part of the result.
+    import threading
+
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    t.start()
+    t.join(30)
+    res["teardown_ok"] = not t.is_alive()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-    dist.barrier(device_ids=[rank])
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float = 300) -> list[dict[str, Any]]:

@@ -404,7 +404,10 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
             from .event import Event
             from .stream import Stream
 
-            bufs["device"] = torch.zeros((ROWS, w), dtype=torch.int32, device="cuda")
+            # empty, not zeros: a fill kernel runs on the current stream, which the vote's own
+            # (non-blocking) stream does not wait for, so a slow first fill could land after the
+            # vote's host-to-device copy and zero this rank's column. The copy writes it whole.
+            bufs["device"] = torch.empty((ROWS, w), dtype=torch.int32, device="cuda")
             bufs["stream"] = Stream()
             bufs["tstream"] = torch.cuda.Stream()
             bufs["event"] = Event()

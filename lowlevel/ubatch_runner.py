@@ -185,8 +185,18 @@ class UBatchRunner:
             raise err
         return results
 
+    def clear(self) -> None:
+        """Forget every captured graph: free their instantiations and drop their outputs and
+        kept inputs (the pool keeps its memory for re-captures; the next ``graph=True`` call of
+        a size captures again). Call it before tearing down what the graphs captured, such as
+        the NCCL communicators of a comm stage. Idempotent."""
+        graphs, self.graphs = self.graphs, {}
+        for g, _ in graphs.values():
+            g.close()
+
     def close(self) -> None:
-        """End the parked microbatch threads (threads mode); a later run starts new ones."""
+        """End the parked microbatch threads (threads mode); a later run starts new ones.
+        Captured graphs stay (:meth:`clear` frees them)."""
         with self._lock:
             if self._workers is not None:
                 self._workers.close()

@@ -91,9 +91,12 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
             if rank == 1:
                 if device:  # joins late, so the NCCL kernel rank 0 left behind completes and both exit
                     time.sleep(4)
+                    print("rank 1 joins", flush=True)
                     lowlevel.coordinate_batch_across_dp(5, False, True, lowlevel.DPConfig(world, rank, timeout_s=30,
                                                                                           use_device_collective=True))
+                    print("rank 1 voted", flush=True)
                     torch.cuda.synchronize()
+                    print("rank 1 synchronized", flush=True)
                 else:
                     time.sleep(8)  # never joins in time
             else:
@@ -104,6 +107,7 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
                 except lowlevel.DPSyncError as e:
                     res["error"] = str(e)
                 res["elapsed"] = time.monotonic() - t0
+                print(f"rank 0 returned after {res['elapsed']:.2f} s: {res['error']}", flush=True)
                 if device:
                     try:
                         lowlevel.coordinate_batch_across_dp(5, False, True, cfg)
@@ -232,7 +236,17 @@ def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
             tails = [f"--- rank {i} ---\n" + q.communicate()[0].decode(errors="replace")[-4000:]
                      for i, q in enumerate(procs)]
             raise AssertionError(f"rank {r} hung ({mode}, {backend})\n" + "\n".join(tails)) from None
-        assert p.returncode == 0, f"rank {r} died with {p.returncode}: " + out.decode(errors="replace")[-3000:]
+        if p.returncode != 0:  # the others' output too: a peer's state often explains the death
+            tails = [f"--- rank {r} ---\n" + out.decode(errors="replace")[-4000:]]
+            for i, q in enumerate(procs):
+                if i != r:
+                    try:
+                        q_out = q.communicate(timeout=max(deadline - time.monotonic(), 10))[0]
+                    except subprocess.TimeoutExpired:
+                        q.kill()
+                        q_out = q.communicate()[0]
+                    tails.append(f"--- rank {i} (exit {q.returncode}) ---\n" + q_out.decode(errors="replace")[-4000:])
+            raise AssertionError(f"rank {r} died with {p.returncode} ({mode}, {backend})\n" + "\n".join(tails))
     results = []
     for r in range(world):
         with open(os.path.join(out_dir, f"rank{r}.json")) as f:

@@ -47,7 +47,7 @@ def test_one_rank_nccl_group(nccl_world):
     cfg = lowlevel.DPConfig(1, 0, nccl_world, use_device_collective=True, timeout_s=5)
     assert lowlevel.coordinate_batch_across_dp(9, False, True, cfg, cudagraph_mode=lowlevel.CUDAGraphMode.FULL) \
         == (False, None, 2)
-    assert cfg._state.bufs is None  # dp_size 1: no buffers, no collective
+    assert not cfg._state.bufs  # dp_size 1: no buffers, no collective
 
 
 def test_dp_size_two_in_a_one_rank_group_raises_value_error(nccl_world):
