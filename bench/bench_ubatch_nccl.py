@@ -307,7 +307,7 @@ def run(rep: Report) -> None:
     from lowlevel.trace_merge import merge_traces, plot_merged
 
     with tempfile.TemporaryDirectory() as d:
-        res = spawn(d, 4096, 4096, LAYERS, True)
+        res = spawn(d, 4096, 4096, LAYERS, True, timeout=200)
         os.makedirs(rep.out_dir, exist_ok=True)
         trace = os.path.join(rep.out_dir, "ubatch_nccl_2gpu_trace.json")
         merge_traces([os.path.join(d, f"trace_rank{r}.json") for r in range(2)], path=trace)
