@@ -97,7 +97,13 @@ class DPConfig:
     included), never bool. ``group`` is a ``torch.distributed`` process group (default: the
     world group); with ``use_device_collective=False`` it must all-reduce CPU tensors (gloo),
     with True device tensors (NCCL). ``timeout_s`` (finite, > 0, or None for no bound of ours)
-    bounds each wait for the peers. ``num_ubatches`` >= 2 must be the same on every rank.
+    bounds each wait for the peers. One wait it cannot bound: the first collective of a fresh
+    NCCL communicator, which NCCL (2.22 and later, ``NCCL_RUNTIME_CONNECT=1`` by default) uses
+    to connect the peers, blocking the host inside the launch until they all arrive; seen on
+    H200 pairs, where a first vote with ``timeout_s=2`` returned after the late peer joined
+    4 s later. Run one collective on the group before the first vote (as a server's warm-up
+    step does), or set ``NCCL_RUNTIME_CONNECT=0`` to connect at initialisation.
+    ``num_ubatches`` >= 2 must be the same on every rank.
     Wrong types raise ``TypeError``, out-of-range values ``ValueError``, naming the argument.
     Not thread-safe: one DPConfig per rank and thread.
     """

@@ -87,6 +87,10 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
     try:
         if mode == "timeout":
             teardown = False
+            if device:  # connect the peers first: NCCL's first collective blocks until they arrive
+                t = torch.ones(1, device="cuda")
+                dist.all_reduce(t)
+                torch.cuda.synchronize()
             cfg = lowlevel.DPConfig(world, rank, timeout_s=2.0, use_device_collective=device)
             if rank == 1:
                 if device:  # joins late, so the NCCL kernel rank 0 left behind completes and both exit
