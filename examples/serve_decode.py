@@ -6,8 +6,9 @@ random weights (nothing is downloaded), no KV cache: each step runs the model on
 sizes with some larger prefill-sized steps mixed in. Each step:
 
 1. the batch size ``n`` of this rank;
-2. the DP vote across ranks (``coordinate_batch_across_dp``; ``--dp 2`` spawns two ranks,
-   NCCL where two GPUs exist, gloo otherwise), agreeing on padding, graph mode, microbatching;
+2. the DP vote across ranks (``coordinate_batch_across_dp_async``, started before the host
+   zeroes the padding rows; ``--dp 2`` spawns two ranks, NCCL where two GPUs exist, gloo
+   otherwise), agreeing on padding, graph mode, microbatching;
 3. dispatch and padding by ``CudagraphDispatcher`` and replay by ``CUDAGraphRunner`` from
    persistent input buffers; the captured step forks each MoE block's shared expert onto an aux
    stream (``maybe_execute_in_parallel``) and runs the final RMSNorm as
@@ -189,13 +190,12 @@ def make_trace(steps: int, max_batch: int, prefill_frac: float, seed: int, rank:
 
 
 # --- DP ------------------------------------------------------------------------------------------
-def dp_vote(cfg: Any, num_tokens: int, num_tokens_padded: int, mode: CUDAGraphMode) -> tuple[bool, Any, int]:
-    """This step's DP vote: ``(should_ubatch, padded counts per rank or None, synced mode)``.
-
-    The one place the step talks to the other ranks (blocking today; an asynchronous
-    start-then-result vote, started before the host prepares the inputs, slots in here)."""
-    return lowlevel.coordinate_batch_across_dp(num_tokens, True, True, cfg, num_tokens_padded=num_tokens_padded,
-                                               uniform_decode=False, cudagraph_mode=mode)
+def dp_vote(cfg: Any, num_tokens: int, num_tokens_padded: int, mode: CUDAGraphMode) -> Any:
+    """Start this step's DP vote and return at once (a :class:`lowlevel.DPVote`); its
+    ``result()`` gives ``(should_ubatch, padded counts per rank, synced mode)``. The one place
+    the step talks to the other ranks: the host prepares the step's inputs while it is in flight."""
+    return lowlevel.coordinate_batch_across_dp_async(num_tokens, True, True, cfg, num_tokens_padded=num_tokens_padded,
+                                                     uniform_decode=False, cudagraph_mode=mode)
 
 
 # --- one rank ------------------------------------------------------------------------------------
@@ -305,17 +305,25 @@ class DecodeServer:
         return lowlevel.as_torch(cupy.argmax(lowlevel.as_cupy(logits), axis=1))
 
     def plan(self, n: int) -> tuple[CUDAGraphMode, Any, int, bool]:
-        """``(mode, descriptor, padded rows, microbatch)`` for a batch of ``n`` on this rank."""
+        """``(mode, descriptor, padded rows, microbatch)`` for a batch of ``n`` on this rank.
+        With DP, the vote is started first and the padding rows this rank needs anyway are
+        zeroed while it is in flight."""
         mode, desc = self.dispatcher.dispatch(n)  # this rank's own padding and mode
         pad = desc.num_tokens
-        should_ubatch = False
-        if self.cfg is not None:  # the DP vote
-            should_ubatch, counts, synced = dp_vote(self.cfg, n, pad, mode)
-            pad = int(counts[self.rank])
-            if synced != CUDAGraphMode.FULL.value or pad > self.max_batch:
-                mode = CUDAGraphMode.NONE
-            elif pad != desc.num_tokens:
-                mode, desc = self.dispatcher.dispatch(pad)  # the padded count is a capture size
+        vote = dp_vote(self.cfg, n, pad, mode) if self.cfg is not None else None
+        if pad > n:
+            self.ids_buf[n:pad].zero_()  # padding rows: defined contents (host work during the vote)
+        if vote is None:
+            return mode, desc, pad, False
+        should_ubatch, counts, synced = vote.result()
+        dp_pad = int(counts[self.rank])
+        if dp_pad > pad:
+            self.ids_buf[pad:dp_pad].zero_()  # the other ranks padded further
+        pad = dp_pad
+        if synced != CUDAGraphMode.FULL.value or pad > self.max_batch:
+            mode = CUDAGraphMode.NONE
+        elif pad != desc.num_tokens:
+            mode, desc = self.dispatcher.dispatch(pad)  # the padded count is a capture size
         return mode, desc, pad, should_ubatch
 
     def step(self, n: int, *, write_back: bool = True) -> Any:
@@ -323,8 +331,6 @@ class DecodeServer:
         :attr:`last` says how: ``mode``, ``pad``, ``ubatched``."""
         mode, desc, pad, should_ubatch = self.plan(n)
         ids, pos = self.views[pad]
-        if pad > n:
-            self.ids_buf[n:pad].zero_()  # padding rows: defined contents
         if mode is CUDAGraphMode.FULL and self.runner is not None:
             logits = self.runner(mode, desc, ids, pos, num_tokens=n)  # replay into static buffers
         elif should_ubatch and self.ub_runner is not None:

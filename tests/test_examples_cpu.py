@@ -98,3 +98,17 @@ def test_serve_decode_cpu_smoke(tmp_path):
     (r,) = json.load(open(js))
     assert r["steps"] == 3 and r["patched"] == {"final_norm": 1, "moe_blocks_forked": 2}
     assert r["checked_tokens"] > 0 and r["mismatched_tokens"] == 0
+
+
+def test_serve_decode_cpu_dp2_gloo_async_vote(tmp_path):
+    """Two ranks over gloo on the CPU: the async DP vote pads both ranks of a step to one size
+    (tokens still equal eager's on the padded batch), on any machine with transformers."""
+    pytest.importorskip("transformers")
+    js = tmp_path / "r.json"
+    out = run_example("serve_decode.py", "--model", "llama", "--tiny", "--steps", "4", "--max-batch", "4",
+                      "--dp", "2", "--device", "cpu", "--no-progress", "--json", str(js), timeout=240)
+    assert "TOKENS MATCH EAGER" in out, out
+    rs = json.load(open(js))
+    assert [r["rank"] for r in rs] == [0, 1] and all(r["backend"] == "gloo" and r["steps"] == 4 for r in rs)
+    assert all(r["checked_tokens"] == r["tokens"] > 0 and r["mismatched_tokens"] == 0 for r in rs), rs
+    assert rs[0]["tokens"] + rs[0]["padded_tokens"] == rs[1]["tokens"] + rs[1]["padded_tokens"], rs  # one size a step
