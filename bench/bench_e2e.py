@@ -67,6 +67,7 @@ def run(rep: Report) -> None:
                 tl_model = (kind, srv)
         if tl_model is not None:
             _timeline(rep, sd, *tl_model)
+    _two_gpus(rep)
 
 
 class RawGraphs:
@@ -106,8 +107,9 @@ class RawGraphs:
         torch.cuda.empty_cache()
         return elapsed, (free0 - torch.cuda.mem_get_info()[0]) / 2**20
 
-    def step(self, n: int) -> Any:
-        s = self.table[n] if n < len(self.table) else n
+    def step(self, n: int, pad: int | None = None) -> Any:
+        """One step of ``n`` requests padded to ``pad`` rows (default: this rank's own table)."""
+        s = pad if pad is not None else (self.table[n] if n < len(self.table) else n)
         srv = self.srv
         if s > n:
             srv.ids_buf[n:s].zero_()
@@ -132,9 +134,17 @@ def _one_model(rep: Report, sd: Any, kind: str) -> Any:
     sd.patch_model(model, aux)
     srv = sd.DecodeServer(model, max_batch=256, gpu=True, seed=0)
     srv.aux = aux
+    # Warm every capture size eagerly first (kernel choice and lazy module loads per size), so
+    # neither capture below pays the cold start for the other: the first one measured used to.
+    for size in srv.dispatcher.capture_sizes:
+        srv.forward_logits(*srv.views[size])
+    torch.cuda.synchronize()
+    reserved0 = torch.cuda.memory_reserved()
     srv.capture()
+    reserved1 = torch.cuda.memory_reserved()
     raw = RawGraphs(srv, srv.dispatcher.capture_sizes)
     raw_s, raw_mib = raw.capture()
+    reserved2 = torch.cuda.memory_reserved()
     trace = sd.make_trace(STEPS, 256, 0.0, 0, 0)  # decode sizes only
     tokens = sum(trace)
 
@@ -195,7 +205,9 @@ def _one_model(rep: Report, sd: Any, kind: str) -> Any:
              + (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok}" if kind == "qwen2moe" else ""))
     extra = {"model": shape, "steps": STEPS, "tokens": tokens, "tokens_per_s_trials": spread,
              "tokens_equal_raw_graphs": same_as_raw, "tokens_differing_from_eager_same_padding": eager_pad_mismatch,
-             "padded_tokens": sum(raw.table[n] - n for n in trace)}
+             "padded_tokens": sum(raw.table[n] - n for n in trace),
+             "torch_reserved_mib_after_capture": {"lowlevel": (reserved1 - reserved0) / 2**20,
+                                                  "raw graphs": (reserved2 - reserved1) / 2**20}}
     rep.add(f"{kind}: serving step tokens/s", tps["lowlevel"], "tokens/s", "raw torch.cuda.graph + padding table",
             tps["raw graphs"], lower_is_better=False, target=">= 1.0x raw graphs", extra=extra)
     rep.add(f"{kind}: serving step tokens/s vs eager", tps["lowlevel"], "tokens/s", "eager torch (unpadded)",
@@ -239,3 +251,157 @@ def _timeline(rep: Report, sd: Any, kind: str, srv: Any) -> None:
     trace = os.path.join(rep.out_dir, "e2e_trace.json")
     tl.to_chrome_trace(trace)
     rep.files.append(trace)
+
+
+# --- 2 GPUs (DP 2) ----------------------------------------------------------------------------------
+NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def dp2_worker(rank: int, init_file: str, out_dir: str, kind: str) -> None:
+    """One DP rank (its GPU visible as device 0): the decode trace served (a) by lowlevel's step
+    (async DP vote over NCCL, dispatch, runner, CuPy sampling) and (b) by raw torch graphs with
+    vLLM's DP pattern (a fresh pinned [5, dp] table to the device, all-reduce, ``.cpu()``, pad
+    every rank to the max), trials interleaved and started together by a barrier. Writes
+    ``dp2_rank{rank}.json``."""
+    import json
+
+    os.environ.update(NO_NVLS)
+    import torch
+    import torch.distributed as dist
+
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    import serve_decode as sd
+
+    import lowlevel
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            device_id=torch.device("cuda", 0))
+    res: dict[str, Any] = {"rank": rank}
+    try:
+        with torch.inference_mode():
+            warm = torch.ones(1, device="cuda")
+            dist.all_reduce(warm)  # NCCL connects the peers at the first collective
+            model = sd.build_model(kind, tiny=False, device="cuda", dtype=torch.bfloat16, seed=0, experts="grouped_mm")
+            aux = lowlevel.Stream()
+            sd.patch_model(model, aux)
+            cfg = lowlevel.DPConfig(2, rank, use_device_collective=True, timeout_s=60.0)
+            srv = sd.DecodeServer(model, max_batch=256, gpu=True, rank=rank, dp_cfg=cfg, seed=0)
+            srv.aux = aux
+            srv.capture()
+            raw = RawGraphs(srv, srv.dispatcher.capture_sizes)
+            raw.capture()
+            trace = sd.make_trace(STEPS, 256, 0.0, 0, rank)
+
+            def raw_step(n: int) -> Any:  # vLLM's DP pattern, then the raw graph of the common size
+                s = raw.table[n]
+                t = torch.zeros(5, 2, dtype=torch.int32, pin_memory=True)
+                t[:, rank] = torch.tensor([n, s, 0, 1, 2], dtype=torch.int32)
+                d = t.to("cuda", non_blocking=True)
+                dist.all_reduce(d)
+                pad = int(d.cpu()[1].max())
+                return raw.step(n, pad)
+
+            # tokens: from one saved state each way serves the trace; they must be equal
+            ids0, pos0 = srv.ids_buf.clone(), srv.pos_buf.clone()
+            ours_tok = [srv.step(n).clone() for n in trace]
+            srv.ids_buf.copy_(ids0)
+            srv.pos_buf.copy_(pos0)
+            raw_tok = [raw_step(n).clone() for n in trace]
+            res["tokens_equal_raw"] = all(torch.equal(a, b) for a, b in zip(ours_tok, raw_tok))
+            ways = {"lowlevel": srv.step, "raw graphs + vLLM DP pattern": raw_step}
+            walls: dict[str, list[float]] = {k: [] for k in ways}
+            host: dict[str, list[float]] = {k: [] for k in ways}
+            replayed = 0
+            for trial in range(TRIALS + 1):
+                for name, fn in ways.items():
+                    torch.cuda.synchronize()
+                    dist.barrier(device_ids=[0])
+                    t_start = time.perf_counter()
+                    for n in trace:
+                        t0 = time.perf_counter()
+                        fn(n)
+                        if trial:
+                            host[name].append((time.perf_counter() - t0) * 1e6)
+                        if name == "lowlevel" and trial == 1 and srv.last["mode"] is lowlevel.CUDAGraphMode.FULL:
+                            replayed += 1
+                    torch.cuda.synchronize()
+                    if trial:
+                        walls[name].append(time.perf_counter() - t_start)
+            res.update(tokens=sum(trace), walls=walls, host_us={k: statistics.median(v) for k, v in host.items()},
+                       replayed_share=replayed / len(trace), capture_s=srv.capture_s, raw_capture_s=None)
+    except Exception as exc:  # reported by the parent
+        import traceback
+
+        traceback.print_exc()
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"dp2_rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    sys.stdout.flush()
+    os._exit(0)  # no teardown: a hung NCCL teardown must not hold the bench
+
+
+def _two_gpus(rep: Report, kind: str = "llama", timeout: float = 240) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    import torch
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        print(f"bench_e2e DP 2: skipped: needs 2 CUDA GPUs, found {n}")
+        return
+    root = os.path.dirname(HERE)
+    with tempfile.TemporaryDirectory() as d:
+        code = ("import sys; from bench.bench_e2e import dp2_worker; "
+                "dp2_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])")
+        procs = []
+        for r in range(2):
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(r), **NO_NVLS)
+            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+            procs.append(subprocess.Popen([sys.executable, "-c", code, str(r), os.path.join(d, "rdv"), d, kind],
+                                          env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        deadline = time.perf_counter() + timeout
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=max(deadline - time.perf_counter(), 1))[0].decode(errors="replace"))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                outs.append("(killed: timeout)")
+        res = []
+        for r in range(2):
+            path = os.path.join(d, f"dp2_rank{r}.json")
+            if not os.path.exists(path):
+                rep.add(f"DP 2 {kind}: failed", 0.0, "-", extra={"error": outs[r][-1500:] if r < len(outs) else ""})
+                print(f"bench_e2e DP 2: rank {r} wrote nothing:\n" + (outs[r][-3000:] if r < len(outs) else ""))
+                return
+            with open(path) as f:
+                res.append(json.load(f))
+    errors = [r.get("error") for r in res if r.get("error")]
+    if errors:
+        rep.add(f"DP 2 {kind}: failed", 0.0, "-", extra={"error": errors[0][:500]})
+        print(f"bench_e2e DP 2 failed: {errors}\n" + "\n".join(o[-2000:] for o in outs))
+        return
+    ours, base = "lowlevel", "raw graphs + vLLM DP pattern"
+    # tokens/s of the pair: both ranks' tokens over the slower rank's wall time, per trial
+    tps = {}
+    for k in (ours, base):
+        trials = [sum(r["tokens"] for r in res) / max(r["walls"][k][i] for r in res)
+                  for i in range(len(res[0]["walls"][k]))]
+        tps[k] = trials
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    extra = {"tokens_per_s_trials": {k: [round(x) for x in sorted(v)] for k, v in tps.items()},
+             "tokens_equal_raw": [r["tokens_equal_raw"] for r in res], "steps": STEPS,
+             "replayed_share": [r["replayed_share"] for r in res], "dp_backend": "nccl",
+             "host_us": [r["host_us"] for r in res]}
+    rep.add(f"DP 2 {kind}: serving step tokens/s (both ranks)", med[ours], "tokens/s",
+            "raw torch.cuda.graph + vLLM's DP all-reduce", med[base], lower_is_better=False,
+            target=">= 1.0x raw graphs", extra=extra)
+    rep.add(f"DP 2 {kind}: host us per step (rank 0)", res[0]["host_us"][ours], "us",
+            "raw torch.cuda.graph + vLLM's DP all-reduce", res[0]["host_us"][base])
+    print(f"bench_e2e DP 2 {kind}: tokens/s lowlevel {med[ours]:.0f}, raw {med[base]:.0f}; "
+          f"tokens equal: {extra['tokens_equal_raw']}")
