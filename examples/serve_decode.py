@@ -189,6 +189,64 @@ def make_trace(steps: int, max_batch: int, prefill_frac: float, seed: int, rank:
     return out
 
 
+# --- sampling ------------------------------------------------------------------------------------
+SAMPLERS = ("cupy", "cupy-kernel", "torch")
+_ARGMAX_SRC = r"""
+extern "C" __global__ void argmax_rows_f32(const float* x, long long ld, int cols, long long* out) {
+    // One block a row: each thread scans a strided share, then warp shuffles and one warp
+    // across the warps' winners. Ties go to the lowest column (torch's and NumPy's rule).
+    const float* p = x + (long long)blockIdx.x * ld;
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = p[c];
+        if (v > best || (v == best && c < idx)) { best = v; idx = c; }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        float ov = __shfl_down_sync(0xffffffffu, best, off);
+        int oi = __shfl_down_sync(0xffffffffu, idx, off);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    __shared__ float sb[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sb[warp] = best; si[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? sb[lane] : -INFINITY;
+        idx = lane < nw ? si[lane] : 0x7fffffff;
+        for (int off = 16; off > 0; off >>= 1) {
+            float ov = __shfl_down_sync(0xffffffffu, best, off);
+            int oi = __shfl_down_sync(0xffffffffu, idx, off);
+            if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = idx;
+    }
+}
+"""
+_argmax_kernel: Any = None
+
+
+def argmax_rows(x: Any) -> Any:
+    """Greedy token per row of float32 logits ``x`` ``[n, vocab]`` (a CuPy array whose rows are
+    contiguous), as a new int64 CuPy array ``[n]``, on CuPy's current stream. NaN rows are not
+    handled (torch's argmax would pick the NaN)."""
+    global _argmax_kernel
+    import cupy
+
+    if x.dtype != cupy.float32 or x.ndim != 2 or x.strides[1] != 4:
+        raise ValueError(f"argmax_rows needs float32 [n, vocab] logits with contiguous rows, got {x.dtype} "
+                         f"{x.shape} strides {x.strides}")
+    if _argmax_kernel is None:
+        _argmax_kernel = cupy.RawKernel(_ARGMAX_SRC, "argmax_rows_f32")
+    n, cols = x.shape
+    out = cupy.empty(n, dtype=cupy.int64)
+    if n:
+        _argmax_kernel((n,), (512,), (x, cupy.int64(x.strides[0] // 4), cupy.int32(cols), out))
+    return out
+
+
 # --- DP ------------------------------------------------------------------------------------------
 def dp_vote(cfg: Any, num_tokens: int, num_tokens_padded: int, mode: CUDAGraphMode) -> Any:
     """Start this step's DP vote and return at once (a :class:`lowlevel.DPVote`); its
@@ -247,8 +305,8 @@ class DecodeServer:
                  seed: int = 0, sampler: str = "cupy") -> None:
         import torch
 
-        if sampler not in ("cupy", "torch"):
-            raise ValueError(f"sampler must be 'cupy' or 'torch', got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.model, self.gpu, self.rank, self.cfg = model, gpu, rank, dp_cfg
         self.sampler = sampler if gpu else "torch"
         self.max_batch = max_batch
@@ -297,9 +355,12 @@ class DecodeServer:
 
     def sample(self, logits: Any) -> Any:
         """Greedy tokens ``[n]`` int64: argmax in CuPy on a zero-copy view, back as a torch view
-        (``sampler="torch"``: torch's argmax, for comparison)."""
+        (``sampler="cupy-kernel"``: a CuPy RawKernel, one block a row; ``"torch"``: torch's
+        argmax, for comparison)."""
         if self.sampler == "torch":
             return logits.argmax(dim=-1)
+        if self.sampler == "cupy-kernel":
+            return lowlevel.as_torch(argmax_rows(lowlevel.as_cupy(logits)))
         import cupy
 
         return lowlevel.as_torch(cupy.argmax(lowlevel.as_cupy(logits), axis=1))
@@ -369,7 +430,8 @@ def _loop(rank: int, args: argparse.Namespace, gpu: bool, group_backend: str | N
     if args.dp > 1:
         cfg = lowlevel.DPConfig(args.dp, rank, enable_microbatching=gpu, prefill_token_threshold=args.max_batch + 1,
                                 use_device_collective=group_backend == "nccl", timeout_s=60.0)
-    srv = DecodeServer(model, max_batch=args.max_batch, gpu=gpu, rank=rank, dp_cfg=cfg, seed=args.seed)
+    srv = DecodeServer(model, max_batch=args.max_batch, gpu=gpu, rank=rank, dp_cfg=cfg, seed=args.seed,
+                       sampler=args.sampler)
     srv.capture()
     trace = make_trace(args.steps, args.max_batch, args.prefill_frac, args.seed, rank)
     stats = {"steps": 0, "tokens": 0, "replayed": 0, "eager": 0, "ubatched": 0, "padded_tokens": 0,
@@ -406,6 +468,7 @@ def _loop(rank: int, args: argparse.Namespace, gpu: bool, group_backend: str | N
     wall = time.perf_counter() - t_start
     srv.close()
     return dict(stats, rank=rank, model=args.model, tiny=args.tiny, dp=args.dp, backend=group_backend or "-",
+                sampler=srv.sampler,
                 device=torch.cuda.get_device_name() if gpu else "cpu", wall_s=wall,
                 tokens_per_s=stats["tokens"] / wall if wall else 0.0,
                 host_us_median=statistics.median(host_us) if host_us else 0.0,
@@ -459,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda where a GPU exists")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="compare tokens with eager's on the same padded batch (default: on with --tiny)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="cupy",
+                   help="greedy sampling: cupy.argmax, a CuPy RawKernel argmax, or torch's argmax")
     p.add_argument("--json", default=None, help="write the per-rank summaries here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

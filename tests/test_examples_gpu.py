@@ -71,6 +71,30 @@ def test_serve_decode_tiny_tokens_equal_eager(model, tmp_path):
     assert r["patched"]["final_norm"] == 1 and r["patched"]["moe_blocks_forked"] == (2 if model == "qwen2moe" else 0)
 
 
+def test_serve_decode_cupy_kernel_sampler_equals_eager(tmp_path):
+    """The CuPy RawKernel argmax (one block a row) picks eager's greedy tokens, ragged sizes included."""
+    out, (r,) = _serve(tmp_path, "--model", "llama", "--steps", "24", "--sampler", "cupy-kernel")
+    assert "TOKENS MATCH EAGER" in out, out
+    assert r["sampler"] == "cupy-kernel" and r["checked_tokens"] > 0 and r["mismatched_tokens"] == 0
+
+
+def test_argmax_rows_matches_torch_on_ties_and_strided_rows():
+    import cupy
+    import torch
+
+    sys.path.insert(0, EX)
+    import serve_decode as sd
+
+    x = torch.randn(37, 32000 + 64, device="cuda")[:, :32000]  # rows with a stride
+    x[5, 100] = x[5, 31999] = x[5].max() + 1  # a tie: the lowest column wins
+    x[36, 31999] = x[36].max() + 1  # the last column of the last row
+    got = lowlevel.as_torch(sd.argmax_rows(lowlevel.as_cupy(x)))
+    cupy.cuda.get_current_stream().synchronize()
+    assert torch.equal(got.cpu(), x.argmax(dim=-1).cpu()) and int(got[5]) == 100 and int(got[36]) == 31999
+    with pytest.raises(ValueError, match="float32"):
+        sd.argmax_rows(lowlevel.as_cupy(x.half()))
+
+
 @pytest.mark.gpu2
 def test_serve_decode_tiny_dp2_microbatched(tmp_path):
     if lowlevel.device_count() < 2:

@@ -91,6 +91,7 @@ def test_clear_frees_graphs_and_the_next_call_captures_again(weights):
     x = torch.randn(512, H, device="cuda")
     slices, _ = lowlevel.maybe_create_ubatch_slices(True, [300, 212], 512, 2)
     first = runner([x], slices, graph=True)
+    torch.testing.assert_close(first.double(), _ref(x, w1, w2), rtol=1e-4, atol=1e-4)
     (key, (g, _)), = runner.graphs.items()
     runner.clear()
     assert runner.graphs == {} and runner.pool.live_graphs() == []  # the instantiation is gone
