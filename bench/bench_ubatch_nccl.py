@@ -1,20 +1,32 @@
-"""Microbatch overlap on 2 GPUs with a real NCCL all-reduce as the communication stage.
+"""Microbatch overlap on 2 GPUs with a real NCCL collective as the communication stage.
 
 Each rank (one process a GPU) runs 2 microbatches x ``LAYERS`` layers of
-``h = matmul(x, w)`` (``lowlevel.kernels.matmul``, bf16, 4096 tokens x 4096 x 4096) followed by an
-in-place NCCL all-reduce of ``h`` (the next layer's input), with ``UBatchRunner`` (threads and
-generators), against the *best sequential run* (every stage on all SMs, one stream, the faster
-of NCCL's default communicator and its 32-CTA one). The SM split comes from a sweep
-(:func:`find_sm_split`): compute gets ``total - k`` SMs (``kernels.set_num_sms``), NCCL a
-communicator limited to ``k`` CTAs (``ProcessGroupNCCL.Options().config.max_ctas``), switched
-by ``SMControlContextManager``. Also: the overlapped run captured as one FULL graph (NCCL inside)
-and replayed on both ranks, checked against the sequential result; both ranks' timelines merged
-into one Perfetto trace and one Gantt PNG under ``bench/results/``.
-Skipped (with the reason) when fewer than 2 GPUs exist.
+``h = matmul(x, w)`` (``lowlevel.kernels.matmul``, bf16, ``T`` tokens a microbatch, ``H x H``
+weights) followed by a collective on ``h``, with ``UBatchRunner`` (threads and generators),
+against the *best sequential run* (every stage on all SMs, one stream, the faster of NCCL's
+default communicator and its most-CTA limited one). Two comm stages:
+
+- ``allreduce``: an in-place NCCL all-reduce of ``h`` (the next layer's input; tensor parallel);
+- ``alltoall``: ``dist.all_to_all_single`` of ``h`` into a second buffer, each rank sending
+  ``T / 2`` rows of ``H`` bf16 to each rank (a MoE dispatch's shape; the next layer's input).
+
+The SM split comes from :func:`lowlevel.find_sm_split` (a sweep, warm-up and median per
+candidate): compute gets ``total - k`` SMs (``kernels.set_num_sms``), NCCL a communicator
+limited to ``k`` CTAs (``ProcessGroupNCCL.Options().config.max_ctas``), switched by
+``SMControlContextManager``. Configurations (one worker run, one NCCL start-up): the main one
+(all-reduce, ``H = 4096``), and for each comm stage the ``H`` among :data:`H_BALANCE` whose
+comm stage alone takes closest to its matmul alone (both measured in the run: matmul FLOPs grow
+with ``H**2``, the collective's bytes with ``H``) -- the issue's target (>= 1.4x) is for stages
+of about equal length. Also: the all-reduce run captured as one FULL graph (NCCL inside) and
+replayed on both ranks, checked against the sequential result; both ranks' timelines merged
+into one Perfetto trace and one Gantt PNG per configuration under the results folder.
+Every time is the slower rank's (all-reduced with MAX per call), so both ranks take the same
+decisions. Skipped (with the reason) when fewer than 2 GPUs exist.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,44 +36,68 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .common import Report
+from .common import Report, Timing
 
 NEEDS_GPU = True
 LAYERS = 6
+H_MAIN, T_MAIN = 4096, 4096
+H_BALANCE = (1024, 2048, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each)
+COMMS = ("allreduce", "alltoall")
+SPAWN_TIMEOUT_S = 150  # the full run takes ~20-40 s (start-up included); this only bounds a hang
 
 
-def find_sm_split(run: Callable[[int], float], candidates: Sequence[int]) -> tuple[int, dict[int, float]]:
-    """The comm SM share ``k`` among ``candidates`` whose overlapped run is fastest:
-    ``run(k)`` returns ms (``k == 0``: no split). Measured once, in the order given; returns
-    ``(best k, {k: ms})``."""
-    times = {k: run(k) for k in candidates}
-    return min(times, key=times.__getitem__), times
+class Clock:
+    """Wall times on a rank, agreed by every rank: each timed call starts after a barrier and
+    ends with a device synchronize; its figure is the slowest rank's (all-reduce MAX)."""
 
+    def __init__(self, torch: Any, dist: Any, rank: int) -> None:
+        self.torch, self.dist, self.rank = torch, dist, rank
+        self.t = torch.zeros(1, device="cuda", dtype=torch.float64)
 
-def _wall_ms(torch: Any, dist: Any, fn: Callable[[], Any], rank: int, reps: int = 10, warmup: int = 2) -> float:
-    """Median wall ms of ``fn`` + device synchronize, ranks started together by a barrier."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        dist.barrier(device_ids=[rank])
+    def step_ms(self, fn: Callable[[], Any], n: int = 1) -> float:
+        """ms per call of ``n`` back-to-back calls of ``fn``, the slowest rank's."""
+        torch, dist = self.torch, self.dist
+        dist.barrier(device_ids=[self.rank])
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(n):
+            fn()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        self.t.fill_((time.perf_counter() - t0) * 1e3 / n)
+        dist.all_reduce(self.t, op=dist.ReduceOp.MAX)
+        return float(self.t.item())
+
+    def samples(self, fn: Callable[[], Any], reps: int = 10, warmup: int = 2, n: int = 1) -> list[float]:
+        """``reps`` figures of :meth:`step_ms` after ``warmup`` untimed calls."""
+        for _ in range(warmup):
+            fn()
+        self.torch.cuda.synchronize()
+        return [self.step_ms(fn, n) for _ in range(reps)]
+
+
+def make_groups(dist: Any, ctas: Sequence[int]) -> tuple[dict[int, Any], str | None]:
+    """``{0: the default group, c: a communicator limited to c CTAs}``; the error text when the
+    torch build lacks per-communicator CTA limits (then only what was made before)."""
+    groups: dict[int, Any] = {0: dist.group.WORLD}
+    for c in ctas:
+        try:
+            o = dist.ProcessGroupNCCL.Options()
+            o.config.max_ctas = c
+            groups[c] = dist.new_group(backend="nccl", pg_options=o)
+        except Exception as exc:  # the torch build lacks per-communicator CTA limits
+            return groups, f"{type(exc).__name__}: {exc}"
+    return groups, None
 
 
 class Model:
-    """One rank's microbatched model: weights, inputs, per-microbatch ping-pong buffers, NCCL
-    communicators (default and CTA-limited), runners."""
+    """One rank's microbatched model: weights, inputs, per-microbatch ping-pong buffers, the
+    comm stage (``"allreduce"`` or ``"alltoall"``) on a switchable NCCL communicator, runners."""
 
-    def __init__(self, rank: int, world: int, H: int, T: int, layers: int, ctas: Sequence[int]) -> None:
+    def __init__(self, rank: int, world: int, H: int, T: int, layers: int, groups: dict[int, Any],
+                 comm: str = "allreduce") -> None:
         import torch
         import torch.distributed as dist
 
@@ -70,29 +106,23 @@ class Model:
         from lowlevel import ubatching as ub
         from lowlevel.sm_control import device_sm_count
 
-        self.torch, self.dist, self.K, self.lowlevel = torch, dist, K, lowlevel
-        self.rank, self.world, self.H, self.T, self.layers = rank, world, H, T, layers
+        if comm not in COMMS:
+            raise ValueError(f"comm must be one of {COMMS}, got {comm!r}")
+        if comm == "alltoall" and T % world:
+            raise ValueError(f"alltoall needs T divisible by the world size {world}, got T={T}")
+        self.torch, self.dist, self.K, self.lowlevel, self.ub = torch, dist, K, lowlevel, ub
+        self.rank, self.world, self.H, self.T, self.layers, self.kind = rank, world, H, T, layers, comm
         self.total = device_sm_count()
-        g = torch.Generator(device="cuda").manual_seed(1234)
+        g = torch.Generator(device="cuda").manual_seed(1234 + H)
         self.w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
         self.xs = [self.make_x(r) for r in range(world)]
         self.x = self.xs[rank]
         self.bufs = [(torch.empty(T, H, device="cuda", dtype=torch.bfloat16),
                       torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
-        self.groups: dict[int, Any] = {0: dist.group.WORLD}
-        self.ctas_error = None
-        for c in ctas:
-            try:
-                o = dist.ProcessGroupNCCL.Options()
-                o.config.max_ctas = c
-                self.groups[c] = dist.new_group(backend="nccl", pg_options=o)
-            except Exception as exc:  # the torch build lacks per-communicator CTA limits
-                self.ctas_error = f"{type(exc).__name__}: {exc}"
-                break
-        self.comm = [self.groups[0]]
+        self.groups = groups
+        self.comm = [groups[0]]
         self.slices = [lowlevel.UBatchSlice(slice(0, 1), slice(0, T)),
                        lowlevel.UBatchSlice(slice(1, 2), slice(T, 2 * T))]
-        self.ub = ub
 
     def make_x(self, r: int) -> Any:
         torch = self.torch
@@ -102,16 +132,29 @@ class Model:
     def set_comm_sms(self, n: int) -> None:
         self.comm[0] = self.groups.get(n, self.groups[0])
 
+    def poison(self) -> None:
+        """NaN in every microbatch buffer: a run that does not rewrite its output shows."""
+        for a, b in self.bufs:
+            a.fill_(float("nan"))
+            b.fill_(float("nan"))
+
     def layer_gen(self, i: int, xs: Any) -> Any:
         a, b = self.bufs[i]
         cur = xs
         for layer in range(self.layers):
-            out = a if layer % 2 == 0 else b
-            self.K.matmul(cur, self.w, out=out)  # compute stage
-            yield self.ub.TO_COMM
-            self.dist.all_reduce(out, group=self.comm[0])  # comm stage: NCCL, SMs per its communicator
-            yield self.ub.TO_COMPUTE
-            cur = out
+            if self.kind == "allreduce":
+                out = a if layer % 2 == 0 else b
+                self.K.matmul(cur, self.w, out=out)  # compute stage
+                yield self.ub.TO_COMM
+                self.dist.all_reduce(out, group=self.comm[0])  # comm stage: NCCL, SMs per its communicator
+                yield self.ub.TO_COMPUTE
+                cur = out
+            else:  # MoE dispatch shape: T/world rows of H to each rank; b = the next layer's input
+                self.K.matmul(cur, self.w, out=a)
+                yield self.ub.TO_COMM
+                self.dist.all_to_all_single(b, a, group=self.comm[0])
+                yield self.ub.TO_COMPUTE
+                cur = b
         return cur
 
     def sequential(self) -> Any:
@@ -122,7 +165,7 @@ class Model:
                 while True:
                     next(g)
             except StopIteration as stop:
-                outs.append(stop.value.clone())
+                outs.append(stop.value)  # each microbatch's own buffer: cat copies, as the runner's does
         return self.torch.cat(outs)
 
     def control(self, k: int) -> Any:
@@ -135,18 +178,27 @@ class Model:
         return self.lowlevel.UBatchRunner(fn, mode=mode, sm_control=self.control(k), timeout_s=60)
 
     def reference(self) -> Any:
-        """float32 reference with bf16 rounding where the model rounds: per layer
-        ``x_r <- bf16(sum_r bf16(x_r @ w))``, every rank's inputs regenerated from their seeds."""
+        """float32 reference of this rank's output with bf16 rounding where the model rounds,
+        every rank's inputs regenerated from their seeds; per microbatch and layer
+        ``y_r = bf16(x_r @ w)``, then all-reduce: ``x_r <- bf16(sum_r y_r)``; all-to-all:
+        ``x_r <- concat_j(rows r*T/world..(r+1)*T/world of y_j)``."""
+        torch, T, n = self.torch, self.T, self.world
         w = self.w.float()
-        xs = [x.float() for x in self.xs]
-        for _ in range(self.layers):
-            ys = [(x @ w).bfloat16().float() for x in xs]
-            s = ys[0]
-            for y in ys[1:]:
-                s = s + y
-            s = s.bfloat16().float()
-            xs = [s] * len(xs)
-        return xs[0]
+        outs = []
+        for i in range(2):
+            xs = [x[i * T:(i + 1) * T].float() for x in self.xs]
+            for _ in range(self.layers):
+                ys = [(x @ w).bfloat16().float() for x in xs]
+                if self.kind == "allreduce":
+                    s = ys[0]
+                    for y in ys[1:]:
+                        s = s + y
+                    xs = [s.bfloat16().float()] * n
+                else:
+                    h = T // n
+                    xs = [torch.cat([ys[j][r * h:(r + 1) * h] for j in range(n)]) for r in range(n)]
+            outs.append(xs[self.rank])
+        return torch.cat(outs)
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -154,9 +206,151 @@ def _rel(a: Any, b: Any) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layers: int, full: int) -> None:
-    """One rank: correctness of every variant against the sequential run and the reference;
-    with ``full``, also the timings, the SM sweep and the merged-trace inputs."""
+def _max_diff(a: Any, b: Any) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Per ``H`` in ``hs``: ms samples of one microbatch's stages alone, each on all SMs and the
+    default communicator (mean of 5 back-to-back calls per sample): the matmul of ``T x H`` by
+    ``H x H``, the in-place all-reduce and the all-to-all of ``T x H`` bf16; and the ratio of
+    each comm stage's median to the matmul's."""
+    out: dict[int, dict[str, Any]] = {}
+    for H in hs:
+        g = torch.Generator(device="cuda").manual_seed(7 + H)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
+        h = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        z = torch.zeros(T, H, device="cuda", dtype=torch.bfloat16)  # all-reduced in place: stays finite
+        o = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        s = {"matmul": clock.samples(lambda: K.matmul(x, w, out=h), reps=7, n=5),
+             "allreduce": clock.samples(lambda: dist.all_reduce(z), reps=7, n=5),
+             "alltoall": clock.samples(lambda: dist.all_to_all_single(o, x), reps=7, n=5)}
+        med = {k: statistics.median(v) for k, v in s.items()}
+        out[H] = {"samples_ms": s, "ms": med,
+                  "ratio": {c: med[c] / med["matmul"] for c in COMMS}}  # comm / compute, 1 = balanced
+    return out
+
+
+def pick_balanced(alone: dict[int, dict[str, Any]], comm: str) -> int:
+    """The ``H`` whose ``comm`` stage alone is closest to its matmul alone (|log ratio|
+    smallest; ties to the larger H)."""
+    return min(alone, key=lambda H: (abs(math.log(alone[H]["ratio"][comm])), -H))
+
+
+def check_config(m: Model, k_test: int, graph: bool) -> tuple[dict[str, Any], Any]:
+    """Correctness of one configuration: sequential vs the float32 reference; threads and
+    generators, without and with the SM split ``k_test``, each into poisoned buffers, vs the
+    sequential run; with ``graph``, the overlapped run captured as one FULL graph and replayed
+    into a poisoned output. Returns the results and the sequential output."""
+    torch = m.torch
+    res: dict[str, Any] = {}
+    seq = m.sequential()
+    torch.cuda.synchronize()
+    res["seq_vs_reference_rel"] = _rel(seq, m.reference())
+    res["seq_abs_max"] = float(seq.float().abs().max())
+    res["seq_finite"] = bool(torch.isfinite(seq.float()).all())
+    diffs = {}
+    for mode in ("threads", "generators"):
+        for k in sorted({0, k_test}):
+            r = m.runner(mode, k)
+            m.poison()
+            out = r([m.x], m.slices)
+            torch.cuda.synchronize()
+            diffs[f"{mode}_k{k}"] = _max_diff(out, seq)
+            r.close()
+    res["max_abs_diff"] = diffs
+    res["graph_error"] = None
+    if graph:
+        g = m.runner("generators", k_test)
+        try:
+            out = g([m.x], m.slices, graph=True)  # capture (after an eager warm-up), then replay
+            torch.cuda.synchronize()
+            out.fill_(float("nan"))  # poison the static output: the replay must rewrite it
+            m.poison()
+            g([m.x], m.slices, graph=True)
+            torch.cuda.synchronize()
+            diffs["graph"] = _max_diff(out, seq)
+        except Exception as exc:
+            res["graph_error"] = f"{type(exc).__name__}: {exc}"
+        g.clear()  # free the graph that holds NCCL kernels before the communicators go
+        g.close()
+    return res, seq
+
+
+def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> dict[str, Any]:
+    """Timings of one configuration (every figure: ms samples, the slower rank's): the
+    sequential run on the default and the most-CTA communicator; the SM sweep
+    (:func:`lowlevel.find_sm_split`); overlapped threads and generators at the best split and
+    threads without a split; for all-reduce, the FULL graph replay; one timeline per rank."""
+    import lowlevel
+
+    torch, dist = m.torch, m.dist
+    res: dict[str, Any] = {}
+    seq_s = {}
+    for c in sorted({0, max(m.groups)}):
+        m.set_comm_sms(c)
+        seq_s[c] = clock.samples(m.sequential)
+    m.set_comm_sms(0)
+    res["seq_samples_ms"] = seq_s
+    runners: dict[tuple[str, int], Any] = {}
+
+    def get(mode: str, k: int) -> Any:
+        r = runners.get((mode, k))
+        if r is None:
+            r = runners[(mode, k)] = m.runner(mode, k)
+        return r
+
+    sweep_s: dict[int, list[float]] = {}
+
+    def run_k(k: int) -> float:
+        r = get("generators", k)
+        ms = clock.step_ms(lambda: r([m.x], m.slices))
+        sweep_s.setdefault(k, []).append(ms)
+        return ms
+
+    best, sweep = lowlevel.find_sm_split(run_k, [0] + sorted(k for k in m.groups if k), reps=5)
+    res["sweep_ms"], res["sweep_samples_ms"], res["best_k"] = sweep, sweep_s, best
+    for key, mode, k in (("threads", "threads", best), ("generators", "generators", best),
+                         ("threads_nosplit", "threads", 0)):
+        r = get(mode, k)
+        res[f"overlap_{key}_samples_ms"] = clock.samples(lambda r=r: r([m.x], m.slices))
+    if m.kind == "allreduce":
+        g = m.runner("generators", best)
+        try:
+            out = g([m.x], m.slices, graph=True)
+            torch.cuda.synchronize()
+            res["graph_timed_max_abs_diff"] = _max_diff(out, seq)
+            res["graph_samples_ms"] = clock.samples(lambda: g([m.x], m.slices, graph=True))
+            res["graph_timed_error"] = None
+        except Exception as exc:
+            res["graph_timed_error"] = f"{type(exc).__name__}: {exc}"
+        g.clear()
+        g.close()
+    # one timeline per rank, aligned on a small all-reduce
+    rb = get("generators", best)
+    tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", rb.comm_stream: f"comm (NCCL {m.kind})"})
+    flag = torch.ones(1, device="cuda")
+    torch.cuda.synchronize()
+    dist.barrier(device_ids=[m.rank])
+    with tl.activate():
+        with tl.span("align"):
+            dist.all_reduce(flag)
+        rb([m.x], m.slices)
+    torch.cuda.synchronize()
+    tl.to_chrome_trace(os.path.join(out_dir, f"trace_{name}_rank{m.rank}.json"))
+    res["timeline_stats"] = tl.stats()
+    for r in runners.values():
+        r.close()
+    return res
+
+
+def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layers: int, full: int,
+           hs: str = "-") -> None:
+    """One rank: correctness of every variant (both comm stages) against the sequential run and
+    the reference at ``H x T``; with ``full``, also the stage balance over ``hs`` (comma
+    separated hidden sizes, ``-`` for none), the timings and the merged-trace inputs of the main
+    configuration (all-reduce, ``H``) and of each comm stage at its most balanced ``H``."""
     os.environ.update(NO_NVLS)
     if float(os.environ.get("UB_DUMP_S", "0")) > 0:  # a hang prints every thread's stack first
         import faulthandler
@@ -168,84 +362,40 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
-    import lowlevel
+    from lowlevel import kernels as K
+    from lowlevel.sm_control import device_sm_count
 
-    m = Model(rank, world, H, T, layers, CTAS if full else (16,))
-    res: dict[str, Any] = {"rank": rank, "total_sms": m.total, "ctas_error": m.ctas_error,
-                           "ctas_groups": sorted(k for k in m.groups if k)}
-    seq = m.sequential()
-    torch.cuda.synchronize()
-    res["seq_vs_reference_rel"] = _rel(seq, m.reference())
-    res["seq_abs_max"] = float(seq.float().abs().max())
-    k_test = 16 if 16 in m.groups else 0
-    for mode in ("threads", "generators"):
-        for k in (0, k_test):
-            r = m.runner(mode, k)
-            out = r([m.x], m.slices)
-            torch.cuda.synchronize()
-            res[f"max_abs_diff_{mode}_k{k}"] = float((out.float() - seq.float()).abs().max())
-            r.close()
-    runners: dict[tuple[str, int], Any] = {}
-    if full:
-        dist.barrier(device_ids=[rank])
-        seq_times = {}
-        for c in sorted({0, max(m.groups)}):
-            m.set_comm_sms(c)
-            seq_times[c] = _wall_ms(torch, dist, m.sequential, rank)
-        m.set_comm_sms(0)
-        res["seq_ms"] = seq_times
-
-        def overlapped(k: int, mode: str = "generators") -> float:
-            r = runners.get((mode, k))
-            if r is None:
-                r = runners[(mode, k)] = m.runner(mode, k)
-            return _wall_ms(torch, dist, lambda: r([m.x], m.slices), rank, reps=7)
-
-        best, sweep = find_sm_split(overlapped, [0] + sorted(k for k in m.groups if k))
-        res["sweep_ms"] = sweep
-        res["best_k"] = best
-        res["overlap_threads_ms"] = overlapped(best, "threads")
-        res["overlap_generators_ms"] = overlapped(best, "generators")
-        res["overlap_threads_nosplit_ms"] = overlapped(0, "threads")
-        # alone: one matmul on all SMs, one all-reduce on the default communicator
-        h = m.bufs[0][0]
-        res["alone_matmul_ms"] = _wall_ms(torch, dist, lambda: m.K.matmul(m.x[:T], m.w, out=h), rank)
-        res["alone_allreduce_ms"] = _wall_ms(torch, dist, lambda: dist.all_reduce(h), rank)
-        # one timeline per rank, aligned on a small all-reduce
-        rb = runners[("generators", best)]
-        tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", rb.comm_stream: "comm (NCCL)"})
-        flag = torch.ones(1, device="cuda")
-        torch.cuda.synchronize()
-        with tl.activate():
-            with tl.span("align"):
-                dist.all_reduce(flag)
-            rb([m.x], m.slices)
-        torch.cuda.synchronize()
-        tl.to_chrome_trace(os.path.join(out_dir, f"trace_rank{rank}.json"))
-        res["timeline_stats"] = tl.stats()
-        k_test = best
-    for r in runners.values():
-        r.close()
-    # the overlapped run as one FULL graph with the NCCL calls inside, replayed on both ranks
-    g = m.runner("generators", k_test)
-    try:
-        out = g([m.x], m.slices, graph=True)  # capture (after an eager warm-up), then replay
-        torch.cuda.synchronize()
-        out.fill_(float("nan"))  # poison the static output: the replay must rewrite it
-        g([m.x], m.slices, graph=True)
-        torch.cuda.synchronize()
-        res["max_abs_diff_graph"] = float((out.float() - seq.float()).abs().max())
-        res["graph_error"] = None
+    groups, ctas_error = make_groups(dist, CTAS if full else (16,))
+    clock = Clock(torch, dist, rank)
+    res: dict[str, Any] = {"rank": rank, "total_sms": device_sm_count(), "ctas_error": ctas_error,
+                           "ctas_groups": sorted(k for k in groups if k), "configs": []}
+    k_test = 16 if 16 in groups else 0
+    # (name, H, comm, balanced for that comm)
+    plan: list[tuple[str, int, str, bool]] = [(f"{c}_H{H}", H, c, False) for c in COMMS]
+    hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
+    if full and hl:
+        alone = measure_alone(torch, dist, clock, K, T, hl)
+        res["alone"] = alone
+        bal = {c: pick_balanced(alone, c) for c in COMMS}
+        res["balanced_H"] = bal
+        plan = [(f"allreduce_H{H}", H, "allreduce", bal["allreduce"] == H)]
+        if bal["allreduce"] != H:
+            plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], "allreduce", True))
+        plan.append((f"alltoall_H{bal['alltoall']}", bal["alltoall"], "alltoall", True))
+    for name, Hc, comm, balanced in plan:
+        m = Model(rank, world, Hc, T, layers, groups, comm)
+        cfg: dict[str, Any] = {"name": name, "H": Hc, "T": T, "layers": layers, "comm": comm, "balanced": balanced}
+        chk, seq = check_config(m, k_test, graph=(comm == "allreduce"))
+        cfg.update(chk)
         if full:
-            res["graph_ms"] = _wall_ms(torch, dist, lambda: g([m.x], m.slices, graph=True), rank)
-            res["graph_k"] = k_test
-    except Exception as exc:
-        res["graph_error"] = f"{type(exc).__name__}: {exc}"
-    g.clear()  # free the graph that holds NCCL kernels before the communicators go
-    g.close()
+            cfg.update(time_config(m, clock, name, out_dir, seq))
+        res["configs"].append(cfg)
+        del m, seq
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     torch.cuda.synchronize()
     dist.barrier(device_ids=[rank])
-    # Teardown, bounded: destroy_process_group() hung here on the device (torch 2.11) when the
+    # Teardown, bounded: destroy_process_group() hung here on the device (torch 2.11) when a
     # graph was still alive; whether it finishes is part of the result.
     import threading
 
@@ -259,8 +409,10 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     os._exit(0)
 
 
-def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float = 300) -> list[dict[str, Any]]:
-    """Run 2 ranks of :func:`worker`; their JSON results (AssertionError if one died or hung)."""
+def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float = 300,
+          hs: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Run 2 ranks of :func:`worker`; their JSON results (AssertionError if one died or hung).
+    ``hs``: the hidden sizes whose stage balance a ``full`` run measures (none: no balance)."""
     import socket
 
     with socket.socket() as s:
@@ -270,8 +422,9 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import sys; from bench.bench_ubatch_nccl import worker; "
             "worker(*[int(a) if a.isdigit() else a for a in sys.argv[1:]])")
+    hs_arg = ",".join(str(int(h)) for h in hs) or "-"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), "2", str(port), out_dir, str(H), str(T),
-                               str(layers), str(int(full))], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               str(layers), str(int(full)), hs_arg], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for r in range(2)]
     outs = []
     deadline = time.monotonic() + timeout
@@ -292,9 +445,50 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
                 p.kill()
     res = []
     for r in range(2):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+        path = os.path.join(out_dir, f"rank{r}.json")
+        assert os.path.exists(path), f"rank {r} wrote no results: {outs[r][-3000:] if r < len(outs) else ''}"
+        with open(path) as f:
             res.append(json.load(f))
     return res
+
+
+def _t(samples: list[float]) -> Timing:
+    return Timing.of(samples)
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    comm = "NCCL all-reduce" if cfg["comm"] == "allreduce" else "NCCL all-to-all (MoE dispatch)"
+    return f"{comm}, H={cfg['H']}, T={cfg['T']}" + (" (balanced)" if cfg["balanced"] else "")
+
+
+def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None, files: dict[str, str]) -> None:
+    """The figures of one configuration (rank 0's record: every time is already the slower
+    rank's)."""
+    seq_all = {int(c): _t(s) for c, s in cfg["seq_samples_ms"].items()}
+    best_c = min(seq_all, key=lambda c: float(seq_all[c]))
+    seq = seq_all[best_c]
+    best = cfg["best_k"]
+    lab = _label(cfg)
+    target = ">= 1.4x" if cfg["balanced"] else ""
+    extra = {"config": cfg["name"], "sweep_ms": cfg["sweep_ms"], "best_comm_ctas": best,
+             "seq_ms": {c: float(v) for c, v in seq_all.items()}, "best_seq_comm_ctas": best_c,
+             "alone_ms": alone["ms"] if alone else None, "alone_ratio_comm_over_matmul":
+             alone["ratio"][cfg["comm"]] if alone else None,
+             "max_abs_diff": cfg["max_abs_diff"], "seq_vs_reference_rel": cfg["seq_vs_reference_rel"],
+             "graph_error": cfg.get("graph_error"), "graph_timed_error": cfg.get("graph_timed_error"),
+             "graph_timed_max_abs_diff": cfg.get("graph_timed_max_abs_diff"), "files": files}
+    rep.add(f"2 GPUs, {lab}: overlap, threads, SM split (comm {best} CTAs)", _t(cfg["overlap_threads_samples_ms"]),
+            "ms", "best sequential run (all SMs each stage)", seq, target=target, extra=extra)
+    rep.add(f"2 GPUs, {lab}: overlap, generators, SM split (comm {best} CTAs)",
+            _t(cfg["overlap_generators_samples_ms"]), "ms", "best sequential run", seq, target=target)
+    rep.add(f"2 GPUs, {lab}: overlap, threads, no SM split", _t(cfg["overlap_threads_nosplit_samples_ms"]), "ms",
+            "best sequential run", seq)
+    if cfg.get("graph_samples_ms"):
+        rep.add(f"2 GPUs, {lab}: overlapped FULL graph replay (NCCL inside)", _t(cfg["graph_samples_ms"]), "ms",
+                "eager overlapped, generators", _t(cfg["overlap_generators_samples_ms"]))
+    st = cfg["timeline_stats"]
+    rep.add(f"2 GPUs, {lab}: timeline achieved speedup", st["achieved_speedup"], "x",
+            "ideal (total busy / busiest stream)", st["ideal_speedup"], lower_is_better=False)
 
 
 def run(rep: Report) -> None:
@@ -306,35 +500,40 @@ def run(rep: Report) -> None:
         return
     from lowlevel.trace_merge import merge_traces, plot_merged
 
+    os.makedirs(rep.out_dir, exist_ok=True)
+    traces: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as d:
-        res = spawn(d, 4096, 4096, LAYERS, True, timeout=200)
-        os.makedirs(rep.out_dir, exist_ok=True)
-        trace = os.path.join(rep.out_dir, "ubatch_nccl_2gpu_trace.json")
-        merge_traces([os.path.join(d, f"trace_rank{r}.json") for r in range(2)], path=trace)
-    png = plot_merged(trace, os.path.join(rep.out_dir, "ubatch_nccl_2gpu.png"),
-                      "2 GPUs: 2 microbatches x 6 layers (matmul -> NCCL all-reduce), generators, SM split")
+        res = spawn(d, H_MAIN, T_MAIN, LAYERS, True, timeout=SPAWN_TIMEOUT_S, hs=H_BALANCE)
+        for cfg in res[0]["configs"]:
+            suffix = "" if cfg["name"] == f"allreduce_H{H_MAIN}" else f"_{cfg['name']}"
+            traces[cfg["name"]] = os.path.join(rep.out_dir, f"ubatch_nccl_2gpu{suffix}_trace.json")
+            merge_traces([os.path.join(d, f"trace_{cfg['name']}_rank{r}.json") for r in range(2)],
+                         path=traces[cfg["name"]])
     raw = os.path.join(rep.out_dir, "ubatch_nccl_2gpu_ranks.json")
     with open(raw, "w") as f:
         json.dump(res, f, indent=1)
-    rep.files += [trace, png, raw]
+    rep.files.append(raw)
     r0 = res[0]
-    seq = min(max(r["seq_ms"][k] for r in res) for k in r0["seq_ms"])  # the best sequential, slower rank
-    best = r0["best_k"]
-    extra = {"sweep_ms_rank0": r0["sweep_ms"], "best_comm_sms": best, "seq_ms_rank0": r0["seq_ms"],
-             "alone_ms": {"matmul": r0["alone_matmul_ms"], "allreduce": r0["alone_allreduce_ms"]},
-             "ctas_error": r0["ctas_error"], "max_abs_diff": {k: v for k, v in r0.items() if k.startswith("max_abs")},
-             "seq_vs_reference_rel": r0["seq_vs_reference_rel"], "graph_error": r0["graph_error"]}
-    rep.add(f"2 GPUs, NCCL all-reduce comm: overlap, threads, SM split (comm {best})", r0["overlap_threads_ms"], "ms",
-            "best sequential run (all SMs each stage)", seq, target=">= 1.4x", extra=extra)
-    rep.add(f"2 GPUs, NCCL: overlap, generators, SM split (comm {best})", r0["overlap_generators_ms"], "ms",
-            "best sequential run", seq, target=">= 1.4x")
-    rep.add("2 GPUs, NCCL: overlap, threads, no SM split", r0["overlap_threads_nosplit_ms"], "ms",
-            "best sequential run", seq)
-    if "graph_ms" in r0:
-        rep.add("2 GPUs, NCCL: overlapped FULL graph replay (NCCL inside)", r0["graph_ms"], "ms",
-                "eager overlapped, generators", r0["overlap_generators_ms"])
-    rep.add("2 GPUs, NCCL: timeline achieved speedup", r0["timeline_stats"]["achieved_speedup"], "x",
-            "ideal (total busy / busiest stream)", r0["timeline_stats"]["ideal_speedup"], lower_is_better=False)
+    alone = {int(h): v for h, v in r0.get("alone", {}).items()}
+    for cfg in r0["configs"]:
+        tr = traces[cfg["name"]]
+        png = plot_merged(tr, tr.replace("_trace.json", ".png"),
+                          f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
+                          f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
+        rep.files += [tr, png]
+        report_config(rep, cfg, alone.get(cfg["H"]), {"trace": tr, "png": png})
+    for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
+        for comm in COMMS:
+            what = "in-place all-reduce" if comm == "allreduce" else "all-to-all (T/2 rows to each rank)"
+            rep.add(f"2 GPUs, stages alone, H={h}, T={T_MAIN}: NCCL {what} (ratio 1 = balanced)",
+                    _t(v["samples_ms"][comm]), "ms", "matmul alone (all SMs)", _t(v["samples_ms"]["matmul"]),
+                    extra={"balanced": r0["balanced_H"][comm] == h})
+    if alone:
+        rep.figures[0].extra["stage_balance"] = {
+            "alone_ms": {h: v["ms"] for h, v in alone.items()},
+            "ratio_comm_over_matmul": {h: v["ratio"] for h, v in alone.items()},
+            "balanced_H": r0["balanced_H"], "ctas_error": r0["ctas_error"],
+            "teardown_ok": [r["teardown_ok"] for r in res]}
 
 
 if __name__ == "__main__":

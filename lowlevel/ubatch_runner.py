@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
+import statistics
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from . import _runtime as rt
 from . import ubatch_ring as ring
-from .errors import check_bool, check_choice, check_int, check_timeout, describe
+from .errors import check_bool, check_choice, check_int, check_ints, check_timeout, describe
 from .graphs import Graph, GraphPool, capture, capture_stream
 from .stream import Stream, StreamLike, adopt, current_stream, use_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
-__all__ = ["UBatchRunner"]
+__all__ = ["UBatchRunner", "find_sm_split"]
 
 UBatchMode = Literal["threads", "generators"]
 
@@ -256,3 +259,54 @@ class _Workers:
         self.closed = True
         for go in self.go:
             go.set()
+
+
+def find_sm_split(run: Callable[[int], float], candidates: Iterable[int], *, reps: int = 5,
+                  warmup: int = 1) -> tuple[int, dict[int, float]]:
+    """The comm SM share ``k`` among ``candidates`` whose overlapped run is fastest.
+
+    ``run(k)`` performs one overlapped run with ``k`` SMs (or NCCL CTAs) left to communication
+    and the rest to compute (``k == 0``: no split, every stage on every SM), typically through
+    an :class:`~lowlevel.SMControlContextManager` of ``comm_sms=k``, and returns its time in
+    milliseconds (a finite real number >= 0). Each candidate, in the order given, is run
+    ``warmup`` times (results checked, then discarded: compilation, lazy communicator setup)
+    and then ``reps`` times; its figure is the median of those ``reps`` times.
+
+    Returns ``(best_k, {k: median_ms})``, the dict in the order of ``candidates``; ``best_k``
+    has the smallest median, ties going to the smallest ``k`` (the fewest SMs taken from
+    compute). Calls ``run`` exactly ``len(candidates) * (warmup + reps)`` times, on the calling
+    thread. In a multi-process run every rank must call ``run`` in the same sequence (this
+    function does), and ``run`` should return a time all ranks agree on (e.g. the slowest
+    rank's, all-reduced with MAX) so that every rank picks the same ``k``.
+
+    Raises ``TypeError`` when ``run`` is not callable, ``candidates`` is not an iterable of
+    ints, or ``reps`` / ``warmup`` is not an int; ``ValueError`` (before any run) when
+    ``candidates`` is empty, holds a negative or repeated ``k``, ``reps < 1`` or
+    ``warmup < 0``; ``TypeError`` / ``ValueError`` naming ``k`` when ``run(k)`` returns
+    something other than a finite, non-negative number of milliseconds."""
+    if not callable(run):
+        raise TypeError(f"run must be callable (k -> ms), got {describe(run)}")
+    ks = check_ints(candidates, "candidates", 0)
+    if not ks:
+        raise ValueError("candidates must hold at least one comm SM count k >= 0, got none")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"candidates must not repeat a k, got {ks}")
+    reps = check_int(reps, "reps", 1)
+    warmup = check_int(warmup, "warmup", 0)
+    times: dict[int, float] = {}
+    for k in ks:
+        for _ in range(warmup):
+            _check_ms(run(k), k)
+        times[k] = statistics.median(_check_ms(run(k), k) for _ in range(reps))
+    best = min(ks, key=lambda k: (times[k], k))
+    return best, times
+
+
+def _check_ms(value: Any, k: int) -> float:
+    """``value`` (what ``run(k)`` returned) as a float of milliseconds: finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"run({k}) must return a time in ms (a real number), got {describe(value)}")
+    ms = float(value)
+    if not (math.isfinite(ms) and ms >= 0.0):
+        raise ValueError(f"run({k}) must return a finite time in ms >= 0, got {value!r}")
+    return ms

@@ -231,3 +231,84 @@ def test_parked_workers_run_each_job_on_the_same_threads_and_report_hangs():
     for t in w.threads:
         t.join(2.0)
     assert not any(t.is_alive() for t in w.threads)
+
+
+class FakeRun:
+    """``run(k)`` for :func:`lowlevel.find_sm_split`: per-k times, the first call of each k
+    (the warm-up) returning ``warm`` (huge: it must not count); every call logged."""
+
+    def __init__(self, times, warm=1e6, noise=None):
+        self.times, self.warm, self.noise, self.calls = times, warm, noise or {}, []
+
+    def __call__(self, k):
+        nth = sum(1 for c in self.calls if c == k)
+        self.calls.append(k)
+        if nth == 0:
+            return self.warm
+        extra = self.noise.get(k, [0.0])
+        return self.times[k] + extra[(nth - 1) % len(extra)]
+
+
+def test_find_sm_split_picks_the_fastest_median_after_a_warm_up():
+    run = FakeRun({0: 4.15, 8: 3.9, 16: 3.7, 24: 3.61, 32: 3.65},
+                  noise={24: [0.0, 5.0, 0.0, 0.0, 0.0]})  # one outlier: the median ignores it
+    best, table = lowlevel.find_sm_split(run, [0, 8, 16, 24, 32], reps=5)
+    assert best == 24
+    assert list(table) == [0, 8, 16, 24, 32]
+    assert table == pytest.approx({0: 4.15, 8: 3.9, 16: 3.7, 24: 3.61, 32: 3.65})
+    # each k: one warm-up then reps calls, in the order given
+    assert run.calls == [k for k in (0, 8, 16, 24, 32) for _ in range(6)]
+    best, table = lowlevel.find_sm_split(FakeRun({5: 2.0, 7: 1.0}), (7, 5), reps=1, warmup=3)
+    assert best == 7 and list(table) == [7, 5]  # order kept; warm-ups (3 each) ignored
+
+
+def test_find_sm_split_ties_go_to_the_smallest_k():
+    run = FakeRun({32: 2.0, 16: 2.0, 0: 3.0, 8: 2.0})
+    best, table = lowlevel.find_sm_split(run, [32, 16, 0, 8], reps=3)
+    assert best == 8 and table[32] == table[16] == table[8] == 2.0
+    import numpy as np
+
+    best, _ = lowlevel.find_sm_split(lambda k: np.float32(1.5), np.array([4, 2], dtype=np.int64), reps=2)
+    assert best == 2 and type(best) is int
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"run": None}, TypeError, "run must be callable"),
+    ({"candidates": []}, ValueError, "candidates must hold at least one"),
+    ({"candidates": [0, -8]}, ValueError, r"candidates\[1\]"),
+    ({"candidates": [0, 1.5]}, TypeError, r"candidates\[1\]"),
+    ({"candidates": [True]}, TypeError, r"candidates\[0\]"),
+    ({"candidates": "08"}, TypeError, "candidates must be an iterable of ints"),
+    ({"candidates": 8}, TypeError, "candidates must be an iterable of ints"),
+    ({"candidates": [8, 8]}, ValueError, "must not repeat"),
+    ({"reps": 0}, ValueError, "reps"),
+    ({"reps": 2.0}, TypeError, "reps"),
+    ({"warmup": -1}, ValueError, "warmup"),
+])
+def test_find_sm_split_refuses_bad_arguments_before_running(kwargs, exc, match):
+    calls = []
+    args = {"run": lambda k: calls.append(k) or 1.0, "candidates": [0, 16]}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        lowlevel.find_sm_split(args.pop("run"), args.pop("candidates"), **args)
+    assert calls == []
+
+
+@pytest.mark.parametrize("value, exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                        (-0.5, ValueError), (None, TypeError), ("1.0", TypeError),
+                                        (True, TypeError)])
+def test_find_sm_split_refuses_a_bad_time_naming_k(value, exc):
+    def run(k):
+        return value if k == 16 else 1.0
+
+    with pytest.raises(exc, match=r"run\(16\)"):  # a measured call
+        lowlevel.find_sm_split(run, [0, 16], reps=2, warmup=0)
+    calls = []
+
+    def bad_warm_up(k):
+        calls.append(k)
+        return value if len(calls) == 1 else 1.0
+
+    with pytest.raises(exc, match=r"run\(16\)"):  # the warm-up's result is checked too
+        lowlevel.find_sm_split(bad_warm_up, [16], reps=1, warmup=1)
+    assert calls == [16]
