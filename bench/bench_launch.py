@@ -13,6 +13,7 @@ final launch replaced by a no-op C-like call), the Python overhead of the same p
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,10 +57,17 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
     src = torch.randn(1024, device="cuda")
     dst = torch.empty_like(src)
     K.copy(src, dst)
+    # the same state whatever ran before in this thread: its SM-cap stack exists (a thread that never
+    # entered sm_limit pays more per launch; measured apart below, in a fresh thread)
+    with lowlevel.sm_limit(1):
+        pass
     block = 32768 // src.element_size()
     ck = _copy_kernel[(1,)](src, dst, 1024, 1, BLOCK=block, num_warps=16, num_stages=1)  # the CompiledKernel
     launcher = ck.run  # Triton's CudaLauncher for it
     ptrs = (src.data_ptr(), dst.data_ptr(), 1024, 1, block)  # the kernel's arguments, constexpr included
+    if launcher.global_scratch_size or launcher.profile_scratch_size:  # the C entry would need scratch memory
+        rep.add("launch paths: skipped (the copy kernel needs scratch memory on this Triton)", 0.0, "us")
+        return
     sync = torch.cuda.synchronize
     for where, ctx in (("default stream", None), ("a lowlevel Stream", lowlevel.Stream())):
         with (lowlevel.use_stream(ctx) if ctx is not None else contextlib.nullcontext()):
@@ -84,7 +92,7 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
             t = dict(zip(fns, host_only_us(*fns.values(), n=n, trials=trials, sync=sync)))
             ours = t["prepared"]
             extra = {k: float(v) for k, v in t.items()}
-            rep.add(f"launch, {where}: prepare_copy(...)() (host us)", ours, "us",
+            rep.add(f"launch, {where}: prepare_copy(...)() (host us; thread has entered sm_limit)", ours, "us",
                     "Triton's C launcher entry, called directly", t["C entry"],
                     target="<= 1.1x the C entry (ratio >= 0.91x)",
                     extra={"ours_over_c_entry": ours / t["C entry"], "all_paths_us": extra})
@@ -100,6 +108,22 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
                     "C entry + lowlevel's current-stream lookup", t["C entry + current-stream lookup"])
             print(f"launch paths on {where} (host us per call): "
                   + ", ".join(f"{k} {float(v):.2f}" for k, v in t.items()))
+    # the SM cap's thread-local look-up: in a thread that never entered sm_limit it is an
+    # AttributeError raised and caught inside getattr (a fresh thread, measured before and after)
+    fresh: dict[str, Timing] = {}
+
+    def in_fresh_thread() -> None:
+        p = K.prepare_copy(src, dst)
+        fresh["never"] = host_only_us(p, n=n, trials=trials, sync=sync)[0]
+        with lowlevel.sm_limit(1):
+            pass
+        fresh["after"] = host_only_us(p, n=n, trials=trials, sync=sync)[0]
+
+    th = threading.Thread(target=in_fresh_thread)
+    th.start()
+    th.join()
+    rep.add("launch: prepare_copy(...)() in a thread that never entered sm_limit", fresh["never"], "us",
+            "the same thread after an sm_limit block (measured after it, not interleaved)", fresh["after"])
     # what the current-stream lookup costs (part of any launch that follows the current stream)
     raw, cup = host_us_side_by_side(lambda: rt.torch_get_raw(-1), lambda: rt.cupy_get_current().ptr, n=2000,
                                     trials=15, warmup=100)
