@@ -1,5 +1,5 @@
 """SM-limited kernels: speed vs cuBLAS / copy bandwidth, SM scaling curves (PNG), overlap of a
-capped matmul with a capped copy (software caps and green contexts), and launch cost."""
+capped matmul with a capped copy (software caps and green contexts). Launch cost: bench_launch."""
 from __future__ import annotations
 
 import os
@@ -259,26 +259,7 @@ def run(rep: Report) -> None:
     except Exception as exc:  # noqa: BLE001 - no green contexts here: say so in the table
         rep.add(f"overlap: green contexts unavailable ({type(exc).__name__}: {exc})"[:90], 0.0, "ms")
 
-    # --- launch cost ---------------------------------------------------------------------------
-    from lowlevel.kernels.copy import _copy_kernel
-
-    s_small = torch.randn(1024, device="cuda")
-    d_small = torch.empty_like(s_small)
-    K.copy(s_small, d_small)
-    prepared = K.prepare_copy(s_small, d_small)
-    entry, argv = prepared._entry, (1, 1, 1, torch.cuda.current_stream().cuda_stream) + prepared._argv
-    fast, triton_path, full, floor = host_us_side_by_side(
-        prepared,
-        lambda: _copy_kernel[(1,)](s_small, d_small, 1024, 1, BLOCK=8192, num_warps=16, num_stages=1),
-        lambda: K.copy(s_small, d_small),
-        lambda: entry(*argv), sync=torch.cuda.synchronize)
-    rep.add("kernel launch: prepare_copy(...)() (cached kernel + arguments)", fast, "us",
-            "kernel[grid](...) (Triton's launch path)", triton_path, target="<= 5 us")
-    rep.add("kernel launch: lowlevel.kernels.copy (validation each call)", full, "us",
-            "kernel[grid](...) (Triton's launch path)", triton_path)
-    rep.add("kernel launch: prepare_copy(...)()", fast, "us", "floor: Triton's C launcher entry, called directly",
-            floor)
-
+    # launch cost: bench_launch (prepared launch against Triton's entry points, matmul()'s plan cache)
 
 
 if __name__ == "__main__":  # the quick part alone: python -m bench.bench_kernels [OUT_DIR]

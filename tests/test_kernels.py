@@ -243,3 +243,143 @@ def test_config_table_and_heuristic():
         tiles = -(-16 // cfg.block_m) * -(-4096 // cfg.block_n)
         assert cfg.split_k == max(1, min(sms // tiles, 4096 // (4 * cfg.block_k)))
     assert heuristic_config(8192, 8192, 8192, 2, 132).block_m == 128
+
+
+# --- matmul()'s plan cache ------------------------------------------------------------------------
+
+def _mm():
+    import importlib
+
+    return importlib.import_module("lowlevel.kernels.matmul")
+
+
+@pytest.fixture
+def fresh_plans():
+    mm = _mm()
+    mm.clear_plan_cache()
+    yield mm
+    mm.clear_plan_cache()
+    K.set_num_sms(None)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("mnk", [(37, 45, 70), (1, 50, 33), (17, 16, 100)])
+def test_matmul_plan_cache_hits_give_the_uncached_result(fresh_plans, monkeypatch, split, mnk):
+    """Cached plans (hits, fresh random inputs, poisoned out, ragged last tiles, split-K or not)
+    against float64 and bit for bit against the uncached plan path."""
+    mm = fresh_plans
+    if split > 1:
+        monkeypatch.setattr(mm, "config_for", lambda *a, **k: mm.Config(16, 16, 16, 2, 1, 1, split))
+    M, N, Kd = mnk
+    for i in range(3):  # a miss, then hits
+        a, b = _rand(M, Kd), _rand(Kd, N)
+        out = torch.full((M, N), float("nan"), device=DEV)
+        got = K.matmul(a, b, out=out, precision="ieee")
+        assert got is out and not torch.isnan(out).any()
+        assert _rel(out, a.double() @ b.double()) < 1e-5
+        assert _rel(out[-1], (a.double() @ b.double())[-1]) < 1e-5  # the last row (ragged last tile)
+        new = K.matmul(a, b, precision="ieee")  # without out: its own cache entry
+        ref = mm.plan(a, b, None, "ieee").launch()
+        assert torch.equal(new, ref) and torch.equal(out, ref)
+        assert len(mm._PLANS) == 2, i
+    entry = next(iter(mm._PLANS.values()))
+    assert (entry.total_sum is not None) == (split > 1 and Kd > 16)
+
+
+def test_matmul_plan_cache_misses_on_what_changes_the_launch(fresh_plans):
+    mm = fresh_plans
+    a, b = _rand(20, 30), _rand(30, 24)
+    out = torch.empty(20, 24, device=DEV)
+
+    def misses(fn):
+        before = len(mm._PLANS)
+        fn()
+        fn()  # the second time hits
+        return len(mm._PLANS) - before
+
+    assert misses(lambda: K.matmul(a, b)) == 1
+    assert misses(lambda: K.matmul(a, b)) == 0
+    assert misses(lambda: K.matmul(a, b, out=out)) == 1  # out given
+    assert misses(lambda: K.matmul(a, b, precision="ieee")) == 1  # precision
+    for cap in (1, 3):  # the SM cap, per thread and process-wide
+        with lowlevel.sm_limit(cap):
+            assert misses(lambda: K.matmul(a, b)) == 1
+    K.set_num_sms(2)
+    assert misses(lambda: K.matmul(a, b)) == 1
+    with lowlevel.sm_limit(3):  # the innermost cap: already planned
+        assert misses(lambda: K.matmul(a, b)) == 0
+    K.set_num_sms(None)
+    assert misses(lambda: K.matmul(a, b)) == 0
+    assert misses(lambda: K.matmul(a.half(), b.half())) == 1  # dtype
+    assert misses(lambda: K.matmul(a.t().contiguous().t(), b)) == 1  # strides
+    assert misses(lambda: K.matmul(a[:19], b)) == 1  # shape
+    assert misses(lambda: K.matmul(a, b[:, :23])) == 1
+    big = _rand(20, 31)
+    assert misses(lambda: K.matmul(big[:, 1:], b)) == 1  # a 4-byte-aligned pointer (Triton specialises on 16)
+    with lowlevel.sm_limit(2):  # results stay right whatever the cap
+        got = K.matmul(a, b, precision="ieee")
+    assert _rel(got, a.double() @ b.double()) < 1e-5
+
+
+def test_matmul_plan_cache_is_bounded(fresh_plans, monkeypatch):
+    mm = fresh_plans
+    monkeypatch.setattr(mm, "PLAN_CACHE_SIZE", 4)
+    b = _rand(8, 8)
+    for m in range(1, 8):
+        K.matmul(_rand(m, 8), b)
+    assert len(mm._PLANS) == 4
+    assert [k[0][0] for k in mm._PLANS] == [4, 5, 6, 7]  # the oldest went first
+
+
+def test_matmul_plan_cache_rechecks_the_table_entry(fresh_plans, monkeypatch):
+    """A hit whose TABLE entry changed plans again, with the new entry."""
+    mm = fresh_plans
+    slot = (("test", 8), (16, 24, 64))
+    monkeypatch.setattr(mm, "_table_key", lambda at, bt: slot)
+    monkeypatch.setitem(mm.TABLE, slot[0], {slot[1]: mm.Config(16, 16, 16, 2, 1, 1)})
+    used = []
+    monkeypatch.setattr(mm, "config_for", lambda *a, **k: used.append(1) or mm.TABLE[slot[0]][slot[1]])
+    a, b = _rand(16, 64), _rand(64, 24)
+    K.matmul(a, b, precision="ieee")
+    K.matmul(a, b, precision="ieee")
+    assert len(used) == 1 and len(mm._PLANS) == 1  # planned once
+    mm.TABLE[slot[0]][slot[1]] = mm.Config(16, 16, 16, 2, 1, 1, 2)  # a new measured entry
+    got = K.matmul(a, b, precision="ieee")
+    assert len(used) == 2 and len(mm._PLANS) == 1 and next(iter(mm._PLANS.values())).total_sum is not None
+    assert _rel(got, a.double() @ b.double()) < 1e-5
+    K.matmul(a, b, precision="ieee")
+    assert len(used) == 2
+    mm.clear_plan_cache()
+    K.matmul(a, b, precision="ieee")
+    assert len(used) == 3
+
+
+def test_matmul_bad_input_on_a_warm_cache_raises_before_launching(fresh_plans):
+    mm = fresh_plans
+    a, b = _rand(4, 5), _rand(5, 3)
+    out = torch.full((4, 3), float("nan"), device=DEV)
+    K.matmul(a, b, out=torch.empty(4, 3, device=DEV))
+    K.matmul(a, b)
+    n = len(mm._PLANS)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        K.matmul(a, _rand(4, 3), out=out)
+    with pytest.raises(TypeError, match="same dtype"):
+        K.matmul(a, b.half(), out=out)
+    with pytest.raises(TypeError, match="supports"):
+        K.matmul(a.double(), b.double())
+    with pytest.raises(ValueError, match="2-D"):
+        K.matmul(a[None], b)
+    with pytest.raises(ValueError, match="out must be"):
+        K.matmul(a, b, out=torch.empty(4, 4, device=DEV))
+    with pytest.raises(ValueError, match="out must be"):
+        K.matmul(a, b, out=out.half())
+    with pytest.raises(ValueError, match="precision"):
+        K.matmul(a, b, out=out, precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        K.matmul(a, b, out=out, precision=["tf32"])
+    with pytest.raises(TypeError, match="torch.Tensor or cupy"):
+        K.matmul(a, b, out=np.empty((4, 3), np.float32))
+    with pytest.raises(TypeError, match="torch.Tensor or cupy"):
+        K.matmul(a.numpy() if DEV == "cpu" else a.cpu().numpy(), b)
+    assert torch.isnan(out).all()  # nothing launched into it
+    assert len(mm._PLANS) == n  # and nothing was cached

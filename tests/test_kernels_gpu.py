@@ -360,3 +360,77 @@ def test_rms_norm_prefetch_variants_real_size(prefetch):
             y, new_r = rn.plan(x, w, 1e-6, r, out, cfg=rn._config(8192)[:3] + (prefetch,)).launch()
         torch.cuda.synchronize()
         assert _rel(y, ref) < 1e-2 and _rel(new_r, s) < 5e-3, cap
+
+
+@pytest.mark.parametrize("mnk", [(64, 4096, 4096), (1, 4096, 14336), (16, 4096, 4096), (200, 1000, 3000)])
+def test_matmul_plan_cache_at_decode_shapes(mnk):
+    """matmul()'s cached plan (hits, fresh random inputs, poisoned out, with and without out, at
+    two caps) against torch.matmul in float64, bit for bit against the uncached plan path, and a
+    TABLE change that makes the next call plan again."""
+    import importlib
+
+    mm = importlib.import_module("lowlevel.kernels.matmul")
+    mm.clear_plan_cache()
+    M, N, Kd = mnk
+    total = device_sm_count()
+    try:
+        for cap in (total, 33):
+            with lowlevel.sm_limit(cap):
+                for _ in range(3):  # a miss, then hits
+                    a, b = _rand(M, Kd, dtype=torch.bfloat16), _rand(Kd, N, dtype=torch.bfloat16)
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    assert K.matmul(a, b, out=out) is out
+                    new = K.matmul(a, b)
+                    ref = mm.plan(a, b, None, "tf32").launch()
+                    torch.cuda.synchronize()
+                    want = torch.matmul(a.double(), b.double())
+                    assert not torch.isnan(out).any()
+                    assert _rel(out, want) < 1e-2 and _rel(out[-1], want[-1]) < 1e-2
+                    assert torch.equal(out, ref) and torch.equal(new, ref)  # deterministic, the same plan
+        assert len(mm._PLANS) == 4  # (out given or not) x 2 caps
+        if mnk != (64, 4096, 4096):  # the table check once (it compiles another configuration)
+            return
+        # a new TABLE entry for this shape: the next call uses it
+        tk = mm._table_key(a, b)
+        other = mm.Config(16, 64, 64, 8, 4, 3, 4 if mm.config_for(M, N, Kd, 2).split_k == 1 else 1)
+        table = dict(mm.TABLE.get(tk[0], {}))
+        table[tk[1]] = other
+        old_table = mm.TABLE.get(tk[0])
+        mm.TABLE[tk[0]] = table
+        try:
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            K.matmul(a, b, out=out)
+            torch.cuda.synchronize()
+            assert _rel(out, torch.matmul(a.double(), b.double())) < 1e-2
+            key_entries = [e for e in mm._PLANS.values() if e.tcfg is other]
+            assert len(key_entries) == 1 and (key_entries[0].total_sum is not None) == (other.split_k > 1)
+        finally:
+            if old_table is None:
+                del mm.TABLE[tk[0]]
+            else:
+                mm.TABLE[tk[0]] = old_table
+    finally:
+        mm.clear_plan_cache()
+
+
+def test_matmul_plan_cache_follows_the_current_stream_and_workspace():
+    """Hits launch on lowlevel's current stream (a split-K product's workspace is the stream's)."""
+    import importlib
+
+    mm = importlib.import_module("lowlevel.kernels.matmul")
+    mm.clear_plan_cache()
+    a, b = _rand(64, 4096, dtype=torch.bfloat16), _rand(4096, 4096, dtype=torch.bfloat16)
+    want = torch.matmul(a.double(), b.double())
+    K.matmul(a, b)
+    s = lowlevel.Stream()
+    outs = []
+    with lowlevel.use_stream(s):
+        for _ in range(3):
+            out = torch.full((64, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
+            torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+            K.matmul(a, b, out=out)
+            outs.append(out)
+    s.synchronize()
+    for out in outs:
+        assert _rel(out, want) < 1e-2
+    mm.clear_plan_cache()

@@ -232,3 +232,39 @@ def test_changed_launcher_falls_back_to_kernel_grid_with_one_warning(fake_gpu, c
     assert [c[0] for c in fn.calls] == [(4,), (2,), (5,), (5,)]
     assert fn.calls[1][1] == (x, 100, 2) and fn.calls[1][2] == {"num_warps": 4, "num_stages": 1, "BLOCK": 16}
     assert fn.compiled.run.calls == []  # the C entry was never used
+
+
+# --- matmul()'s plan cache on the C entry ---------------------------------------------------------
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_matmul_plan_cache_hit_calls_the_c_entry_as_the_uncached_path_does(fake_gpu, monkeypatch, split):
+    """A hit goes straight into the C entry with the arguments the uncached path gives it (same
+    pointers, ints, program counts, constexprs), for the product and the split-K reduction."""
+    import importlib
+
+    mm = importlib.import_module("lowlevel.kernels.matmul")
+    launchers = {}
+    for name in ("_launch", "_sum_launch"):
+        fl = getattr(mm, name)
+        run = GoodLauncher()
+        monkeypatch.setattr(fl, "interpret", False)
+        monkeypatch.setattr(fl, "cache", {})
+        monkeypatch.setattr(fl, "check", lambda ck: L.check_launcher(ck, lambda: RUN_SRC))
+        monkeypatch.setattr(fl, "_slow", lambda *a, run=run, **k: FakeCompiled(run))
+        launchers[name] = run
+    monkeypatch.setattr(mm, "config_for", lambda *a, **k: mm.Config(16, 16, 16, 2, 1, 1, split))
+    ws = torch.empty(1 << 16)  # one workspace for both paths (a CPU one is new per call)
+    monkeypatch.setattr(mm, "_workspace", lambda dev, n, own: ws[:n])
+    mm.clear_plan_cache()
+    a, b, c = torch.randn(37, 70), torch.randn(70, 45), torch.empty(37, 45)
+    mm.matmul(a, b, out=c)  # miss: through kernel[grid] (fake compile), no C entry call
+    assert launchers["_launch"].calls == []
+    mm.plan(a, b, c, "tf32").launch()  # the uncached path, now on the C entry
+    want = {k: list(v.calls) for k, v in launchers.items()}
+    for v in launchers.values():
+        v.calls.clear()
+    mm.matmul(a, b, out=c)  # hit
+    got = {k: list(v.calls) for k, v in launchers.items()}
+    assert got == want and len(got["_launch"]) == 1 and len(got["_sum_launch"]) == (split > 1)
+    assert got["_launch"][0][:4] == (min(8, 3 * 3 * split), 1, 1, 77)
+    mm.clear_plan_cache()

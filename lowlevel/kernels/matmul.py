@@ -20,6 +20,18 @@ never changes the configuration (only the program count), so a cap sweep compile
 
 Offsets are 32-bit unless some operand spans 2**31 elements or more; then the kernel is compiled
 with 64-bit offsets (``WIDE``).
+
+Plan cache: :func:`matmul` on torch tensors keeps, per launch key, the validated plan (the
+configuration, the program counts, the argument tail and the compiled kernel's C entry), so a
+repeated call does only the key build, one dict look-up, the output allocation (without ``out``)
+and the launch(es). The key holds everything validation and the launch depend on: each
+operand's shape, strides, dtype, device and (for inputs and a given ``out``) whether its data
+pointer is 16-byte aligned (Triton specialises on it), whether ``out`` is given, ``precision``,
+and the SM cap in force (:func:`~lowlevel.set_num_sms`, :func:`~lowlevel.sm_limit`); a hit also
+checks that the :data:`TABLE` entry the plan was made from is still the one there. Inputs that
+miss are validated as before, so bad input raises the same errors whether the cache is warm or
+not. At most :data:`PLAN_CACHE_SIZE` plans are kept (the oldest go first);
+:func:`clear_plan_cache` empties it (after changing :func:`heuristic_config`'s tables).
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ..sm_control import capped as _capped
 from ..sm_control import device_sm_count
 from ._launch import (
     INTERPRET,
@@ -42,7 +55,8 @@ from ._launch import (
     to_torch,
 )
 
-__all__ = ["TABLE", "Config", "config_for", "heuristic_config", "matmul", "prepare_matmul"]
+__all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "clear_plan_cache", "config_for", "heuristic_config", "matmul",
+           "prepare_matmul"]
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -305,6 +319,135 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
     return Plan(_launch, tiles * n_split, args, 14, cex, cfg.num_warps, cfg.num_stages, result, then)
 
 
+# --- the plan cache of matmul() ------------------------------------------------------------------
+
+PLAN_CACHE_SIZE = 256
+"""Most plans :func:`matmul` keeps (the oldest are dropped first)."""
+
+_PLANS: dict[tuple, _Cached] = {}
+_TOTALS: dict[Any, int] = {}  # torch.device -> its SMs (the interpreter: INTERPRETER_SMS)
+_NO_ENTRY: dict = {}
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached :func:`matmul` plan (the next calls validate and plan again)."""
+    _PLANS.clear()
+
+
+class _Step:
+    """One launch of a cached plan with its ``n_ptr`` leading arrays left out: ``grid``
+    programs, ``tail`` the arguments after the arrays (program count included) then the
+    constexpr values. ``launch``/``prefix``: the compiled kernel's C entry (None under the
+    interpreter or where Triton's launcher failed the check: then ``launcher`` is called with
+    the tensors, ``ints`` and ``cex``)."""
+
+    __slots__ = ("cex", "grid", "ints", "launch", "launcher", "prefix", "stages", "tail", "warps")
+
+    def __init__(self, p: Plan, grid: int, n_ptr: int) -> None:
+        launcher = p.launcher
+        args = p.args[:p.grid_at] + (grid,) + p.args[p.grid_at + 1:]
+        self.launcher, self.grid, self.ints, self.cex = launcher, grid, args[n_ptr:], p.constexprs
+        self.warps, self.stages = p.num_warps, p.num_stages
+        self.tail = args[n_ptr:] + tuple(p.constexprs.values())
+        self.launch: Any = None
+        self.prefix: tuple[Any, ...] = ()
+        if not launcher.interpret:
+            e = launcher.cache.get(launcher.key(args, p.constexprs, p.num_warps, p.num_stages))
+            if e is not None and not e.slow:
+                self.launch, self.prefix = e.launch, e.prefix
+
+    def slow(self, *arrays: Any) -> None:
+        self.launcher(self.grid, arrays + self.ints, self.cex, self.warps, self.stages)
+
+
+class _Cached:
+    """A validated :func:`matmul` launch: output shape, dtype and device; the table entry it was
+    planned from (checked on each hit); the product step, and for split-K the workspace size
+    and the reduction step."""
+
+    __slots__ = ("device", "dtype", "main", "shape", "tcfg", "tk", "total_sum", "ws_numel")
+
+    def __init__(self, shape: tuple[int, int], dtype: Any, device: Any, tk: Any, tcfg: Any, main: _Step | None,
+                 ws_numel: int, total_sum: _Step | None) -> None:
+        self.shape, self.dtype, self.device, self.tk, self.tcfg = shape, dtype, device, tk, tcfg
+        self.main, self.ws_numel, self.total_sum = main, ws_numel, total_sum
+
+
+def _table_key(at: Any, bt: Any) -> Any:
+    """The :data:`TABLE` slot :func:`config_for` reads for ``at @ bt`` (None: it reads none)."""
+    dev = at.get_device()
+    if INTERPRET or at.element_size() != 2 or dev < 0 or at.dim() != 2 or bt.dim() != 2:
+        return None
+    (M, K), N = at.shape, bt.shape[1]
+    return (_capability(dev), device_sm_count(dev)), (m_bucket(M), N, K)
+
+
+def _miss(at: Any, bt: Any, ot: Any, precision: str, key: tuple, cap: int) -> Any:
+    """Validate, plan and launch (the uncached path); keep the plan under ``key``."""
+    tk = _table_key(at, bt)  # read before planning: a table change in between makes the next call miss
+    tcfg = TABLE.get(tk[0], _NO_ENTRY).get(tk[1]) if tk is not None else None
+    p = plan(at, bt, ot, precision)  # raises on bad input, before anything launches
+    result = p.launch()
+    main = total_sum = None
+    ws_numel = 0
+    if p.tiles:
+        main = _Step(p, max(1, min(cap, p.tiles)), 3)
+        if p.then is not None:
+            ws_numel = p.then.constexprs["N_SPLIT"] * p.then.args[2]
+            total_sum = _Step(p.then, max(1, min(cap, p.then.tiles)), 2)
+    if len(_PLANS) >= PLAN_CACHE_SIZE:
+        try:
+            del _PLANS[next(iter(_PLANS))]
+        except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+            pass
+    _PLANS[key] = _Cached(tuple(result.shape), at.dtype, at.device, tk, tcfg, main, ws_numel, total_sum)
+    return result
+
+
+def _matmul_torch(at: Any, bt: Any, ot: Any, precision: str) -> Any:
+    """:func:`matmul` on torch tensors, through the plan cache."""
+    da = at.device
+    total = _TOTALS.get(da)
+    if total is None:
+        total = _TOTALS[da] = device_sm_count(da.index if da.type == "cuda" else None)
+    cap = _capped(total)
+    pa, pb = at.data_ptr(), bt.data_ptr()
+    if ot is None:
+        key: tuple = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype, bt.device,
+                      pb % 16 == 0, precision, cap)
+    else:
+        pc = ot.data_ptr()
+        key = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype, bt.device,
+               pb % 16 == 0, precision, cap, ot.shape, ot.stride(), ot.dtype, ot.device, pc % 16 == 0)
+    e = _PLANS.get(key)
+    if e is None or (e.tk is not None and TABLE.get(e.tk[0], _NO_ENTRY).get(e.tk[1]) is not e.tcfg):
+        return _miss(at, bt, ot, precision, key, cap)
+    if ot is None:
+        ot = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+        pc = ot.data_ptr()
+    s = e.main
+    if s is None:  # nothing to compute (M or N is 0)
+        return ot
+    t = e.total_sum
+    if t is None:
+        if s.launch is None:
+            s.slow(at, bt, ot)
+        else:
+            h = rt.torch_get_raw(-1) or rt.cupy_get_current().ptr  # lowlevel's current stream
+            s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pc, *s.tail)
+        return ot
+    ws = _workspace(e.device, e.ws_numel, False)
+    if s.launch is None or t.launch is None:
+        s.slow(at, bt, ws)
+        t.slow(ws, ot)
+    else:
+        h = rt.torch_get_raw(-1) or rt.cupy_get_current().ptr
+        pw = ws.data_ptr()
+        s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pw, *s.tail)
+        t.launch(t.grid, 1, 1, h, *t.prefix, pw, pc, *t.tail)
+    return ot
+
+
 def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N) of the same dtype (bf16, fp16 or fp32),
     accumulated in fp32, written to ``out`` (M, N) (new if None) on lowlevel's current stream.
@@ -313,7 +456,15 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
     or CuPy arrays (viewed, not copied); any strides; the result is of the kind of ``a``.
     ``precision`` for fp32 inputs: ``"tf32"`` (tensor cores) or ``"ieee"`` (exact fp32).
     Skinny products may split K (see the module docstring): deterministic, fp32 partial sums.
+    A repeated call with the same shapes, strides, dtypes, devices, ``out`` (given or not),
+    ``precision`` and SM cap reuses its plan (see "Plan cache" in the module docstring).
     Raises ``ValueError`` / ``TypeError`` on mismatched shapes, dtypes or devices."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and type(precision) is str:
+        if out is None:
+            return _matmul_torch(a, b, None, precision)
+        if isinstance(out, torch.Tensor):
+            _matmul_torch(a, b, out, precision)
+            return out
     return plan(a, b, out, precision).launch()
 
 
