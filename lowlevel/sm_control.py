@@ -25,7 +25,17 @@ INTERPRETER_SMS = 8
 """The SM count assumed where no GPU exists (Triton's interpreter on the CPU)."""
 
 _global_cap: int | None = None
-_tls = threading.local()
+
+
+class _ThreadCaps(threading.local):
+    """Per-thread stack of :class:`sm_limit` caps. A class default, not ``getattr(local, ...,
+    None)``: a thread that never entered ``sm_limit`` then reads ``None`` without an
+    AttributeError raised and caught on every launch."""
+
+    stack: list[int] | None = None
+
+
+_tls = _ThreadCaps()
 
 
 @functools.cache
@@ -62,7 +72,7 @@ def get_num_sms() -> int:
 def capped(total: int) -> int:
     """The calling thread's SM cap on a device with ``total`` SMs (the launch paths' fast form
     of :func:`get_num_sms`, for callers that know their device)."""
-    stack = getattr(_tls, "stack", None)
+    stack = _tls.stack
     cap = stack[-1] if stack else _global_cap
     return total if cap is None or cap > total else cap
 
@@ -78,14 +88,14 @@ class sm_limit:
         self.n = check_int(n, "n", 1)
 
     def __enter__(self) -> int:
-        stack = getattr(_tls, "stack", None)
+        stack = _tls.stack
         if stack is None:
             stack = _tls.stack = []
         stack.append(self.n)
         return self.n
 
     def __exit__(self, *exc: object) -> None:
-        stack = getattr(_tls, "stack", None)
+        stack = _tls.stack
         if not stack:
             raise LowlevelError("sm_limit.__exit__ without a matching __enter__ in this thread")
         stack.pop()
