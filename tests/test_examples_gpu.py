@@ -79,20 +79,30 @@ def test_serve_decode_cupy_kernel_sampler_equals_eager(tmp_path):
 
 
 def test_argmax_rows_matches_torch_on_ties_and_strided_rows():
+    """Both kernels (16-byte loads for aligned rows whose length is a multiple of 4; scalar
+    loads for a ragged length or a misaligned start) against torch's argmax: ties to the lowest
+    column, the last column of the last row, rows with a stride."""
     import cupy
     import torch
 
     sys.path.insert(0, EX)
     import serve_decode as sd
 
-    x = torch.randn(37, 32000 + 64, device="cuda")[:, :32000]  # rows with a stride
-    x[5, 100] = x[5, 31999] = x[5].max() + 1  # a tie: the lowest column wins
-    x[36, 31999] = x[36].max() + 1  # the last column of the last row
-    got = lowlevel.as_torch(sd.argmax_rows(lowlevel.as_cupy(x)))
-    cupy.cuda.get_current_stream().synchronize()
-    assert torch.equal(got.cpu(), x.argmax(dim=-1).cpu()) and int(got[5]) == 100 and int(got[36]) == 31999
+    cases = [torch.randn(37, 32000 + 64, device="cuda")[:, :32000],  # aligned: vector loads
+             torch.randn(37, 32001 + 7, device="cuda")[:, :32001],  # ragged length: scalar loads
+             torch.randn(9, 4097, device="cuda")[:, 1:]]  # start 4 bytes in: scalar loads
+    for x in cases:
+        n, v = x.shape
+        x[5, 100] = x[5, v - 1] = x[5].max() + 1  # a tie: the lowest column wins
+        x[n - 1, v - 1] = x[n - 1].max() + 1  # the last column of the last row
+        x[2, 1:] = float("-inf")  # a row of -inf but its first column
+        got = lowlevel.as_torch(sd.argmax_rows(lowlevel.as_cupy(x)))
+        cupy.cuda.get_current_stream().synchronize()
+        want = x.argmax(dim=-1)
+        assert torch.equal(got.cpu(), want.cpu()), (x.shape, x.stride())
+        assert int(got[5]) == 100 and int(got[n - 1]) == v - 1 and int(got[2]) == 0
     with pytest.raises(ValueError, match="float32"):
-        sd.argmax_rows(lowlevel.as_cupy(x.half()))
+        sd.argmax_rows(lowlevel.as_cupy(cases[0].half()))
 
 
 @pytest.mark.gpu2
