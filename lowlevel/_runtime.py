@@ -64,7 +64,7 @@ object implementing ``__cuda_stream__``."""
 class TorchOps:
     """torch's private stream calls, bound once."""
 
-    __slots__ = ("get_device", "get_current", "get_raw", "set_current", "torch")
+    __slots__ = ("from_dlpack", "get_device", "get_current", "get_raw", "set_current", "torch")
 
     def __init__(self) -> None:
         import torch
@@ -72,6 +72,7 @@ class TorchOps:
         torch.cuda.init()
         c = torch._C
         self.torch = torch
+        self.from_dlpack: Callable[[Any], Any] = torch.utils.dlpack.from_dlpack
         self.get_device: Callable[[], int] = c._cuda_getDevice
         self.get_current: Callable[[int], tuple[int, int, int]] = c._cuda_getCurrentStream
         self.set_current: Callable[..., None] = c._cuda_setStream

@@ -90,7 +90,7 @@ def _fake_ops() -> Any:
     import torch
 
     return types.SimpleNamespace(get_raw=torch_get_raw, get_current=torch_get_current, set_current=torch_set_current,
-                                 get_device=int, torch=torch)
+                                 get_device=int, torch=torch, from_dlpack=id)
 
 
 def _patch_new(ll: Any) -> None:
