@@ -132,20 +132,22 @@ def _fork_join_1(default_fn: Callable[[], Any], fn: Callable[[], Any], sp: int, 
     prev_torch = rt.torch_get_current(-1)
     prev_cupy = rt.cupy_get_current()
     h = s.ptr
-    forked = False
     try:
         s._cupy.use()
         rt.torch_set_current(*(s._torch_key or s._key()))
         rt.stream_wait_event(h, sp, 0)
-        forked = True
-        r = fn()
-        rt.event_record(dp, h)
     except BaseException:
         rt.torch_set_current(*prev_torch)
         prev_cupy.use()
-        if forked:  # capture what the slot enqueued, then join it
-            rt.event_record(dp, h)
-            rt.stream_wait_event(cur, dp, 0)
+        raise
+    try:
+        r = fn()
+        rt.event_record(dp, h)
+    except BaseException:  # capture what the slot enqueued, then join it
+        rt.torch_set_current(*prev_torch)
+        prev_cupy.use()
+        rt.event_record(dp, h)
+        rt.stream_wait_event(cur, dp, 0)
         raise
     rt.torch_set_current(*prev_torch)
     prev_cupy.use()
