@@ -286,19 +286,18 @@ class use_stream:
         return s
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if _nested:
+        try:
+            prev_torch = self._prev_torch
+        except AttributeError:  # made without __init__
+            prev_torch = None
+        if prev_torch is None or _nested:
             prev_torch, prev_cupy = _pop(self)
-        else:
-            try:
-                prev_torch = self._prev_torch
-            except AttributeError:  # made without __init__
-                prev_torch = None
-            if prev_torch is None:
-                raise _no_entry()
-            prev_cupy = self._prev_cupy
-            self._prev_torch = None
+            rt.torch_set_current(*prev_torch)
+            prev_cupy.use()
+            return
+        self._prev_torch = None  # the slots are free again
         rt.torch_set_current(*prev_torch)
-        prev_cupy.use()
+        self._prev_cupy.use()
 
 
 def _no_entry() -> LowlevelError:
