@@ -1,13 +1,15 @@
 """Python-side host cost of lowlevel's hot paths, this tree against another, on the CPU.
 
-``python tools/host_cpu_compare.py [--old DIR] [--only NAME ...] [--rounds N] [--json FILE]``
+``python tools/host_cpu_compare.py [--old DIR] [--only NAME ...] [--rounds N] [--json FILE] [--device]``
 
 Both trees are imported in one process (the other tree's ``lowlevel`` package is copied to a
 temporary directory as ``lowlevel_old``; the package uses relative imports only). Their runtime
 calls (CuPy's event record and wait, torch's private current-stream calls, CuPy's current
 stream) are replaced, in both trees alike, by the same C builtins that do nothing, so what is
 timed is lowlevel's own Python overhead: the figure the GPU benchmarks cannot separate from the
-driver. ``dispatch`` is pure Python and needs no fakes.
+driver. ``dispatch`` is pure Python and needs no fakes. With ``--device`` (a GPU) nothing is
+faked: the same cases, made with the public constructors, time both trees' real host cost side by
+side in one process.
 
 Each case runs as rounds of one trial per tree, the order alternating between rounds; a trial is
 ``n`` calls timed with ``time.perf_counter_ns``. Printed per case and tree: the median µs per
@@ -220,6 +222,79 @@ def case_as_torch(ll: Any) -> Callable[[], Any]:
     return lambda: ll.as_torch(x)
 
 
+# --- the same cases on a GPU, real runtime calls (``--device``): public constructors only -----
+
+def _real_stream_cases() -> dict[str, Callable[[Any], Callable[[], Any]]]:
+    def use(ll: Any) -> Callable[[], Any]:
+        s = ll.Stream()
+
+        def f() -> None:
+            with ll.use_stream(s):
+                pass
+        return f
+
+    def rec_s(ll: Any) -> Callable[[], Any]:
+        s, e = ll.Stream(), ll.Event()
+        return lambda: e.record(s)
+
+    def rec(ll: Any) -> Callable[[], Any]:
+        e = ll.Event()
+        return lambda: e.record()
+
+    def fj(ll: Any) -> Callable[[], Any]:
+        s, e0, e1 = ll.Stream(), ll.Event(), ll.Event()
+
+        def f() -> None:
+            e0.record()
+            with ll.use_stream(s):
+                e0.wait()
+                e1.record()
+            e1.wait()
+        return f
+
+    def eip(n: int) -> Callable[[Any], Callable[[], Any]]:
+        def make(ll: Any) -> Callable[[], Any]:
+            streams = [ll.Stream() for _ in range(n)]
+            start, done, fns = ll.Event(), [ll.Event() for _ in range(n)], [_noop] * n
+            return lambda: ll.execute_in_parallel(_noop, fns, start, done, streams, True)
+        return make
+
+    def runner(ll: Any) -> Callable[[], Any]:
+        r = ll.ParallelRunner(1)
+        return lambda: r(_noop, [_noop])
+
+    def maybe(ll: Any) -> Callable[[], Any]:
+        e0, e1, s = ll.Event(), ll.Event(), ll.Stream()
+        return lambda: ll.maybe_execute_in_parallel(_noop, _noop, e0, e1, s)
+
+    def as_torch(ll: Any) -> Callable[[], Any]:
+        import cupy
+
+        x = cupy.random.standard_normal((256, 256), dtype=cupy.float32)
+        return lambda: ll.as_torch(x)
+
+    def as_cupy(ll: Any) -> Callable[[], Any]:
+        import torch
+
+        x = torch.randn(256, 256, device="cuda")
+        return lambda: ll.as_cupy(x)
+
+    return {
+        "dispatch memo hit, 512 sizes round-robin": case_dispatch,
+        "use_stream enter+exit": use,
+        "Event.record(stream)": rec_s,
+        "Event.record() current stream": rec,
+        "fork/join primitive (events + use_stream)": fj,
+        "execute_in_parallel 1 slot": eip(1),
+        "execute_in_parallel 2 slots": eip(2),
+        "execute_in_parallel 4 slots": eip(4),
+        "ParallelRunner 1 slot": runner,
+        "maybe_execute_in_parallel": maybe,
+        "as_torch(cupy array)": as_torch,
+        "as_cupy(torch tensor)": as_cupy,
+    }
+
+
 CASES: dict[str, Callable[[Any], Callable[[], Any]]] = {
     "dispatch memo hit, 512 sizes round-robin": case_dispatch,
     "use_stream enter+exit": case_use_stream,
@@ -250,17 +325,23 @@ def _pct(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[0], q[3]
 
 
-def compare(fns: list[Callable[[], Any]], rounds: int, trial_ms: float = 2.0) -> list[list[float]]:
-    """Per-call µs of each fn per round, interleaved, the order alternating."""
+def compare(fns: list[Callable[[], Any]], rounds: int, trial_ms: float = 2.0,
+            sync: Callable[[], Any] | None = None) -> list[list[float]]:
+    """Per-call µs of each fn per round, interleaved, the order alternating; ``sync`` (a device
+    synchronize) runs before each trial, outside the timed part."""
     for f in fns:
         for _ in range(2000):
             f()
+        if sync:
+            sync()
     est = max(_trial(f, 2000) for f in fns)
     n = max(100, int(trial_ms * 1e3 / est))
     per: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
     for r in range(rounds):
         for k in (order if r % 2 == 0 else order[::-1]):
+            if sync:
+                sync()
             per[k].append(_trial(fns[k], n))
     return per
 
@@ -271,21 +352,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=[], help="substrings of case names")
     ap.add_argument("--rounds", type=int, default=61)
     ap.add_argument("--json", default="", help="write the figures here")
+    ap.add_argument("--device", action="store_true",
+                    help="on a GPU: the real runtime calls, no fakes (a device synchronize before each trial)")
     a = ap.parse_args(argv)
     old, new = _load_trees(a.old)
-    _patch_old(old)
-    _patch_new(new)
     import torch
 
-    torch.utils.dlpack.from_dlpack = id  # as_torch's last step, a C call in both trees
+    sync = None
+    cases = CASES
+    if a.device:
+        sync, cases = torch.cuda.synchronize, _real_stream_cases()
+    else:
+        _patch_old(old)
+        _patch_new(new)
+        torch.utils.dlpack.from_dlpack = id  # as_torch's last step, a C call in both trees
     out = {}
     print(f"{'case':44s} {'old us (p20-p80)':>24s} {'new us (p20-p80)':>24s} {'net old':>8s} {'net new':>8s} "
           f"{'new/old':>8s}")
-    for name, make in CASES.items():
+    for name, make in cases.items():
         if a.only and not any(o in name for o in a.only):
             continue
         fo, fn = make(old), make(new)
-        per = compare([_noop, fo, fn], a.rounds)
+        per = compare([_noop, fo, fn], a.rounds, sync=sync)
         base = statistics.median(per[0])
         (mo, lo, ho), (mn, ln, hn) = _pct(per[1]), _pct(per[2])
         ratio = statistics.median([y / x for x, y in zip(per[1], per[2])])
