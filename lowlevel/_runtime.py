@@ -10,10 +10,11 @@ torch calls are bound late and the CPU tests replace names here.
 
 **The binding invariant.** ``torch_get_device``, ``torch_get_current``, ``torch_set_current``
 and ``torch_get_raw`` are torch's private current-stream calls (about 0.1 µs each, against
-about 5 µs for the public ones). They are ``None`` until :func:`bind` runs, and :func:`bind`
-runs before any :class:`lowlevel.Stream` exists (``Stream`` calls it when it is made), so code
-that holds a Stream may call them unchecked. Code that may run before any Stream exists calls
-:func:`bind` first, or goes through :func:`current_handle`, which binds on first use.
+about 5 µs for the public ones). They are ``None`` until :func:`bind` runs (``torch_get_raw``
+is a function that binds, then answers), and :func:`bind` runs before any
+:class:`lowlevel.Stream` exists (``Stream`` calls it when it is made), so code that holds a
+Stream may call them unchecked. Code that may run before any Stream exists calls :func:`bind`
+first, or goes through :func:`current_handle` or ``torch_get_raw``, which bind on first use.
 
 **Which stream is current** (lowlevel's rule): torch's current stream (the one Triton launches
 use), unless torch is on its default stream and CuPy is not, in which case CuPy's. Both
@@ -63,7 +64,7 @@ object implementing ``__cuda_stream__``."""
 class TorchOps:
     """torch's private stream calls, bound once."""
 
-    __slots__ = ("get_device", "get_current", "get_raw", "set_current", "torch")
+    __slots__ = ("from_dlpack", "get_device", "get_current", "get_raw", "set_current", "torch")
 
     def __init__(self) -> None:
         import torch
@@ -71,6 +72,7 @@ class TorchOps:
         torch.cuda.init()
         c = torch._C
         self.torch = torch
+        self.from_dlpack: Callable[[Any], Any] = torch.utils.dlpack.from_dlpack
         self.get_device: Callable[[], int] = c._cuda_getDevice
         self.get_current: Callable[[int], tuple[int, int, int]] = c._cuda_getCurrentStream
         self.set_current: Callable[..., None] = c._cuda_setStream
@@ -88,7 +90,14 @@ _bind_lock = threading.Lock()
 torch_get_device: Callable[[], int] = None  # type: ignore[assignment]
 torch_get_current: Callable[[int], tuple[int, int, int]] = None  # type: ignore[assignment]
 torch_set_current: Callable[..., None] = None  # type: ignore[assignment]
-torch_get_raw: Callable[[int], int] = None  # type: ignore[assignment]
+
+
+def _get_raw_unbound(device: int) -> int:
+    """What :data:`torch_get_raw` is until :func:`bind` runs: binds, then answers."""
+    return bind().get_raw(device)
+
+
+torch_get_raw: Callable[[int], int] = _get_raw_unbound
 
 
 def bind() -> TorchOps:
@@ -141,9 +150,7 @@ def use_device(device: int) -> None:
 
 def current_handle() -> int:
     """Raw handle of lowlevel's current stream (see "Which stream is current" above)."""
-    if torch_ops is None:
-        bind()
-    h = torch_get_raw(-1)
+    h = torch_get_raw(-1)  # binds on first use
     if h == 0:
         h = cupy_get_current().ptr
     return h

@@ -91,6 +91,7 @@ class CUDAGraphMode(enum.Enum):
 
 _RUNTIME_MODES = frozenset({CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL})
 _NONE, _PIECEWISE, _FULL = CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL
+_ZERO = 0  # dispatch's fast path: ``x is _ZERO`` holds for the int 0 only (not False, 0.0 or a NumPy 0)
 _BY_INT = {0: _NONE, 1: _PIECEWISE, 2: _FULL}
 _MODE_WHAT = "a CUDAGraphMode or its int value (0 NONE, 1 PIECEWISE, 2 FULL)"
 
@@ -311,6 +312,9 @@ class CudagraphDispatcher:
         # Only validated calls are stored, under exact int/bool keys; dispatch looks up only
         # calls whose arguments have exactly those types, so 5.0 or True cannot hit 5 or 1.
         self._memo: dict[tuple[int, bool, bool, int], tuple[CUDAGraphMode, BatchDescriptor]] = {}
+        # The same results for the plain batch (not uniform, no LoRA), keyed by num_tokens alone:
+        # dispatch(n) looks them up without building a key. Always cleared with _memo.
+        self._memo_plain: dict[int, tuple[CUDAGraphMode, BatchDescriptor]] = {}
 
     # --- keys ---------------------------------------------------------------------------------
     def _lora_cases(self) -> list[int]:
@@ -358,6 +362,7 @@ class CudagraphDispatcher:
                              f"got {batch_descriptor}")
         self.cudagraph_keys[mode].add(batch_descriptor)
         self._memo.clear()
+        self._memo_plain.clear()
 
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode | int,
                                   uniform_decode_query_len: int = 1) -> None:
@@ -393,6 +398,7 @@ class CudagraphDispatcher:
         self.uniform_decode_query_len = q
         self.cudagraph_keys = {_PIECEWISE: set(), _FULL: set()}
         self._memo.clear()
+        self._memo_plain.clear()
         self._table = padding_table(self.capture_sizes)
         if mode is _NONE:
             self.keys_initialized = True
@@ -427,12 +433,18 @@ class CudagraphDispatcher:
         ``valid_modes`` / ``invalid_modes``: collections of runtime modes (or their ints); what
         they leave must not be empty. ``TypeError`` / ``ValueError`` naming the argument,
         checked on every call (a memo hit requires exactly-typed arguments that were valid)."""
-        if (valid_modes is None and invalid_modes is None and type(num_tokens) is int
-                and (uniform_decode is False or uniform_decode is True) and (has_lora is False or has_lora is True)
-                and type(num_active_loras) is int):
-            hit = self._memo.get((num_tokens, uniform_decode, has_lora, num_active_loras))
-            if hit is not None:
-                return hit
+        # Memo hits, checks first: the plain batch (the defaults; ``is _ZERO`` holds only for
+        # the int 0) is one lookup by num_tokens, other exactly-typed batches one by the key.
+        if type(num_tokens) is int and valid_modes is None and invalid_modes is None:
+            if uniform_decode is False and has_lora is False and num_active_loras is _ZERO:
+                hit = self._memo_plain.get(num_tokens)
+                if hit is not None:
+                    return hit
+            elif ((uniform_decode is False or uniform_decode is True) and (has_lora is False or has_lora is True)
+                  and type(num_active_loras) is int):
+                hit = self._memo.get((num_tokens, uniform_decode, has_lora, num_active_loras))
+                if hit is not None:
+                    return hit
         return self._dispatch_checked(num_tokens, uniform_decode, has_lora, num_active_loras,
                                       valid_modes, invalid_modes)
 
@@ -454,6 +466,8 @@ class CudagraphDispatcher:
         result = self._dispatch(num_tokens, uniform_decode, has_lora, num_active_loras, allowed)
         if allowed is _RUNTIME_MODES and num_active_loras <= self.max_loras + 1:
             self._memo[(num_tokens, uniform_decode, has_lora, num_active_loras)] = result
+            if not (uniform_decode or has_lora):  # num_active_loras is 0 (checked above)
+                self._memo_plain[num_tokens] = result
         return result
 
     def _dispatch(self, num_tokens: int, uniform_decode: bool, has_lora: bool, num_active_loras: int,

@@ -43,18 +43,22 @@ class Event:
 
     def record(self, stream: StreamLike | None = None) -> Event:
         """Record the work enqueued so far on ``stream`` (default: the current stream)."""
-        if type(stream) is rt.stream_class:
+        if stream is None:
+            rt.event_record(self.ptr, rt.current_handle())
+        elif type(stream) is rt.stream_class:
             rt.event_record(self.ptr, stream.ptr)  # type: ignore[attr-defined]
         else:
-            rt.event_record(self.ptr, rt.current_handle() if stream is None else rt.stream_handle(stream))
+            rt.event_record(self.ptr, rt.stream_handle(stream))
         return self
 
     def wait(self, stream: StreamLike | None = None) -> None:
         """Make later work on ``stream`` (default: the current stream) wait for the last record."""
-        if type(stream) is rt.stream_class:
+        if stream is None:
+            rt.stream_wait_event(rt.current_handle(), self.ptr, 0)
+        elif type(stream) is rt.stream_class:
             rt.stream_wait_event(stream.ptr, self.ptr, 0)  # type: ignore[attr-defined]
         else:
-            rt.stream_wait_event(rt.current_handle() if stream is None else rt.stream_handle(stream), self.ptr, 0)
+            rt.stream_wait_event(rt.stream_handle(stream), self.ptr, 0)
 
     def synchronize(self) -> None:
         """Block the calling thread until the recorded work has finished."""

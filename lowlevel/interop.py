@@ -51,33 +51,50 @@ def as_cupy(x: Any, stream: StreamLike | None = None) -> Any:
     cp = rt.cp
     if isinstance(x, cp.ndarray):
         return x
-    import torch
-
+    ops = rt.torch_ops
+    torch = ops.torch if ops is not None else _import_torch()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"as_cupy expects a torch.Tensor or cupy.ndarray, got {type(x).__qualname__}")
-    pinned = x.device.type == "cpu" and x.is_pinned()
-    if x.device.type != "cuda" and not pinned:
-        raise ValueError(f"as_cupy needs a CUDA tensor or a pinned CPU tensor, got one on {x.device}")
-    t = rt.bind()
-    device_index = cp.cuda.runtime.getDevice() if pinned else x.device.index
+    if x.is_cuda:
+        pinned = False
+        device_index = x.get_device()
+    else:
+        pinned = x.device.type == "cpu" and x.is_pinned()
+        if not pinned:
+            raise ValueError(f"as_cupy needs a CUDA tensor or a pinned CPU tensor, got one on {x.device}")
+        device_index = cp.cuda.runtime.getDevice()
+    t = ops if ops is not None else rt.bind()
+    producer = t.get_raw(device_index)
     consumer = cp.cuda.get_current_stream().ptr if stream is None else rt.stream_handle(stream)
-    rt.order(t.get_raw(device_index), consumer)
-    dt = _np_dtype(x.dtype)
+    if producer != consumer:
+        rt.order(producer, consumer)
+    dt = _torch_to_np.get(x.dtype, _UNKNOWN)
+    if dt is _UNKNOWN:
+        dt = _np_dtype(x.dtype)
     if dt is None:
         arr = _cupy_from_dlpack(x)
         _torch_to_np[x.dtype] = arr.dtype  # e.g. bfloat16: CuPy's own dtype, fast path next time
         return arr
     itemsize = dt.itemsize
     shape = tuple(x.shape)
-    strides = tuple(s * itemsize for s in x.stride())
+    stride = x.stride()
     if x.numel() == 0:
         return cp.ndarray(shape, dt)
     extent = 1
-    for n, st in zip(shape, x.stride()):
-        extent += (n - 1) * st
+    for i in range(len(shape)):
+        extent += (shape[i] - 1) * stride[i]
     # A pinned host tensor is addressable from the device at the same pointer (unified addressing).
     mem = cp.cuda.UnownedMemory(x.data_ptr(), extent * itemsize, x, device_index)
-    return cp.ndarray(shape, dt, cp.cuda.MemoryPointer(mem, 0), strides)
+    return cp.ndarray(shape, dt, cp.cuda.MemoryPointer(mem, 0), tuple([s * itemsize for s in stride]))
+
+
+_UNKNOWN = object()
+
+
+def _import_torch() -> Any:
+    import torch
+
+    return torch
 
 
 def _cupy_from_dlpack(x: Any) -> Any:
@@ -96,17 +113,20 @@ def as_torch(x: Any, stream: StreamLike | None = None) -> Any:
     The view shares memory with ``x`` and keeps it alive. ``stream`` (default torch's current
     stream) is ordered after the work pending on CuPy's current stream.
     """
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x
     cp = rt.cp
-    if not isinstance(x, cp.ndarray):
+    if cp is None or not isinstance(x, cp.ndarray):
+        ops = rt.torch_ops
+        torch = ops.torch if ops is not None else _import_torch()
+        if isinstance(x, torch.Tensor):
+            return x
         raise TypeError(f"as_torch expects a cupy.ndarray or torch.Tensor, got {type(x).__qualname__}")
-    t = rt.bind()
-    dev = x.device.id
-    consumer = t.get_raw(dev) if stream is None else rt.stream_handle(stream)
-    rt.order(cp.cuda.get_current_stream().ptr, consumer)
+    t = rt.torch_ops
+    if t is None:
+        t = rt.bind()
+    consumer = t.get_raw(x.device.id) if stream is None else rt.stream_handle(stream)
+    producer = cp.cuda.get_current_stream().ptr
+    if producer != consumer:
+        rt.order(producer, consumer)
     # stream=-1: export without a stream handshake (DLPack's "no synchronisation"); the
     # ordering was done just above.
-    return torch.utils.dlpack.from_dlpack(x.__dlpack__(stream=-1))
+    return t.from_dlpack(x.__dlpack__(stream=-1))

@@ -92,25 +92,138 @@ def execute_in_parallel(
         _check_fns(default_fn, aux_fns)
         d = default_fn()
         return d, [None if fn is None else fn() for fn in aux_fns]
-    # The common case (lists or tuples of one length, callables, lowlevel Events and Streams)
-    # passes in one allocation-free pass, inlined: this is the hot path. Anything else goes
-    # through the full checks, which name what is wrong or accept foreign events and streams.
+    # The common case (lists or tuples of one length, callables, lowlevel Events and Streams,
+    # no active Timeline) passes in one allocation-free pass of type comparisons: this is the
+    # hot path, and one launched slot has a straight-line fork/join of its own. Anything else
+    # goes through the full checks, which name what is wrong or accept foreign events and streams.
     t, de, st = type(aux_fns), type(done_events), type(aux_streams)
-    native = ((t is list or t is tuple) and (de is list or de is tuple) and (st is list or st is tuple)
-              and type(start_event) is Event and callable(default_fn)
-              and len(done_events) == len(aux_fns) == len(aux_streams))
-    if native:
-        for i in range(len(aux_fns)):
-            fn = aux_fns[i]
-            if fn is not None and not (callable(fn) and type(done_events[i]) is Event
-                                       and type(aux_streams[i]) is Stream):
-                native = False
-                break
-    if not native:
-        _check_fns(default_fn, aux_fns)
-        _check_slots(aux_fns, start_event, done_events, aux_streams)
+    if ((t is list or t is tuple) and (de is list or de is tuple) and (st is list or st is tuple)
+            and type(start_event) is Event and callable(default_fn) and rt.tracer is None):
+        n = len(aux_fns)
+        if len(done_events) == n and len(aux_streams) == n:
+            fn = aux_fns[0] if n == 1 else None
+            if fn is not None:
+                d, s = done_events[0], aux_streams[0]
+                if callable(fn) and type(d) is Event and type(s) is Stream:
+                    return _fork_join_1(default_fn, fn, start_event.ptr, d.ptr, s, enqueue_default_first,
+                                        rt.current_handle())
+            else:
+                for i in range(n):
+                    fn = aux_fns[i]
+                    if fn is not None and not (callable(fn) and type(done_events[i]) is Event
+                                               and type(aux_streams[i]) is Stream):
+                        break
+                else:
+                    return _fork_join_native(default_fn, aux_fns, start_event.ptr, done_events, aux_streams,
+                                             enqueue_default_first, rt.current_handle())
+    _check_fns(default_fn, aux_fns)
+    _check_slots(aux_fns, start_event, done_events, aux_streams)
     return _fork_join(default_fn, aux_fns, start_event, done_events, aux_streams, enqueue_default_first,
                       rt.current_handle())
+
+
+def _fork_join_1(default_fn: Callable[[], Any], fn: Callable[[], Any], sp: int, dp: int, s: Stream,
+                 enqueue_default_first: bool, cur: int) -> tuple[Any, list[Any]]:
+    """:func:`_fork_join` for one launched slot, lowlevel Events (handles ``sp``, ``dp``) and a
+    lowlevel Stream ``s``, without a Timeline: the same enqueue order and the same exception
+    rules, straight-line."""
+    rt.event_record(sp, cur)
+    default_result = default_fn() if enqueue_default_first else None  # raises: nothing forked yet
+    prev_torch = rt.torch_get_current(-1)
+    prev_cupy = rt.cupy_get_current()
+    h = s.ptr
+    try:
+        s._cupy.use()
+        rt.torch_set_current(*(s._torch_key or s._key()))
+        rt.stream_wait_event(h, sp, 0)
+    except BaseException:
+        rt.torch_set_current(*prev_torch)
+        prev_cupy.use()
+        raise
+    try:
+        r = fn()
+        rt.event_record(dp, h)
+    except BaseException:  # capture what the slot enqueued, then join it
+        rt.torch_set_current(*prev_torch)
+        prev_cupy.use()
+        rt.event_record(dp, h)
+        rt.stream_wait_event(cur, dp, 0)
+        raise
+    rt.torch_set_current(*prev_torch)
+    prev_cupy.use()
+    if not enqueue_default_first:
+        try:
+            default_result = default_fn()
+        except BaseException:
+            rt.stream_wait_event(cur, dp, 0)
+            raise
+    rt.stream_wait_event(cur, dp, 0)
+    results = [r]
+    if r is not None:
+        _protect(results, cur)
+    return default_result, results
+
+
+def _fork_join_native(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], sp: int,
+                      done_events: Sequence[Any], aux_streams: Sequence[Any], enqueue_default_first: bool,
+                      cur: int) -> tuple[Any, list[Any]]:
+    """:func:`_fork_join` when every launched slot has a lowlevel Event and Stream (``sp``: the
+    start event's handle) and no Timeline is active: the same enqueue order and exception
+    rules, every runtime call inline."""
+    rt.event_record(sp, cur)
+    n = len(aux_fns)
+    results: list[Any] = [None] * n
+    forked = -1  # the slot whose stream waited on start and has not recorded done yet
+    prev_torch: Any = None  # the current streams, saved at the first switch
+    prev_cupy: Any = None
+    default_result = None
+    returned = False
+    i = 0
+    try:
+        if enqueue_default_first:
+            default_result = default_fn()
+        for i in range(n):
+            fn = aux_fns[i]
+            if fn is not None:
+                s = aux_streams[i]
+                if prev_torch is None:
+                    prev_torch = rt.torch_get_current(-1)
+                    prev_cupy = rt.cupy_get_current()
+                s._cupy.use()
+                rt.torch_set_current(*(s._torch_key or s._key()))
+                h = s.ptr
+                rt.stream_wait_event(h, sp, 0)
+                forked = i
+                r = fn()
+                rt.event_record(done_events[i].ptr, h)
+                forked = -1
+                if r is not None:
+                    results[i] = r
+                    returned = True
+        i = n
+        if prev_torch is not None:
+            p, prev_torch = prev_torch, None
+            rt.torch_set_current(*p)
+            prev_cupy.use()
+        if not enqueue_default_first:
+            default_result = default_fn()
+    except BaseException:
+        if prev_torch is not None:
+            rt.torch_set_current(*prev_torch)
+            prev_cupy.use()
+        if forked >= 0:  # the slot that raised: capture what it enqueued, then join it
+            rt.event_record(done_events[forked].ptr, aux_streams[forked].ptr)
+            i = forked + 1
+        for k in range(i):  # slots [0, i) launched and recorded done
+            if aux_fns[k] is not None:
+                rt.stream_wait_event(cur, done_events[k].ptr, 0)
+        raise
+    for i in range(n):
+        if aux_fns[i] is not None:
+            rt.stream_wait_event(cur, done_events[i].ptr, 0)
+    if returned:
+        _protect(results, cur)
+    return default_result, results
 
 
 def _not_a_sequence(obj: Any) -> bool:
@@ -260,6 +373,42 @@ def maybe_execute_in_parallel(
     Exceptions join the aux stream back and restore the current streams, as in
     :func:`execute_in_parallel`.
     """
+    if (type(aux_stream) is Stream and type(event0) is Event and type(event1) is Event and callable(fn0)
+            and callable(fn1)):  # the common case, checked by type comparisons: runtime calls inline
+        e0, e1 = event0.ptr, event1.ptr
+        cur = rt.current_handle()
+        rt.event_record(e0, cur)
+        r0 = fn0()
+        prev_torch = rt.torch_get_current(-1)
+        prev_cupy = rt.cupy_get_current()
+        h = aux_stream.ptr
+        forked = False
+        try:
+            aux_stream._cupy.use()
+            rt.torch_set_current(*(aux_stream._torch_key or aux_stream._key()))
+            rt.stream_wait_event(h, e0, 0)
+            forked = True
+            r1 = fn1()
+            forked = False
+            rt.event_record(e1, h)
+        except BaseException:
+            rt.torch_set_current(*prev_torch)
+            prev_cupy.use()
+            if forked:
+                rt.event_record(e1, h)
+                rt.stream_wait_event(cur, e1, 0)
+            raise
+        rt.torch_set_current(*prev_torch)
+        prev_cupy.use()
+        rt.stream_wait_event(cur, e1, 0)
+        if r1 is not None:
+            _protect(r1, cur)
+        return r0, r1
+    return _maybe_checked(fn0, fn1, event0, event1, aux_stream)
+
+
+def _maybe_checked(fn0: Any, fn1: Any, event0: Any, event1: Any, aux_stream: Any) -> tuple[Any, Any]:
+    """maybe_execute_in_parallel with every argument checked, for foreign events and streams."""
     if not callable(fn0):
         raise TypeError(f"fn0 must be callable, got {describe(fn0)}")
     if not callable(fn1):
@@ -271,10 +420,10 @@ def maybe_execute_in_parallel(
     for ev in (event0, event1):
         if type(ev) is not Event:
             _ops_for(ev)
+    s = adopt(aux_stream)
     cur = rt.current_handle()
     _rec(event0, cur)
     r0 = fn0()
-    s = adopt(aux_stream)
     prev = rt.save()
     rt.make_current(s)
     forked = False
@@ -328,12 +477,30 @@ class ParallelRunner:
 
     def __call__(self, default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], *,
                  enqueue_default_first: bool = False) -> tuple[Any, list[Any]]:
-        _check_fns(default_fn, aux_fns)
-        if len(aux_fns) != self.num_aux:
-            raise ValueError(f"this runner has {self.num_aux} aux streams, got {len(aux_fns)} aux fns")
+        streams = self.streams
+        n = len(streams)
+        t = type(aux_fns)
+        # The common case (a list or tuple of callables, the runner's own lowlevel Streams, no
+        # Timeline) is checked by type comparisons and forks inline, as in execute_in_parallel.
+        fast = (t is list or t is tuple) and len(aux_fns) == n and callable(default_fn) and rt.tracer is None
+        if fast:
+            for i in range(n):
+                fn = aux_fns[i]
+                if fn is not None and not (callable(fn) and type(streams[i]) is Stream):
+                    fast = False
+                    break
+        if not fast:
+            _check_fns(default_fn, aux_fns)
+            if len(aux_fns) != n:
+                raise ValueError(f"this runner has {n} aux streams, got {len(aux_fns)} aux fns")
         start, done = self._start, self._done
         cur = rt.current_handle()
         if rt.is_capturing(cur):
             start, done = self._new_events()
             self._capture_events.append((start, done))
-        return _fork_join(default_fn, aux_fns, start, done, self.streams, enqueue_default_first, cur)
+        if not fast:
+            return _fork_join(default_fn, aux_fns, start, done, streams, enqueue_default_first, cur)
+        if n == 1 and aux_fns[0] is not None:
+            return _fork_join_1(default_fn, aux_fns[0], start.ptr, done[0].ptr, streams[0], enqueue_default_first,
+                                cur)
+        return _fork_join_native(default_fn, aux_fns, start.ptr, done, streams, enqueue_default_first, cur)

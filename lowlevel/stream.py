@@ -11,6 +11,7 @@ Both are per thread (and per device), so :func:`use_stream` affects the calling 
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 from typing import Any
 
@@ -230,7 +231,24 @@ def current_stream() -> Stream:
     return s
 
 
+# Where use_stream keeps the streams it restores. An object entered once at a time (the common
+# ``with use_stream(s):``) keeps them in its own slots: no per-thread look-up, no allocation.
+# An object entered again while active (nested in one thread, or from another thread) keeps
+# the extra entries on a per-thread stack, as CuPy's own stream contexts do; ``_nested`` counts
+# those entries process-wide, and while it is not 0 every exit looks at its thread's stack first.
+# Claiming the slots is a test and a store with no call in between, which the GIL makes atomic;
+# without a GIL (free-threaded builds) the slots are never claimed and every entry is stacked.
 _saved = threading.local()
+_nested_lock = threading.Lock()
+_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+_nested = 0 if _GIL else 1  # never 0 without a GIL: every exit takes the stacked path
+
+
+class _Taken:
+    """The initial slot value of a use_stream without a GIL: never free, never a saved stream."""
+
+
+_SLOT_INIT: Any = None if _GIL else _Taken()
 
 
 class use_stream:
@@ -238,37 +256,79 @@ class use_stream:
 
     On exit, normal or by exception, both frameworks' current streams are restored to what
     they were on entry. Uses nest, and one object may be entered again while it is active, or
-    from several threads: the saved streams live on a per-thread stack, as CuPy's own stream
-    contexts keep them. Entering orders nothing on the device: work enqueued before the block
-    is not waited for (use :meth:`Stream.wait` for that). The stream must belong to the
-    current device.
+    from several threads: each exit restores what its own thread's matching entry saved, as
+    CuPy's own stream contexts do. Entering orders nothing on the device: work enqueued before
+    the block is not waited for (use :meth:`Stream.wait` for that). The stream must belong to
+    the current device.
 
     >>> with lowlevel.use_stream(s):
     ...     y = x @ w        # torch, CuPy and Triton work all go to ``s``
     """
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_stream", "_prev_torch", "_prev_cupy")
 
     def __init__(self, stream: StreamLike) -> None:
         self._stream = stream if type(stream) is Stream else adopt(stream)
+        self._prev_torch: Any = _SLOT_INIT  # None: not entered (see _saved above)
 
     def __enter__(self) -> Stream:
         s = self._stream
         key = s._torch_key or s._key()
-        try:
-            stack = _saved.stack
-        except AttributeError:
-            stack = _saved.stack = []
-        prev = (rt.torch_get_current(key[1]), rt.cupy_get_current())
+        prev_torch = rt.torch_get_current(key[1])
+        prev_cupy = rt.cupy_get_current()
         s._cupy.use()
         rt.torch_set_current(*key)
-        stack.append(prev)
+        if self._prev_torch is None:  # not active anywhere: claim the slots (atomic under the GIL)
+            self._prev_torch = prev_torch
+            self._prev_cupy = prev_cupy
+        else:
+            _push(self, prev_torch, prev_cupy)
         return s
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            prev_torch, prev_cupy = _saved.stack.pop()
-        except (AttributeError, IndexError):
-            raise LowlevelError("use_stream.__exit__ without a matching __enter__ in this thread") from None
+            prev_torch = self._prev_torch
+        except AttributeError:  # made without __init__
+            prev_torch = None
+        if prev_torch is None or _nested:
+            prev_torch, prev_cupy = _pop(self)
+            rt.torch_set_current(*prev_torch)
+            prev_cupy.use()
+            return
+        self._prev_torch = None  # the slots are free again
         rt.torch_set_current(*prev_torch)
-        prev_cupy.use()
+        self._prev_cupy.use()
+
+
+def _no_entry() -> LowlevelError:
+    return LowlevelError("use_stream.__exit__ without a matching __enter__ in this thread")
+
+
+def _push(u: use_stream, prev_torch: Any, prev_cupy: Any) -> None:
+    """Keep an entry of ``u`` made while ``u`` was active on this thread's stack."""
+    global _nested
+    try:
+        stack = _saved.stack
+    except AttributeError:
+        stack = _saved.stack = []
+    with _nested_lock:
+        stack.append((u, prev_torch, prev_cupy))
+        _nested += 1
+
+
+def _pop(u: use_stream) -> tuple[Any, Any]:
+    """The streams to restore on an exit of ``u`` while some entries are stacked: this thread's
+    latest stacked entry when it is ``u``'s, else ``u``'s slots."""
+    global _nested
+    stack = getattr(_saved, "stack", None)
+    if stack and stack[-1][0] is u:
+        with _nested_lock:
+            _, prev_torch, prev_cupy = stack.pop()
+            _nested -= 1
+        return prev_torch, prev_cupy
+    prev_torch = getattr(u, "_prev_torch", None)
+    if prev_torch is None or type(prev_torch) is _Taken:
+        raise _no_entry()
+    prev_cupy = u._prev_cupy
+    u._prev_torch = None
+    return prev_torch, prev_cupy
