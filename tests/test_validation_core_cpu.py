@@ -302,15 +302,16 @@ def test_no_gpu_entry_points_raise_cuda_unavailable():
 
 # --- inputs found by trying the library as a new user (same kinds as faults.md A-C) ----------
 
-def test_dispatch_runs_lora_counts_without_a_graph_eagerly_as_vllm_does():
-    """A LoRA count above every captured one gets NONE and the unpadded descriptor (vLLM's
-    rule: the lookup misses and the batch runs eagerly); a negative one is refused."""
+def test_dispatch_refuses_lora_counts_out_of_the_declared_range():
+    """Every LoRA count in [1, max_loras + 1] has a captured count >= it (max_loras + 1 is
+    captured), so vLLM's "no captured count >= n: the lookup misses" case is only reached by a
+    count out of the declared range (session 4 changed it from NONE to ValueError)."""
     d = lowlevel.CudagraphDispatcher(max_num_seqs=256, max_loras=2)
     d.initialize_cudagraph_keys(lowlevel.CUDAGraphMode.FULL_AND_PIECEWISE)
-    assert d.dispatch(5, has_lora=True, num_active_loras=100) == (lowlevel.CUDAGraphMode.NONE,
-                                                                    lowlevel.BatchDescriptor(5))
-    with pytest.raises(ValueError, match="num_active_loras"):
-        d.dispatch(5, has_lora=True, num_active_loras=-2)
+    assert d.dispatch(5, has_lora=True, num_active_loras=3)[0] is lowlevel.CUDAGraphMode.PIECEWISE
+    for bad in (100, -2):
+        with pytest.raises(ValueError, match="num_active_loras"):
+            d.dispatch(5, has_lora=True, num_active_loras=bad)
 
 
 def test_batch_descriptor_refuses_more_requests_than_tokens():
@@ -415,3 +416,44 @@ def test_ubatch_runner_refuses_overlapping_slices_and_non_bool_graph(monkeypatch
         r([x], [UBatchSlice(slice(0, 1), slice(0, 6)), UBatchSlice(slice(1, 2), slice(4, 8))])
     with pytest.raises(TypeError, match="graph"):
         r([x], [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 2), slice(4, 8))], graph=1)
+
+
+# --- session 4 fresh-user faults ---------------------------------------------------------------
+
+M = lowlevel.CUDAGraphMode
+
+
+def _dispatcher(max_loras=0, mode=M.PIECEWISE):
+    d = lowlevel.CudagraphDispatcher(max_num_seqs=8, max_loras=max_loras)
+    if mode is not None:
+        d.initialize_cudagraph_keys(mode)
+    return d
+
+
+@pytest.mark.parametrize("make,n", [(lambda: _dispatcher(), 100), (lambda: _dispatcher(mode=None), 5),
+                                    (lambda: _dispatcher(mode=M.NONE), 5), (lambda: _dispatcher(), 5)])
+@pytest.mark.parametrize("modes", [{"invalid_modes": [0]}, {"valid_modes": {M.PIECEWISE, M.FULL}}])
+def test_dispatch_excluding_none_raises_wherever_none_would_be_returned(make, n, modes):
+    d = make()
+    memo = dict(d._memo)
+    if n == 5 and d.keys_initialized and d.cudagraph_mode is M.PIECEWISE:
+        assert d.dispatch(n, **modes)[0] is M.PIECEWISE  # inside the ladder a graph exists
+        return
+    with pytest.raises(ValueError, match="exclude NONE"):
+        d.dispatch(n, **modes)
+    assert d._memo == memo
+
+
+def test_dispatch_refuses_lora_out_of_the_declared_range():
+    d = _dispatcher(max_loras=2)
+    assert d.dispatch(5, has_lora=True, num_active_loras=3) == (M.PIECEWISE, lowlevel.BatchDescriptor(8, None, False,
+                                                                                                      True, 3))
+    with pytest.raises(ValueError, match=r"num_active_loras must be at most max_loras \+ 1 = 3.*got 5"):
+        d.dispatch(5, has_lora=True, num_active_loras=5)
+    with pytest.raises(ValueError, match="num_active_loras"):
+        d.dispatch(5, has_lora=True, num_active_loras=np.int64(4))
+    with pytest.raises(ValueError, match="has_lora must be False.*max_loras=0"):
+        _dispatcher().dispatch(5, has_lora=True)
+    with pytest.raises(ValueError, match="has_lora"):
+        _dispatcher(mode=None).dispatch(5, has_lora=np.bool_(True), num_active_loras=1)
+    assert (5, False, True, 5) not in d._memo
