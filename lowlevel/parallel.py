@@ -328,6 +328,8 @@ class ParallelRunner:
 
     def __call__(self, default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], *,
                  enqueue_default_first: bool = False) -> tuple[Any, list[Any]]:
+        if enqueue_default_first is not False and enqueue_default_first is not True:
+            enqueue_default_first = check_bool(enqueue_default_first, "enqueue_default_first")
         _check_fns(default_fn, aux_fns)
         if len(aux_fns) != self.num_aux:
             raise ValueError(f"this runner has {self.num_aux} aux streams, got {len(aux_fns)} aux fns")

@@ -457,3 +457,62 @@ def test_dispatch_refuses_lora_out_of_the_declared_range():
     with pytest.raises(ValueError, match="has_lora"):
         _dispatcher(mode=None).dispatch(5, has_lora=np.bool_(True), num_active_loras=1)
     assert (5, False, True, 5) not in d._memo
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+@pytest.mark.parametrize("desc", [[1], (8, 8), "x", None, 8])
+@pytest.mark.parametrize("path", ["capture", "bypass", "disabled", "num_tokens"])
+def test_graph_runner_desc_must_be_a_batch_descriptor_on_every_path(desc, path):
+    calls = []
+    r = lowlevel.CUDAGraphRunner(lambda *a: calls.append(a))
+    mode, kw = M.FULL, {}
+    if path == "bypass":
+        mode = M.NONE
+    elif path == "disabled":
+        r.capturing_enabled = False
+    elif path == "num_tokens":
+        kw = {"num_tokens": 1}
+    with pytest.raises(TypeError, match=r"desc must be a BatchDescriptor, got .*\(" + type(desc).__name__):
+        r(mode, desc, **kw)
+    assert calls == [] and (r.hits, r.captures, r.bypasses, r.padded_tokens) == (0, 0, 0, 0) and r.graphs == {}
+
+
+def test_graph_runner_hit_path_replays_a_valid_descriptor():
+    r = lowlevel.CUDAGraphRunner(lambda *a: None)
+    g = _FakeGraph()
+    bd = lowlevel.BatchDescriptor(8, 8)
+    r.graphs[bd] = (g, "out")
+    assert r(M.FULL, bd, num_tokens=np.int64(5)) == "out" and g.replays == 1
+    assert (r.hits, r.padded_tokens) == (1, 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        r(M.FULL, bd, num_tokens=9)
+    assert (r.hits, g.replays) == (1, 1)
+
+
+def test_bool_arguments_accept_numpy_bools_and_refuse_ints():
+    r = lowlevel.CUDAGraphRunner(_fn, weak_outputs=np.bool_(True))
+    assert r.weak_outputs is True
+    for bad in (1, 0, None, "True"):
+        with pytest.raises(TypeError, match="weak_outputs must be a bool"):
+            lowlevel.CUDAGraphRunner(_fn, weak_outputs=bad)
+        with pytest.raises(TypeError, match="keep_execs must be a bool"):
+            r.release(keep_execs=bad)
+    r.release(keep_execs=np.bool_(False))
+    d = _dispatcher(mode=M.FULL)
+    r2 = lowlevel.CUDAGraphRunner(_fn)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        r2.capture_all(d, lambda desc: (), progress=1)
+    r2.graphs.update({bd: (_FakeGraph(), None) for _, ds in d.get_capture_descs() for bd in ds})
+    assert r2.capture_all(d, lambda desc: (), progress=np.bool_(True)) == 0  # all captured: nothing to do
+    with pytest.raises(TypeError, match="enqueue_default_first"):
+        lowlevel.ParallelRunner.__new__(lowlevel.ParallelRunner)(_fn, [], enqueue_default_first=1)
+    from lowlevel import testing
+    with pytest.raises(TypeError, match="whole_sm"):
+        testing.spin(10, whole_sm=1)
