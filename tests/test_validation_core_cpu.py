@@ -516,3 +516,39 @@ def test_bool_arguments_accept_numpy_bools_and_refuse_ints():
     from lowlevel import testing
     with pytest.raises(TypeError, match="whole_sm"):
         testing.spin(10, whole_sm=1)
+
+
+@pytest.mark.parametrize("split,want", [(np.array([4, 8]), [4, 8]), ([np.int64(4), 8], [4, 8]),
+                                        (np.array([4, 8], dtype=np.uint8), [4, 8]), (np.int64(4), [4, 8]),
+                                        (np.array(4), [4, 8])])
+def test_split_point_accepts_1d_integer_arrays_and_numpy_scalars(split, want):
+    s, _ = lowlevel.maybe_create_ubatch_slices(True, np.array([4, 4, 4, 4]), 16, 4, 3, split_point=split)
+    assert [x.token_slice.start for x in s[1:]] == want and s[-1].token_slice.stop == 16
+    s, _ = lowlevel.maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=np.array([3]))  # size 1, 1-D
+    assert s[1].token_slice == slice(3, 8)
+
+
+@pytest.mark.parametrize("split,exc", [(np.array([4.0, 8.0]), TypeError), (np.array([[4, 8]]), TypeError),
+                                       (np.array(4.0), TypeError), (np.array([4, 8, 12]), ValueError),
+                                       (np.array([8, 4]), ValueError), (16, ValueError), ([4, 16], ValueError)])
+def test_split_point_refuses_bad_arrays_and_an_empty_last_microbatch(split, exc):
+    with pytest.raises(exc, match="split_point"):
+        lowlevel.maybe_create_ubatch_slices(True, np.array([4, 4, 4, 4]), 16, 4, 3 if np.ndim(split) else 2,
+                                            split_point=split)
+
+
+def test_split_point_equal_to_the_total_is_refused_even_with_padding():
+    with pytest.raises(ValueError, match=r"inside \(0, 8\)"):
+        lowlevel.maybe_create_ubatch_slices(True, [4, 4], 16, 2)  # default 16 // 2 = 8 = the total
+
+
+def test_ubatch_runner_refuses_slices_not_starting_at_row_0(monkeypatch):
+    from lowlevel import ubatch_runner
+
+    monkeypatch.setattr(ubatch_runner, "Stream", lambda: object())
+    ran = []
+    r = lowlevel.UBatchRunner(lambda *a: ran.append(a))
+    x = np.arange(8 * 3).reshape(8, 3)
+    with pytest.raises(ValueError, match=r"from row 0: slices\[0\] starts at row 2"):
+        r([x], [UBatchSlice(slice(0, 1), slice(2, 4)), UBatchSlice(slice(1, 2), slice(4, 8))])
+    assert ran == [] and r.graphs == {}

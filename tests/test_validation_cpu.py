@@ -244,8 +244,10 @@ def test_B_split_point_types():
         maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=True)
     with pytest.raises(TypeError, match=r"split_point\[0\]"):
         maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=[4.0])
-    s, p = maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=np.int64(8))  # the total itself
-    assert s[1].token_slice == slice(8, 8) and p[1].token_slice == slice(8, 8)
+    with pytest.raises(ValueError, match="split_point"):  # the total itself: an empty last microbatch
+        maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=np.int64(8))
+    s, p = maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=np.int64(7))
+    assert s[1].token_slice == slice(7, 8) and p[1].token_slice == slice(7, 8)
 
 
 # --- faults.md E (CPU half): outputs in any container are found ----------------------------------
