@@ -84,9 +84,9 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     a scalar); the last slice ends at ``total``. The split points must be strictly
     increasing inside ``(0, total)`` (so every slice has tokens, and the slices tile the
     scheduled tokens): a split at ``total`` would leave the last microbatch without real
-    tokens, a step vLLM does not microbatch (its ``is_last_ubatch_empty`` rule). A request cut by a boundary appears in both slices. The second
-    list is a copy whose last slice is extended to ``num_reqs_padded`` requests and
-    ``num_tokens_padded`` tokens.
+    tokens, a step vLLM does not microbatch (its ``is_last_ubatch_empty`` rule). A request
+    cut by a boundary appears in both slices. The second list is a copy whose last slice is
+    extended to ``num_reqs_padded`` requests and ``num_tokens_padded`` tokens.
 
     Raises ``TypeError`` for arguments of the wrong type (``bool`` for an int, floats, ...),
     ``ValueError`` for values out of range (``num_ubatches < 2``, padded counts below the
