@@ -14,7 +14,7 @@ from . import _runtime as rt
 from . import ubatch_ring as ring
 from .errors import check_bool, check_choice, check_int, check_timeout, describe
 from .graphs import Graph, GraphPool, capture, capture_stream
-from .stream import Stream, StreamLike, adopt, current_stream, use_stream
+from .stream import Stream, StreamLike, adopt_arg, current_stream, use_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
@@ -70,7 +70,7 @@ class UBatchRunner:
                             f"got {describe(sm_control)}")
         self.fn = fn
         self.sm_control = sm_control
-        self.comm_stream = Stream() if comm_stream is None else adopt(comm_stream)
+        self.comm_stream = Stream() if comm_stream is None else adopt_arg(comm_stream, "comm_stream")
         self.graphs: dict[tuple[int, ...], tuple[Graph, Any]] = {}
         self.pool: GraphPool | None = None
         self._workers: _Workers | None = None

@@ -552,3 +552,57 @@ def test_ubatch_runner_refuses_slices_not_starting_at_row_0(monkeypatch):
     with pytest.raises(ValueError, match=r"from row 0: slices\[0\] starts at row 2"):
         r([x], [UBatchSlice(slice(0, 1), slice(2, 4)), UBatchSlice(slice(1, 2), slice(4, 8))])
     assert ran == [] and r.graphs == {}
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: lowlevel.ParallelRunner(streams=5), TypeError, "streams must be a sequence"),
+    (lambda: lowlevel.ParallelRunner(streams="ab"), TypeError, "streams must be a sequence"),
+    (lambda: lowlevel.ParallelRunner(streams=[]), ValueError, "streams"),
+    (lambda: lowlevel.ParallelRunner(streams=["x"]), TypeError, r"streams\[0\] must be a CUDA stream"),
+    (lambda: lowlevel.ParallelRunner(streams=[True, 1]), TypeError, r"streams\[0\].*bool"),
+    (lambda: lowlevel.ParallelRunner(3, streams=[1]), ValueError, r"num_aux must equal len\(streams\) = 1.*got 3"),
+    (lambda: lowlevel.ParallelRunner(np.int64(2), streams=[1]), ValueError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(True, streams=[1]), TypeError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(0, streams=[1]), ValueError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(streams=[1], priority=-1), ValueError, "priority must be None"),
+])
+def test_parallel_runner_streams_and_num_aux(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU these construct")
+@pytest.mark.parametrize("kw", [{}, {"num_aux": 1}, {"num_aux": np.int64(2)}])
+def test_parallel_runner_documented_forms_reach_the_gpu(kw):
+    streams = [1, 2] if kw.get("num_aux") == 2 else [1]
+    with pytest.raises(CudaUnavailableError):
+        lowlevel.ParallelRunner(streams=streams, **kw)
+    with pytest.raises(CudaUnavailableError):
+        lowlevel.ParallelRunner(**kw)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: lowlevel.use_stream("x"), "stream"),
+    (lambda: lowlevel.use_stream(-3), "stream"),
+    (lambda: lowlevel.UBatchRunner(_fn, comm_stream="x"), "comm_stream"),
+    (lambda: lowlevel.make_ubatch_contexts(2, "x", 6), "compute_stream"),
+    (lambda: lowlevel.run_generators([], "x", 2), "compute_stream"),
+    (lambda: lowlevel.capture(stream="x").__enter__(), "stream"),
+    (lambda: lowlevel.maybe_execute_in_parallel(_fn, _fn, _Ev(), _Ev(), aux_stream="x"), "aux_stream"),
+    (lambda: lowlevel.execute_in_parallel(_fn, [_fn], _Ev(), [_Ev()], aux_streams=[np.float64(1)],
+                                          enable=True),
+     r"aux_streams\[0\]"),
+])
+def test_stream_arguments_are_named(call, name):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must be a CUDA stream") as info:
+        call()
+    assert "got " in str(info.value)
+
+
+def test_make_ubatch_contexts_names_the_comm_stream(monkeypatch):
+    from lowlevel import ubatch_ring
+
+    real = ubatch_ring.adopt_arg
+    monkeypatch.setattr(ubatch_ring, "adopt_arg", lambda s, n: object() if n == "compute_stream" else real(s, n))
+    with pytest.raises(TypeError, match="^comm_stream must be a CUDA stream"):
+        lowlevel.make_ubatch_contexts(2, 5, "x")
