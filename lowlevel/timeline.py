@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _runtime as rt
-from .errors import check_bool, describe
+from .errors import check_bool, check_real, describe
 from .event import Event
 from .stream import stream_handle
 
@@ -154,12 +153,7 @@ class Timeline:
                 raise TypeError(f"{what} must be a str, got {describe(v)}")
         times: list[float] = []
         for arg, t in (("start_ms", start_ms), ("end_ms", end_ms)):
-            if isinstance(t, bool) or not isinstance(t, (int, float)) and not hasattr(t, "__float__"):
-                raise TypeError(f"{arg} must be a number of milliseconds, got {describe(t)}")
-            f = float(t)
-            if not math.isfinite(f):
-                raise ValueError(f"{arg} must be finite, got {t!r}")
-            times.append(f)
+            times.append(check_real(t, arg, "a finite number of milliseconds"))
         if times[1] < times[0]:
             raise ValueError(f"span {name!r} ends ({times[1]} ms) before it starts ({times[0]} ms)")
         self.spans.append(Span(name, track, times[0], times[1]))

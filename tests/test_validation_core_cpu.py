@@ -606,3 +606,91 @@ def test_make_ubatch_contexts_names_the_comm_stream(monkeypatch):
     monkeypatch.setattr(ubatch_ring, "adopt_arg", lambda s, n: object() if n == "compute_stream" else real(s, n))
     with pytest.raises(TypeError, match="^comm_stream must be a CUDA stream"):
         lowlevel.make_ubatch_contexts(2, 5, "x")
+
+
+def test_a_dropped_async_vote_is_reachable_from_its_config():
+    cfg = lowlevel.DPConfig(1, 0, timeout_s=5)
+    assert cfg.vote_in_flight is None
+    v = cfg.start(5, False, True)
+    assert cfg.vote_in_flight is v
+    del v  # dropped: the config must not be wedged for good
+    with pytest.raises(RuntimeError, match=r"already in flight.*config\.vote_in_flight\.result\(\)"):
+        cfg.start(5, False, True)
+    assert cfg.vote_in_flight.result() == (False, None, 0)
+    assert cfg.vote_in_flight is None
+    assert cfg.start(6, False, True, cudagraph_mode=np.int64(2)).result() == (False, None, 2)
+    with pytest.raises(AttributeError):
+        cfg.vote_in_flight = None  # read-only
+
+
+REAL_BAD = [(np.array([1.0]), TypeError), (np.array([[1.0]]), TypeError), (np.array([1.0, 2.0]), TypeError),
+            (True, TypeError), (np.bool_(True), TypeError), ("1", TypeError), (1 + 0j, TypeError),
+            (np.complex128(1), TypeError), (None, TypeError), (math.nan, ValueError), (math.inf, ValueError)]
+
+
+@pytest.mark.parametrize("bad,exc", REAL_BAD + [(0.0, ValueError), (-1, ValueError)])
+@pytest.mark.parametrize("entry,arg,call", [
+    ("DPConfig", "timeout_s", lambda v: lowlevel.DPConfig(2, 0, timeout_s=v)),
+    ("UBatchRunner", "timeout_s", lambda v: lowlevel.UBatchRunner(_fn, timeout_s=v)),
+    ("make_ubatch_contexts", "timeout_s", lambda v: lowlevel.make_ubatch_contexts(2, 1, 2, timeout_s=v)),
+    ("CpuGpuEvent.wait", "timeout", lambda v: lowlevel.CpuGpuEvent(event_factory=lambda: None).wait(timeout=v)),
+    ("rms_norm", "eps", lambda v: _rms(v)),
+    ("Timeline.add", "start_ms", lambda v: lowlevel.Timeline().add("a", "t", v, 5.0)),
+])
+def test_real_arguments_refuse_arrays_bools_and_non_finite(entry, arg, call, bad, exc):
+    if bad is None and arg not in ("eps", "start_ms"):
+        pytest.skip("None means 'no bound'")
+    if entry in ("CpuGpuEvent.wait", "Timeline.add") and type(bad) is float and bad == 0.0:
+        pytest.skip("0 polls once / is a time")
+    if entry == "Timeline.add" and type(bad) is int and bad == -1:
+        pytest.skip("a negative time is a time")
+    with pytest.raises(exc, match=arg) as info:
+        call(bad)
+    assert str(info.value).startswith(arg), f"{entry}: {info.value}"
+
+
+def _rms(eps):
+    from lowlevel import kernels
+
+    return kernels.rms_norm(_X, _W, eps)
+
+
+_X = None
+_W = None
+
+
+@pytest.fixture(autouse=True)
+def _rms_inputs():
+    global _X, _W
+    if _X is None:
+        import torch
+
+        g = torch.Generator().manual_seed(4)
+        _X, _W = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+
+
+@pytest.mark.parametrize("good", [np.array(2.0), np.float32(2.0), np.int64(2), 2])
+def test_real_arguments_accept_numpy_scalars_and_0d_arrays(good):
+    assert lowlevel.DPConfig(2, 0, timeout_s=good).timeout_s == 2.0
+    from lowlevel.errors import check_real
+
+    assert check_real(good, "x") == 2.0 and type(check_real(good, "x")) is float
+
+
+def test_rms_norm_eps_is_checked_and_used():
+    import torch
+
+    from lowlevel import kernels
+
+    x, w = _X.double(), _W.double()
+    for eps in (1e-6, np.float32(0.5), np.array(0.25)):
+        got = kernels.rms_norm(_X, _W, eps)
+        e = float(eps)
+        want = x / torch.sqrt((x * x).mean(1, keepdim=True) + e) * w
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), eps
+    with pytest.raises(TypeError, match="eps must be a finite real number > 0, got True"):
+        kernels.rms_norm(_X, _W, True)
+    with pytest.raises(TypeError, match="^eps"):
+        kernels.prepare_rms_norm(_X, _W, "x", out=torch.empty_like(_X))
+    with pytest.raises(ValueError, match="^eps"):
+        kernels.prepare_rms_norm(_X, _W, -1e-6, out=torch.empty_like(_X))
