@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -155,6 +156,15 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
     if not (0.0 < v < math.inf):  # NaN fails both comparisons
         raise ValueError(f"{name} must be a finite positive number of seconds, got {value!r}")
     return v
+
+
+def check_path(value: Any, name: str) -> str | os.PathLike[str]:
+    """``value`` if it is a file path (a ``str`` or ``os.PathLike``); anything else, an int
+    (which ``open`` would take as a file descriptor) or ``bytes`` included, raises
+    ``TypeError`` naming ``name``."""
+    if type(value) is str or isinstance(value, (str, os.PathLike)):
+        return value
+    raise TypeError(f"{name} must be a str or os.PathLike file path, got {describe(value)}")
 
 
 def check_ints(values: Any, name: str, minimum: int | None = None) -> list[int]:

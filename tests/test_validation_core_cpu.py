@@ -694,3 +694,46 @@ def test_rms_norm_eps_is_checked_and_used():
         kernels.prepare_rms_norm(_X, _W, "x", out=torch.empty_like(_X))
     with pytest.raises(ValueError, match="^eps"):
         kernels.prepare_rms_norm(_X, _W, -1e-6, out=torch.empty_like(_X))
+
+
+def _timeline():
+    tl = lowlevel.Timeline()
+    tl.add("a", "compute", 0.0, 3.0)
+    tl.add("b", "comm", 1.0, 5.0)
+    return tl
+
+
+@pytest.mark.parametrize("bad", [3, 0, True, b"x.json", None.__class__, 1.5])
+def test_path_arguments_refuse_file_descriptors_and_non_paths(bad, tmp_path):
+    import os
+    import pathlib
+
+    tl = _timeline()
+    r, w = os.pipe()
+    try:
+        for call in (lambda p: tl.to_chrome_trace(p), lambda p: tl.plot(p),
+                     lambda p: lowlevel.merge_traces([tl.to_chrome_trace()], path=p),
+                     lambda p: lowlevel.plot_merged(tl.to_chrome_trace(), p)):
+            with pytest.raises(TypeError, match=r"^path must be a str or os.PathLike"):
+                call(w if bad == 3 else bad)
+        os.write(w, b"still open")  # the descriptor was neither written nor closed
+    finally:
+        os.close(r)
+        os.close(w)
+    p = tmp_path / "t.json"
+    tl.to_chrome_trace(p)  # os.PathLike accepted
+    merged = lowlevel.merge_traces([pathlib.Path(p), str(p)], align=None, path=tmp_path / "m.json")
+    assert len([e for e in merged["traceEvents"] if e.get("ph") == "X"]) == 4
+
+
+def test_overlap_ms_checks_its_track_names():
+    tl = _timeline()
+    assert tl.overlap_ms("compute", "comm") == 2.0
+    with pytest.raises(TypeError, match="^track_b must be a track name"):
+        tl.overlap_ms("compute", 5)
+    with pytest.raises(TypeError, match="^track_a"):
+        tl.overlap_ms(None, "comm")
+    with pytest.raises(ValueError, match=r"^track_a must name a track of this timeline \(\['comm', 'compute'\]\)"):
+        tl.overlap_ms("c", "comm")
+    tl.label(7, "idle")  # a labelled track without spans is known: no overlap
+    assert tl.overlap_ms("idle", "comm") == 0.0
