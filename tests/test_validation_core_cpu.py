@@ -737,3 +737,25 @@ def test_overlap_ms_checks_its_track_names():
         tl.overlap_ms("c", "comm")
     tl.label(7, "idle")  # a labelled track without spans is known: no overlap
     assert tl.overlap_ms("idle", "comm") == 0.0
+
+
+@pytest.mark.parametrize("bad,exc", [("x", TypeError), (1.5, TypeError), (None, TypeError), (True, TypeError),
+                                     (np.bool_(False), TypeError), (-1, ValueError), (np.int64(-2), ValueError)])
+def test_keep_alive_consumer_is_checked_before_anything_is_held(bad, exc):
+    from lowlevel.lifetime import default_keep_alive
+
+    arr = np.arange(4)  # held by this test: never released, so no event is recorded
+    ka = lowlevel.KeepAlive()
+    before = default_keep_alive.pending()
+    with pytest.raises(exc, match="^consumer must be a CUDA stream handle"):
+        ka.keep(arr, bad)
+    with pytest.raises(exc, match="^consumer must be a CUDA stream handle"):
+        lowlevel.protect_outputs({"a": arr}, bad, lambda: None)
+    assert ka.pending() == 0 and default_keep_alive.pending() == before
+    ka.keep(arr, np.int64(7))
+    assert ka.pending() == 1 and ka._items[0][1] == 7 and type(ka._items[0][1]) is int
+
+
+def test_protect_outputs_checks_consumer_torch():
+    with pytest.raises(TypeError, match="^consumer_torch"):
+        lowlevel.protect_outputs([np.arange(3)], 5, None)
