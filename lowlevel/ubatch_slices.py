@@ -115,7 +115,7 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     elif hasattr(split_point, "__iter__") and not isinstance(split_point, (str, bytes)):
         if getattr(split_point, "ndim", 1) != 1:
             raise TypeError(f"split_point must be None, an int or a 1-D sequence of ints, got an array of shape "
-                            f"{split_point.shape}")
+                            f"{np.shape(split_point)}")
         bounds = [check_int(b, f"split_point[{i}]") for i, b in enumerate(split_point)]
         if len(bounds) != num_ubatches - 1:
             raise ValueError(f"split_point must have num_ubatches - 1 = {num_ubatches - 1} points, got {bounds}")
