@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                             decode_token_threshold=2, prefill_token_threshold=8)
     wants = lowlevel.check_ubatch_thresholds(cfg, total, uniform_decode=bool((tokens == 1).all()))
     print(f"{len(tokens)} requests, {total} tokens (padded to {padded}); worth microbatching: {wants}")
+    if wants and (padded // args.ubatches) * (args.ubatches - 1) >= total:  # vLLM's is_last_ubatch_empty
+        print("a microbatch has no real tokens: a runner would not microbatch this step")
+        return 0
     slices, padded_slices = lowlevel.maybe_create_ubatch_slices(wants, tokens, padded, len(tokens),
                                                                 num_ubatches=args.ubatches)
     if slices is None:
@@ -38,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ubatch {i}: requests [{r.start}, {r.stop}) tokens [{t.start}, {t.stop}) = {s.num_tokens}; "
               f"padded tokens [{ps.token_slice.start}, {ps.token_slice.stop})")
     assert sum(s.num_tokens for s in padded_slices) == padded
-    if any(s.is_empty() for s in slices):
-        print("a microbatch has no real tokens: a runner would not microbatch this step")
     # The plan DP ranks derive from the all-reduced table (here two ranks' columns, built by hand):
     # rows = unpadded, padded, wants to microbatch, allows DP padding, graph mode.
     table = np.array([[total, total // 2], [padded, padded], [1, 1], [1, 1], [2, 1]], dtype=np.int32)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import check_timeout, describe
+from .errors import check_real, describe
 from .event import Event
 from .stream import StreamLike
 
@@ -49,10 +49,11 @@ class CpuGpuEvent:
 
         Returns True after a normal wait; False (with nothing enqueued and the gate untouched)
         when ``stop_event`` is set first or ``timeout`` seconds pass."""
-        if timeout is not None and timeout != 0:
-            timeout = check_timeout(timeout, "timeout")  # finite and positive; 0 polls once
-        elif timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-            raise TypeError(f"timeout must be a number of seconds or None, got {describe(timeout)}")
+        if timeout is not None:  # finite and >= 0 (0 polls once): NumPy reals too, never bools or arrays
+            timeout = check_real(timeout, "timeout", "a finite number of seconds >= 0 (0 polls once) or None")
+            if timeout < 0:
+                raise ValueError(f"timeout must be a finite number of seconds >= 0 (0 polls once) or None, "
+                                 f"got {timeout!r}")
         if stop_event is not None and not hasattr(stop_event, "is_set"):
             raise TypeError(f"stop_event must be a threading.Event or None, got {describe(stop_event)}")
         if stop_event is None:

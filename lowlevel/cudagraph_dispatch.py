@@ -430,8 +430,12 @@ class CudagraphDispatcher:
         ``num_tokens``, ``num_active_loras``: non-negative ints (NumPy ints accepted, never
         bool); ``num_active_loras`` must be 0 unless ``has_lora``. ``uniform_decode``,
         ``has_lora``: bools (NumPy bools accepted).
+        ``has_lora`` requires ``max_loras > 0`` and ``num_active_loras <= max_loras + 1`` (the
+        adapters plus the no-adapter slot, the largest captured count), else ``ValueError``.
         ``valid_modes`` / ``invalid_modes``: collections of runtime modes (or their ints); what
-        they leave must not be empty. ``TypeError`` / ``ValueError`` naming the argument,
+        they leave must not be empty, and when they exclude NONE a batch that would get NONE
+        (no graph for it, above the largest capture size, keys not initialised) raises
+        ``ValueError``. ``TypeError`` / ``ValueError`` naming the argument,
         checked on every call (a memo hit requires exactly-typed arguments that were valid)."""
         # Memo hits, checks first: the plain batch (the defaults; ``is _ZERO`` holds only for
         # the int 0) is one lookup by num_tokens, other exactly-typed batches one by the key.
@@ -452,6 +456,12 @@ class CudagraphDispatcher:
                           valid_modes: Any, invalid_modes: Any) -> tuple[CUDAGraphMode, BatchDescriptor]:
         num_tokens, uniform_decode, has_lora, num_active_loras = _batch_args(
             num_tokens, uniform_decode, has_lora, num_active_loras, "uniform_decode")
+        if has_lora and (self.max_loras == 0 or num_active_loras > self.max_loras + 1):
+            if self.max_loras == 0:
+                raise ValueError("has_lora must be False on a dispatcher made with max_loras=0 (no LoRA graphs), "
+                                 "got True")
+            raise ValueError(f"num_active_loras must be at most max_loras + 1 = {self.max_loras + 1} (the adapters "
+                             f"plus the no-adapter slot), got {num_active_loras}")
         if valid_modes is None and invalid_modes is None:
             allowed = _RUNTIME_MODES
         else:
@@ -462,6 +472,10 @@ class CudagraphDispatcher:
                 raise ValueError("valid_modes minus invalid_modes must leave a mode to dispatch to, got none")
         if (not self.keys_initialized or self.cudagraph_mode is _NONE or num_tokens > self.max_capture_size
                 or allowed <= {_NONE}):
+            if _NONE not in allowed:
+                raise ValueError(f"valid_modes/invalid_modes exclude NONE, but a batch of {num_tokens} tokens has "
+                                 f"no graph (keys initialised: {self.keys_initialized}, mode "
+                                 f"{self.cudagraph_mode.name}, largest capture size {self.max_capture_size})")
             return _NONE, _bd(num_tokens)
         result = self._dispatch(num_tokens, uniform_decode, has_lora, num_active_loras, allowed)
         if allowed is _RUNTIME_MODES and num_active_loras <= self.max_loras + 1:

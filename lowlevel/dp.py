@@ -150,8 +150,16 @@ class DPConfig:
 
     @property
     def step(self) -> int:
-        """Votes completed with this config (the generation the next vote sends, modulo 2**31)."""
+        """Votes completed with this config that made a collective (the generation the next vote
+        sends, modulo 2**31); with ``dp_size == 1`` no collective is made and it stays 0."""
         return self._state.step
+
+    @property
+    def vote_in_flight(self) -> DPVote | None:
+        """The vote started with this config whose :meth:`DPVote.result` has not returned or
+        raised yet, or None. Read-only; a dropped vote stays reachable here: call
+        ``config.vote_in_flight.result()`` to finish it and free the config for the next one."""
+        return self._state.inflight
 
     def start(self, num_tokens_unpadded: int, allow_microbatching: bool, allow_dp_padding: bool,
               num_tokens_padded: int | None = None, uniform_decode: bool | None = None,
@@ -345,7 +353,7 @@ def coordinate_batch_across_dp_async(num_tokens_unpadded: int, allow_microbatchi
     with st.lock:
         if st.inflight is not None:
             raise RuntimeError(f"a DP vote is already in flight for this DPConfig (step {st.step}): "
-                               "call result() on it before starting another")
+                               "call config.vote_in_flight.result() before starting another")
         if st.broken is not None:
             raise DPSyncError(f"{_where(config)}: an earlier vote failed ({st.broken}); the group is in an "
                               "unknown state: tear it down")

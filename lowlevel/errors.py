@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -104,9 +105,37 @@ def check_choice(value: Any, name: str, choices: Any) -> Any:
     raise TypeError(f"{name} must be one of {valid}; got {describe(value)}")
 
 
+def _not_a_real(value: Any) -> bool:
+    """Types a real-number argument refuses although ``float()`` may take them: bools, text,
+    complex numbers and arrays of one or more dimensions (a size-1 array included)."""
+    return (isinstance(value, (bool, str, bytes, complex)) or is_bool(value)
+            or type(value).__name__.startswith("complex") or getattr(value, "ndim", 0) != 0)
+
+
+def check_real(value: Any, name: str, what: str = "a finite real number", *, positive: bool = False) -> float:
+    """``value`` as a finite ``float`` (``int``, ``float``, NumPy reals, 0-d arrays, anything
+    ``float()`` takes; never ``bool``, ``str``, complex or an array with a dimension), and
+    ``> 0`` when ``positive``. ``TypeError`` for the wrong type, ``ValueError`` for NaN,
+    infinities and (``positive``) values ``<= 0``; messages say ``name`` must be ``what``."""
+    cls = type(value)
+    if cls is float or cls is int:
+        v = float(value)
+    else:
+        if value is None or _not_a_real(value):
+            raise TypeError(f"{name} must be {what}, got {describe(value)}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be {what}, got {describe(value)}") from None
+    if not math.isfinite(v) or (positive and not v > 0):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
 def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | None:
-    """``value`` as a float number of seconds: finite and positive (``int``, ``float`` or a
-    NumPy real; never ``bool``), or ``None`` when ``allow_none`` ("wait without a bound").
+    """``value`` as a float number of seconds: finite and positive (``int``, ``float``, a
+    NumPy real or a 0-d array; never ``bool`` nor an array with a dimension, even of size 1),
+    or ``None`` when ``allow_none`` ("wait without a bound").
 
     Raises ``TypeError`` for other types (``None`` included when not allowed), ``ValueError``
     for zero, negative, NaN and infinite values."""
@@ -118,7 +147,7 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
             return None
         raise TypeError(f"{name} must be a finite positive number of seconds, got None")
     else:
-        if isinstance(value, (bool, str, bytes)) or is_bool(value):
+        if _not_a_real(value):
             raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}")
         try:
             v = float(value)  # NumPy floats and ints, Fractions, Decimals
@@ -127,6 +156,15 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
     if not (0.0 < v < math.inf):  # NaN fails both comparisons
         raise ValueError(f"{name} must be a finite positive number of seconds, got {value!r}")
     return v
+
+
+def check_path(value: Any, name: str) -> str | os.PathLike[str]:
+    """``value`` if it is a file path (a ``str`` or ``os.PathLike``); anything else, an int
+    (which ``open`` would take as a file descriptor) or ``bytes`` included, raises
+    ``TypeError`` naming ``name``."""
+    if type(value) is str or isinstance(value, (str, os.PathLike)):
+        return value
+    raise TypeError(f"{name} must be a str or os.PathLike file path, got {describe(value)}")
 
 
 def check_ints(values: Any, name: str, minimum: int | None = None) -> list[int]:

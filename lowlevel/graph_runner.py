@@ -10,7 +10,7 @@ from typing import Any
 from . import _runtime as rt
 from .cudagraph_dispatch import BatchDescriptor, CudagraphDispatcher, CUDAGraphMode, as_cudagraph_mode
 from .device import require_cuda
-from .errors import check_int
+from .errors import check_bool, check_int, describe
 from .graphs import Graph, GraphPool, PoolBytes, capture, capture_stream, torch_reserved_bytes
 from .stream import use_stream
 
@@ -100,7 +100,8 @@ class CUDAGraphRunner:
       it into a graph for ``desc`` in the runner's pool, replays it and returns its output;
       once :attr:`capturing_enabled` is False this raises RuntimeError.
 
-    ``num_tokens`` (the real tokens in the padded batch) must be ``0 <= num_tokens <=
+    ``desc`` must be a :class:`BatchDescriptor` on every path (``TypeError``; the bypass
+    included). ``num_tokens`` (the real tokens in the padded batch) must be ``0 <= num_tokens <=
     desc.num_tokens`` (``ValueError``); it only feeds the :attr:`padded_tokens` counter.
 
     The contract that makes replay correct: ``fn`` reads its inputs from, and writes its
@@ -133,8 +134,7 @@ class CUDAGraphRunner:
         if pool is not None and not isinstance(pool, GraphPool):
             raise TypeError(f"pool must be a lowlevel.GraphPool or None, got {type(pool).__name__} {pool!r}")
         check_int(warmup, "warmup", 0)
-        if not isinstance(weak_outputs, bool):
-            raise TypeError(f"weak_outputs must be a bool, got {type(weak_outputs).__name__}")
+        weak_outputs = check_bool(weak_outputs, "weak_outputs")
         self.fn = fn
         self.runtime_mode = mode
         self._pool = pool
@@ -158,17 +158,26 @@ class CUDAGraphRunner:
         if mode is not self.runtime_mode:
             m = as_cudagraph_mode(mode, "mode", runtime=True)
             if m is not self.runtime_mode:
+                if not isinstance(desc, BatchDescriptor):
+                    raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
                 if num_tokens is not None:
                     self._check_tokens(num_tokens, desc)
                 self.bypasses += 1
                 return self.fn(*args, **kwargs)
-        if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
-            self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
-        entry = self.graphs.get(desc)
+        try:
+            entry = self.graphs.get(desc)  # a hit proves desc valid: the keys are BatchDescriptors
+        except TypeError:  # unhashable
+            raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}") from None
         if entry is None:
+            if not isinstance(desc, BatchDescriptor):
+                raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
+            if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
+                self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
             entry = self._capture(desc, args, kwargs)
             rt.order(capture_stream().ptr, rt.current_handle())  # replays follow the warm-up and capture
         else:
+            if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
+                self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
             self.hits += 1
         tl = rt.tracer
         if tl is None:
@@ -228,11 +237,11 @@ class CUDAGraphRunner:
 
     def _capture(self, desc: BatchDescriptor, args: tuple[Any, ...], kwargs: dict[str, Any],
                  stats: CaptureStats | None = None) -> tuple[Graph, Any]:
+        if not isinstance(desc, BatchDescriptor):
+            raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
         if not self.capturing_enabled:
             raise RuntimeError(f"no graph was captured for {desc} and capturing is disabled "
                                "(capture it at start-up with capture_all)")
-        if not isinstance(desc, BatchDescriptor):
-            raise TypeError(f"desc must be a BatchDescriptor, got {type(desc).__name__}")
         template = self._templates.pop(desc, None)
         try:
             entry = self._capture_one(desc, args, kwargs, self.pool, template, stats)
@@ -271,8 +280,7 @@ class CUDAGraphRunner:
         descs = self._descs(dispatcher)
         if not callable(make_args):
             raise TypeError(f"make_args must be callable, got {type(make_args).__name__}")
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+        progress = check_bool(progress, "progress")
         todo = [d for d in descs if d not in self.graphs]
         if todo:
             require_cuda()
@@ -378,7 +386,9 @@ class CUDAGraphRunner:
         ``keep_execs`` (default) the instantiated graphs are kept and updated in place then.
 
         ``RuntimeError`` (nothing changed) when the pool is shared with graphs of another
-        owner that can still be replayed: release those first."""
+        owner that can still be replayed: release those first; ``TypeError`` when ``keep_execs``
+        is not a bool."""
+        keep_execs = check_bool(keep_execs, "keep_execs")
         pool = self._pool
         if pool is not None:
             mine = {id(g) for g, _ in self.graphs.values()}

@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 
 from . import _runtime as rt
 from .device import require_cuda
-from .errors import CaptureError, check_choice
+from .errors import CaptureError, check_choice, describe
 from .stream import Stream, StreamLike, adopt, use_stream
 
 __all__ = ["Graph", "GraphPool", "PoolBytes", "capture", "live_pools"]
@@ -359,7 +359,10 @@ def capture_stream() -> Stream:
 def _check_capture_args(stream: Any, pool: Any, mode: Any, update: Any) -> None:
     check_choice(mode, "mode", CaptureMode)
     if stream is not None:
-        rt.stream_handle(stream)  # TypeError / ValueError for what is no stream, GPU or not
+        try:
+            rt.stream_handle(stream)  # TypeError / ValueError for what is no stream, GPU or not
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"stream must be a CUDA stream or None ({exc}), got {describe(stream)}") from None
     if pool is not None and not isinstance(pool, GraphPool):
         raise TypeError(f"pool must be a lowlevel.GraphPool or None, got {type(pool).__qualname__}")
     if update is not None and not isinstance(update, Graph):

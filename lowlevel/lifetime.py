@@ -25,7 +25,9 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
+from . import _runtime as rt
 from ._runtime import cp as _cp
+from .errors import describe
 
 __all__ = ["KeepAlive", "iter_arrays", "protect_outputs"]
 
@@ -162,6 +164,12 @@ class KeepAlive:
         self._lock = threading.Lock()
 
     def keep(self, array: Any, consumer: int) -> None:
+        """Hold ``array`` until it has no other user and the work enqueued on ``consumer`` (a
+        raw stream handle: a non-negative int, NumPy ints accepted, or a stream object) by
+        then has completed. ``TypeError`` / ``ValueError`` for another ``consumer``, before
+        anything is held."""
+        if type(consumer) is not int or consumer < 0:
+            consumer = _consumer_handle(consumer)
         with self._lock:
             self._items.append([array, consumer, None])
         self.collect()
@@ -195,12 +203,30 @@ class KeepAlive:
 default_keep_alive = KeepAlive()
 
 
+def _consumer_handle(consumer: Any) -> int:
+    """``consumer`` as a raw stream handle, or ``TypeError`` / ``ValueError`` naming it."""
+    if consumer is None:
+        raise TypeError("consumer must be a CUDA stream handle (a non-negative int) or a stream, got None")
+    try:
+        return rt.stream_handle(consumer)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"consumer must be a CUDA stream handle (a non-negative int) or a stream ({exc}), "
+                        f"got {describe(consumer)}") from None
+
+
 def protect_outputs(result: Any, consumer: int, consumer_torch: Any) -> None:
     """Make the arrays in ``result`` (found by :func:`iter_arrays`: containers, dataclasses,
     named tuples, pytree nodes, user objects) safe to use on the ``consumer`` stream after
     their producer stream recycles memory: ``record_stream`` for CUDA tensors,
     :class:`KeepAlive` for CuPy arrays.
-    ``consumer_torch`` is a zero-argument callable returning the consumer's torch stream."""
+    ``consumer`` is the consumer's raw stream handle (a non-negative int; NumPy ints and stream
+    objects accepted), ``consumer_torch`` a zero-argument callable returning its torch stream;
+    ``TypeError`` / ``ValueError`` naming them, before anything is held or recorded."""
+    if type(consumer) is not int or consumer < 0:
+        consumer = _consumer_handle(consumer)
+    if not callable(consumer_torch):
+        raise TypeError(f"consumer_torch must be a zero-argument callable returning the consumer's torch stream, "
+                        f"got {describe(consumer_torch)}")
     protect_arrays(iter_arrays(result), consumer, consumer_torch)
 
 

@@ -24,7 +24,7 @@ from .errors import check_bool, check_int, describe
 from .event import Event, EventLike, record_event, wait_event
 from .event import event_ops as _ops_for
 from .lifetime import iter_arrays, protect_arrays
-from .stream import Stream, StreamLike, adopt
+from .stream import Stream, StreamLike, adopt, adopt_arg
 
 __all__ = ["execute_in_parallel", "maybe_execute_in_parallel", "ParallelRunner"]
 
@@ -269,7 +269,10 @@ def _check_slots(aux_fns: Sequence[Any], start_event: Any, done_events: Any, aux
                 raise ValueError(f"done_events[{i}] is None but aux_fns[{i}] runs: give it an event")
             _ops_for(d)
         if type(aux_streams[i]) is not Stream:
-            adopt(aux_streams[i])  # TypeError for what is no stream; cached, so the fork's adopt is a look-up
+            try:
+                adopt(aux_streams[i])  # cached, so the fork's adopt is a look-up
+            except (TypeError, ValueError):
+                adopt_arg(aux_streams[i], f"aux_streams[{i}]")  # raises again, naming the slot
 
 
 def _fork_join(default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], start_event: Any,
@@ -420,7 +423,11 @@ def _maybe_checked(fn0: Any, fn1: Any, event0: Any, event1: Any, aux_stream: Any
     for ev in (event0, event1):
         if type(ev) is not Event:
             _ops_for(ev)
-    s = adopt(aux_stream)
+    try:
+        s = adopt(aux_stream)  # before anything is recorded
+    except (TypeError, ValueError):
+        adopt_arg(aux_stream, "aux_stream")  # raises again, naming the argument
+        raise
     cur = rt.current_handle()
     _rec(event0, cur)
     r0 = fn0()
@@ -445,8 +452,23 @@ def _maybe_checked(fn0: Any, fn1: Any, event0: Any, event1: Any, aux_stream: Any
     return r0, r1
 
 
+class _Default(int):
+    """An int argument's default, told apart from the same value passed explicitly."""
+
+    __slots__ = ()
+
+
+_ONE_AUX = _Default(1)
+
+
 class ParallelRunner:
     """Owns ``num_aux`` aux streams and the events for :func:`execute_in_parallel`.
+
+    ``num_aux`` (a positive int, default 1) streams are made with ``priority``; or
+    ``streams`` (a non-empty sequence of stream-likes) are adopted as they are: then
+    ``num_aux``, if given, must equal ``len(streams)`` and ``priority`` must be None
+    (``ValueError``). ``TypeError`` for a ``streams`` that is no sequence of streams,
+    naming ``streams`` / ``streams[i]``.
 
     ``runner(default_fn, aux_fns)`` forks and joins with its own streams and events. Each CUDA
     graph capture gets events of its own, kept as long as the runner (a captured graph bakes
@@ -454,12 +476,20 @@ class ParallelRunner:
     those graphs together). Not thread-safe: use one runner per thread.
     """
 
-    def __init__(self, num_aux: int = 1, *, priority: int | None = None,
+    def __init__(self, num_aux: int = _ONE_AUX, *, priority: int | None = None,
                  streams: Sequence[StreamLike] | None = None) -> None:
         if streams is not None:
-            self.streams = [adopt(s) for s in streams]
-            if not self.streams:
+            if isinstance(streams, (str, bytes)) or not hasattr(streams, "__iter__"):
+                raise TypeError(f"streams must be a sequence of CUDA streams or None, got {describe(streams)}")
+            streams = list(streams)
+            if not streams:
                 raise ValueError("streams must name at least one aux stream")
+            if num_aux is not _ONE_AUX and check_int(num_aux, "num_aux", 1) != len(streams):
+                raise ValueError(f"num_aux must equal len(streams) = {len(streams)} when both are given, got {num_aux}")
+            if priority is not None:
+                raise ValueError(f"priority must be None when streams are given (they are adopted as they are), "
+                                 f"got {priority!r}")
+            self.streams = [adopt_arg(s, f"streams[{i}]") for i, s in enumerate(streams)]
         else:
             num_aux = check_int(num_aux, "num_aux", 1)
             self.streams = [Stream(priority=priority) for _ in range(num_aux)]
@@ -477,6 +507,8 @@ class ParallelRunner:
 
     def __call__(self, default_fn: Callable[[], Any], aux_fns: Sequence[Callable[[], Any] | None], *,
                  enqueue_default_first: bool = False) -> tuple[Any, list[Any]]:
+        if enqueue_default_first is not False and enqueue_default_first is not True:
+            enqueue_default_first = check_bool(enqueue_default_first, "enqueue_default_first")
         streams = self.streams
         n = len(streams)
         t = type(aux_fns)

@@ -18,7 +18,7 @@ from typing import Any
 from . import _runtime as rt
 from ._runtime import StreamLike
 from .device import require_cuda
-from .errors import LowlevelError, check_bool, check_int
+from .errors import LowlevelError, check_bool, check_int, describe
 from .event import Event, EventLike, record_event, wait_event
 
 __all__ = ["Stream", "StreamLike", "adopt", "current_stream", "use_stream", "stream_handle"]
@@ -204,6 +204,15 @@ def adopt(obj: StreamLike) -> Stream:
     return s
 
 
+def adopt_arg(obj: StreamLike, name: str) -> Stream:
+    """:func:`adopt` for the public argument ``name`` (construction paths): its ``TypeError`` /
+    ``ValueError`` for what is no stream names the argument and shows the value."""
+    try:
+        return adopt(obj)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name} must be a CUDA stream ({exc}), got {describe(obj)}") from None
+
+
 _current_cache: dict[tuple[int, int], Stream] = {}
 
 
@@ -268,7 +277,7 @@ class use_stream:
     __slots__ = ("_stream", "_prev_torch", "_prev_cupy")
 
     def __init__(self, stream: StreamLike) -> None:
-        self._stream = stream if type(stream) is Stream else adopt(stream)
+        self._stream = stream if type(stream) is Stream else adopt_arg(stream, "stream")
         self._prev_torch: Any = _SLOT_INIT  # None: not entered (see _saved above)
 
     def __enter__(self) -> Stream:

@@ -5,6 +5,7 @@ import functools
 from typing import Any
 
 from . import _runtime as rt
+from .errors import check_bool
 from .stream import StreamLike
 
 __all__ = ["spin", "spin_triton"]
@@ -27,7 +28,8 @@ def spin(ns: int, *, blocks: int = 1, stream: StreamLike | None = None, whole_sm
     """Enqueue a kernel of ``blocks`` one-thread blocks that each busy-wait ``ns`` nanoseconds
     on ``stream`` (default: lowlevel's current stream). ``whole_sm=True`` gives each block
     enough shared memory that no two blocks share an SM, so ``blocks`` blocks run in
-    ``ceil(blocks / SMs)`` waves."""
+    ``ceil(blocks / SMs)`` waves. ``whole_sm`` must be a bool (``TypeError``)."""
+    whole_sm = check_bool(whole_sm, "whole_sm")
     h = rt.stream_handle(stream)
     k = _spin_kernel()
     smem = 0

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from . import _runtime as rt
-from .errors import check_bool, describe
+from .errors import check_bool, check_path, check_real, describe
 from .event import Event
 from .stream import stream_handle
 
@@ -154,12 +152,7 @@ class Timeline:
                 raise TypeError(f"{what} must be a str, got {describe(v)}")
         times: list[float] = []
         for arg, t in (("start_ms", start_ms), ("end_ms", end_ms)):
-            if isinstance(t, bool) or not isinstance(t, (int, float)) and not hasattr(t, "__float__"):
-                raise TypeError(f"{arg} must be a number of milliseconds, got {describe(t)}")
-            f = float(t)
-            if not math.isfinite(f):
-                raise ValueError(f"{arg} must be finite, got {t!r}")
-            times.append(f)
+            times.append(check_real(t, arg, "a finite number of milliseconds"))
         if times[1] < times[0]:
             raise ValueError(f"span {name!r} ends ({times[1]} ms) before it starts ({times[0]} ms)")
         self.spans.append(Span(name, track, times[0], times[1]))
@@ -207,15 +200,28 @@ class Timeline:
                 "ideal_speedup": tot / max(busy.values()) if tot else 0.0}
 
     def overlap_ms(self, track_a: str, track_b: str) -> float:
-        """Milliseconds during which both tracks had a span running."""
+        """Milliseconds during which both tracks had a span running. A track is named as
+        :meth:`stats` and the trace name it: its label, ``"default stream"`` or
+        ``"stream 0x..."`` (or the ``track`` of :meth:`add`). ``TypeError`` for a name that is
+        not a str, ``ValueError`` for a track that has no span and no label."""
+        for arg, v in (("track_a", track_a), ("track_b", track_b)):
+            if type(v) is not str:
+                raise TypeError(f"{arg} must be a track name (a str), got {describe(v)}")
         spans = self.resolve()
+        known = {s.track for s in spans} | set(self._labels.values())
+        for arg, v in (("track_a", track_a), ("track_b", track_b)):
+            if v not in known:
+                raise ValueError(f"{arg} must name a track of this timeline ({sorted(known)}), got {v!r}")
         a = [(s.start_ms, s.end_ms) for s in spans if s.track == track_a]
         b = [(s.start_ms, s.end_ms) for s in spans if s.track == track_b]
         return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
 
     def to_chrome_trace(self, path: str | None = None) -> dict[str, Any]:
         """Chrome trace / Perfetto JSON: one complete ("X") event per span, one track (tid) per
-        stream, times in microseconds. Written to ``path`` if given."""
+        stream, times in microseconds. Written to ``path`` (a str or os.PathLike; ``TypeError``
+        otherwise) if given."""
+        if path is not None:
+            check_path(path, "path")
         spans = self.resolve()
         tracks = sorted({s.track for s in spans})
         tid = {t: i for i, t in enumerate(tracks)}
@@ -232,8 +238,7 @@ class Timeline:
 
     def plot(self, path: str, title: str = "timeline") -> str:
         """Draw a Gantt chart (one row per stream) to a PNG at ``path``."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {describe(path)}")
+        check_path(path, "path")
         import matplotlib
 
         matplotlib.use("Agg")

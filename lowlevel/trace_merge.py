@@ -16,18 +16,21 @@ for an NVLink all-reduce).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
+
+from .errors import check_path, describe
 
 __all__ = ["merge_traces", "plot_merged"]
 
 
 def _load(t: dict[str, Any] | str) -> dict[str, Any]:
-    if isinstance(t, str):
+    if isinstance(t, (str, os.PathLike)):
         with open(t) as f:
             return json.load(f)
     if not isinstance(t, dict) or "traceEvents" not in t:
-        raise TypeError(f"each trace must be a Chrome trace dict or a path to one, got {type(t).__qualname__}")
+        raise TypeError(f"each trace must be a Chrome trace dict or a path to one, got {describe(t)}")
     return t
 
 
@@ -38,9 +41,12 @@ def merge_traces(traces: Sequence[dict[str, Any] | str], *, align: str | None = 
     tracks kept. With ``align``, each trace is shifted so that the *end* of its first span
     named ``align`` falls at the same time as in trace 0 (``ValueError`` if a trace has none);
     then all are shifted so the earliest event starts at 0. Times are in microseconds (``ts``,
-    ``dur``), as in the inputs. Written to ``path`` if given."""
+    ``dur``), as in the inputs. Written to ``path`` (a str or os.PathLike) if given.
+    ``TypeError`` for a ``path`` or trace of another type."""
     if isinstance(traces, (str, bytes, dict)) or not isinstance(traces, Sequence):
         raise TypeError(f"traces must be a list of Chrome-trace dicts or JSON paths, got {type(traces).__name__}")
+    if path is not None:
+        check_path(path, "path")
     loaded = [_load(t) for t in traces]
     if not loaded:
         raise ValueError("traces must not be empty")
@@ -79,7 +85,8 @@ def merge_traces(traces: Sequence[dict[str, Any] | str], *, align: str | None = 
 
 def plot_merged(trace: dict[str, Any] | str, path: str, title: str = "ranks") -> str:
     """A Gantt chart (PNG at ``path``) of a merged trace: one row per (process, track), rows of a
-    process together, times in ms."""
+    process together, times in ms. ``path``: a str or os.PathLike (``TypeError`` otherwise)."""
+    check_path(path, "path")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,7 +13,7 @@ from typing import Any
 from . import _runtime as rt
 from .errors import check_int, describe
 from .event import Event
-from .stream import Stream, StreamLike, adopt
+from .stream import Stream, StreamLike, adopt_arg
 
 __all__ = ["TO_COMM", "TO_COMPUTE", "YIELD", "run_generators"]
 
@@ -42,7 +42,7 @@ def run_generators(gens: Iterable[Generator[str, None, Any]], compute_stream: St
         if not (hasattr(g, "__next__") and hasattr(g, "close")):
             raise TypeError(f"gens[{i}] must be a generator (call the generator function), got {describe(g)}")
     n = len(gs)
-    compute, comm = adopt(compute_stream), adopt(comm_stream)
+    compute, comm = adopt_arg(compute_stream, "compute_stream"), adopt_arg(comm_stream, "comm_stream")
     on: list[Stream] = [compute] * n
     pending: list[Event | None] = [None] * n  # event the microbatch's stream must wait on at resume
     done_ev = [(Event(), Event()) for _ in range(n)]  # (compute done, comm done)

@@ -23,7 +23,7 @@ from typing import Any
 from . import _runtime as rt
 from .errors import LowlevelError, check_int, check_timeout, describe
 from .event import Event
-from .stream import Stream, StreamLike, adopt
+from .stream import Stream, StreamLike, adopt_arg
 
 __all__ = ["UBatchAbort", "UBatchContext", "make_ubatch_contexts", "start_ubatches", "first_ubatch_error",
            "abort_ubatches",
@@ -258,7 +258,7 @@ def make_ubatch_contexts(num_micro_batches: int, compute_stream: StreamLike, com
     timeout_s = check_timeout(timeout_s, "timeout_s")
     if ready_barrier is not None and not isinstance(ready_barrier, threading.Barrier):
         raise TypeError(f"ready_barrier must be a threading.Barrier or None, got {describe(ready_barrier)}")
-    compute, comm = adopt(compute_stream), adopt(comm_stream)
+    compute, comm = adopt_arg(compute_stream, "compute_stream"), adopt_arg(comm_stream, "comm_stream")
     if compute.ptr == comm.ptr:
         raise ValueError("the compute and comm streams must differ")
     ring = _Ring(num_micro_batches)

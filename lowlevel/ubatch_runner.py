@@ -17,7 +17,7 @@ from . import _runtime as rt
 from . import ubatch_ring as ring
 from .errors import check_bool, check_choice, check_int, check_ints, check_timeout, describe
 from .graphs import Graph, GraphPool, capture, capture_stream
-from .stream import Stream, StreamLike, adopt, current_stream, use_stream
+from .stream import Stream, StreamLike, adopt_arg, current_stream, use_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
@@ -73,7 +73,7 @@ class UBatchRunner:
                             f"got {describe(sm_control)}")
         self.fn = fn
         self.sm_control = sm_control
-        self.comm_stream = Stream() if comm_stream is None else adopt(comm_stream)
+        self.comm_stream = Stream() if comm_stream is None else adopt_arg(comm_stream, "comm_stream")
         self.graphs: dict[tuple[int, ...], tuple[Graph, Any]] = {}
         self.pool: GraphPool | None = None
         self._workers: _Workers | None = None
@@ -85,7 +85,9 @@ class UBatchRunner:
 
         Raises ``TypeError`` / ``ValueError`` (before anything runs) when ``inputs`` is not a
         sequence of arrays, ``slices`` has not ``num_ubatches`` :class:`UBatchSlice` objects, or
-        a slice is empty, has a step, or reaches rows outside some input."""
+        a slice is empty, has a step, or reaches rows outside some input, or the slices do not
+        tile rows ``0 .. slices[-1].token_slice.stop`` in order (``slices[0]`` starts at row 0,
+        each next slice where the previous one stops)."""
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
             raise TypeError(f"inputs must be a sequence of arrays, got {describe(inputs)}")
         if isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence):
@@ -108,6 +110,9 @@ class UBatchRunner:
                 raise ValueError(f"slices[{i}].token_slice must have no step, got {t}")
             if s.num_tokens <= 0:
                 raise ValueError(f"empty microbatch slices[{i}] = {s}: abort microbatching for this step instead")
+            if not i and t.start != 0:
+                raise ValueError(f"slices must tile the batch in order from row 0: slices[0] starts at row "
+                                 f"{t.start}")
             if i and t.start != slices[i - 1].token_slice.stop:
                 raise ValueError(f"slices must tile the batch in order: slices[{i}] starts at row {t.start}, "
                                  f"slices[{i - 1}] ends at row {slices[i - 1].token_slice.stop}")

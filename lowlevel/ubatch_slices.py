@@ -80,11 +80,15 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     ``num_scheduled_tokens``: each request's token count (positive ints, 1-D, any integer
     dtype), ``total`` their sum. Token boundaries are at ``split_point`` (default
     ``num_tokens_padded // num_ubatches``) and its multiples, or at the ``num_ubatches - 1``
-    points of a sequence; the last slice ends at ``total``. The split points must be strictly
+    points of a sequence (a list, tuple or 1-D integer array; a NumPy integer or 0-d array is
+    a scalar); the last slice ends at ``total``. The split points must be strictly
     increasing inside ``(0, total]`` (so every slice but the last has tokens, and the slices
-    tile the scheduled tokens). A request cut by a boundary appears in both slices. The second
-    list is a copy whose last slice is extended to ``num_reqs_padded`` requests and
-    ``num_tokens_padded`` tokens.
+    tile the scheduled tokens). A split at ``total`` leaves the last microbatch all padding:
+    :class:`~lowlevel.UBatchRunner` refuses such an empty microbatch, and vLLM's DP vote does
+    not microbatch that step (its ``is_last_ubatch_empty`` rule, which
+    :func:`~lowlevel.coordinate_batch_across_dp` applies too). A request cut by a boundary
+    appears in both slices. The second list is a copy whose last slice is
+    extended to ``num_reqs_padded`` requests and ``num_tokens_padded`` tokens.
 
     Raises ``TypeError`` for arguments of the wrong type (``bool`` for an int, floats, ...),
     ``ValueError`` for values out of range (``num_ubatches < 2``, padded counts below the
@@ -107,10 +111,13 @@ def maybe_create_ubatch_slices(should_ubatch: bool, num_scheduled_tokens: Sequen
     if split_point is None:
         step = num_tokens_padded // num_ubatches
         bounds = [step * i for i in range(1, num_ubatches)]
-    elif hasattr(split_point, "__index__") or _scalar_like(split_point):
+    elif (hasattr(split_point, "__index__") and getattr(split_point, "ndim", 0) == 0) or _scalar_like(split_point):
         step = check_int(split_point, "split_point")
         bounds = [step * i for i in range(1, num_ubatches)]
     elif hasattr(split_point, "__iter__") and not isinstance(split_point, (str, bytes)):
+        if getattr(split_point, "ndim", 1) != 1:
+            raise TypeError(f"split_point must be None, an int or a 1-D sequence of ints, got an array of shape "
+                            f"{np.shape(split_point)}")
         bounds = [check_int(b, f"split_point[{i}]") for i, b in enumerate(split_point)]
         if len(bounds) != num_ubatches - 1:
             raise ValueError(f"split_point must have num_ubatches - 1 = {num_ubatches - 1} points, got {bounds}")

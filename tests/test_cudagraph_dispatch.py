@@ -140,7 +140,8 @@ def test_lora_dispatch_rounds_up():
     assert d.dispatch(5, has_lora=True, num_active_loras=3) == (M.PIECEWISE, BD(8, None, False, True, 4))
     assert d.dispatch(5, has_lora=True, num_active_loras=1) == (M.PIECEWISE, BD(8, None, False, True, 1))
     assert d.dispatch(5, has_lora=True, num_active_loras=5) == (M.PIECEWISE, BD(8, None, False, True, 5))
-    assert d.dispatch(5, has_lora=True, num_active_loras=9) == (M.NONE, BD(5))  # no count >= 9
+    with pytest.raises(ValueError, match="num_active_loras"):  # above max_loras + 1: out of range
+        d.dispatch(5, has_lora=True, num_active_loras=9)
     d2 = CudagraphDispatcher([1, 8], max_num_seqs=8, max_loras=4, specialize_lora=False)
     d2.initialize_cudagraph_keys(M.PIECEWISE)
     assert len(d2.cudagraph_keys[M.PIECEWISE]) == 2

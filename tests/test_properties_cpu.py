@@ -87,8 +87,10 @@ class RefDispatcher:
                     self.full.add(BD(x, min(x // q, max_num_seqs), True, c > 0, c))
 
     def dispatch(self, n, uniform, has_lora, nal, allowed):
+        if has_lora and (self.ml == 0 or nal > self.ml + 1):
+            return "raises"  # out of the declared LoRA range
         if self.mode is M.NONE or n > self.sizes[-1] or allowed <= {M.NONE}:
-            return M.NONE, BD(n)
+            return (M.NONE, BD(n)) if M.NONE in allowed else "raises"
         if has_lora and nal > 0:
             cases = [c for c in ref_lora_cases(self.ml, self.spec) if c > 0]
             if self.spec:

@@ -302,15 +302,16 @@ def test_no_gpu_entry_points_raise_cuda_unavailable():
 
 # --- inputs found by trying the library as a new user (same kinds as faults.md A-C) ----------
 
-def test_dispatch_runs_lora_counts_without_a_graph_eagerly_as_vllm_does():
-    """A LoRA count above every captured one gets NONE and the unpadded descriptor (vLLM's
-    rule: the lookup misses and the batch runs eagerly); a negative one is refused."""
+def test_dispatch_refuses_lora_counts_out_of_the_declared_range():
+    """Every LoRA count in [1, max_loras + 1] has a captured count >= it (max_loras + 1 is
+    captured), so vLLM's "no captured count >= n: the lookup misses" case is only reached by a
+    count out of the declared range (session 4 changed it from NONE to ValueError)."""
     d = lowlevel.CudagraphDispatcher(max_num_seqs=256, max_loras=2)
     d.initialize_cudagraph_keys(lowlevel.CUDAGraphMode.FULL_AND_PIECEWISE)
-    assert d.dispatch(5, has_lora=True, num_active_loras=100) == (lowlevel.CUDAGraphMode.NONE,
-                                                                    lowlevel.BatchDescriptor(5))
-    with pytest.raises(ValueError, match="num_active_loras"):
-        d.dispatch(5, has_lora=True, num_active_loras=-2)
+    assert d.dispatch(5, has_lora=True, num_active_loras=3)[0] is lowlevel.CUDAGraphMode.PIECEWISE
+    for bad in (100, -2):
+        with pytest.raises(ValueError, match="num_active_loras"):
+            d.dispatch(5, has_lora=True, num_active_loras=bad)
 
 
 def test_batch_descriptor_refuses_more_requests_than_tokens():
@@ -415,3 +416,354 @@ def test_ubatch_runner_refuses_overlapping_slices_and_non_bool_graph(monkeypatch
         r([x], [UBatchSlice(slice(0, 1), slice(0, 6)), UBatchSlice(slice(1, 2), slice(4, 8))])
     with pytest.raises(TypeError, match="graph"):
         r([x], [UBatchSlice(slice(0, 1), slice(0, 4)), UBatchSlice(slice(1, 2), slice(4, 8))], graph=1)
+
+
+# --- session 4 fresh-user faults ---------------------------------------------------------------
+
+M = lowlevel.CUDAGraphMode
+
+
+def _dispatcher(max_loras=0, mode=M.PIECEWISE):
+    d = lowlevel.CudagraphDispatcher(max_num_seqs=8, max_loras=max_loras)
+    if mode is not None:
+        d.initialize_cudagraph_keys(mode)
+    return d
+
+
+@pytest.mark.parametrize("make,n", [(lambda: _dispatcher(), 100), (lambda: _dispatcher(mode=None), 5),
+                                    (lambda: _dispatcher(mode=M.NONE), 5), (lambda: _dispatcher(), 5)])
+@pytest.mark.parametrize("modes", [{"invalid_modes": [0]}, {"valid_modes": {M.PIECEWISE, M.FULL}}])
+def test_dispatch_excluding_none_raises_wherever_none_would_be_returned(make, n, modes):
+    d = make()
+    memo = dict(d._memo)
+    if n == 5 and d.keys_initialized and d.cudagraph_mode is M.PIECEWISE:
+        assert d.dispatch(n, **modes)[0] is M.PIECEWISE  # inside the ladder a graph exists
+        return
+    with pytest.raises(ValueError, match="exclude NONE"):
+        d.dispatch(n, **modes)
+    assert d._memo == memo
+
+
+def test_dispatch_refuses_lora_out_of_the_declared_range():
+    d = _dispatcher(max_loras=2)
+    assert d.dispatch(5, has_lora=True, num_active_loras=3) == (M.PIECEWISE, lowlevel.BatchDescriptor(8, None, False,
+                                                                                                      True, 3))
+    with pytest.raises(ValueError, match=r"num_active_loras must be at most max_loras \+ 1 = 3.*got 5"):
+        d.dispatch(5, has_lora=True, num_active_loras=5)
+    with pytest.raises(ValueError, match="num_active_loras"):
+        d.dispatch(5, has_lora=True, num_active_loras=np.int64(4))
+    with pytest.raises(ValueError, match="has_lora must be False.*max_loras=0"):
+        _dispatcher().dispatch(5, has_lora=True)
+    with pytest.raises(ValueError, match="has_lora"):
+        _dispatcher(mode=None).dispatch(5, has_lora=np.bool_(True), num_active_loras=1)
+    assert (5, False, True, 5) not in d._memo
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+@pytest.mark.parametrize("desc", [[1], (8, 8), "x", None, 8])
+@pytest.mark.parametrize("path", ["capture", "bypass", "disabled", "num_tokens"])
+def test_graph_runner_desc_must_be_a_batch_descriptor_on_every_path(desc, path):
+    calls = []
+    r = lowlevel.CUDAGraphRunner(lambda *a: calls.append(a))
+    mode, kw = M.FULL, {}
+    if path == "bypass":
+        mode = M.NONE
+    elif path == "disabled":
+        r.capturing_enabled = False
+    elif path == "num_tokens":
+        kw = {"num_tokens": 1}
+    with pytest.raises(TypeError, match=r"desc must be a BatchDescriptor, got .*\(" + type(desc).__name__):
+        r(mode, desc, **kw)
+    assert calls == [] and (r.hits, r.captures, r.bypasses, r.padded_tokens) == (0, 0, 0, 0) and r.graphs == {}
+
+
+def test_graph_runner_hit_path_replays_a_valid_descriptor():
+    r = lowlevel.CUDAGraphRunner(lambda *a: None)
+    g = _FakeGraph()
+    bd = lowlevel.BatchDescriptor(8, 8)
+    r.graphs[bd] = (g, "out")
+    assert r(M.FULL, bd, num_tokens=np.int64(5)) == "out" and g.replays == 1
+    assert (r.hits, r.padded_tokens) == (1, 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        r(M.FULL, bd, num_tokens=9)
+    assert (r.hits, g.replays) == (1, 1)
+
+
+def test_bool_arguments_accept_numpy_bools_and_refuse_ints():
+    r = lowlevel.CUDAGraphRunner(_fn, weak_outputs=np.bool_(True))
+    assert r.weak_outputs is True
+    for bad in (1, 0, None, "True"):
+        with pytest.raises(TypeError, match="weak_outputs must be a bool"):
+            lowlevel.CUDAGraphRunner(_fn, weak_outputs=bad)
+        with pytest.raises(TypeError, match="keep_execs must be a bool"):
+            r.release(keep_execs=bad)
+    r.release(keep_execs=np.bool_(False))
+    d = _dispatcher(mode=M.FULL)
+    r2 = lowlevel.CUDAGraphRunner(_fn)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        r2.capture_all(d, lambda desc: (), progress=1)
+    r2.graphs.update({bd: (_FakeGraph(), None) for _, ds in d.get_capture_descs() for bd in ds})
+    assert r2.capture_all(d, lambda desc: (), progress=np.bool_(True)) == 0  # all captured: nothing to do
+    with pytest.raises(TypeError, match="enqueue_default_first"):
+        lowlevel.ParallelRunner.__new__(lowlevel.ParallelRunner)(_fn, [], enqueue_default_first=1)
+    from lowlevel import testing
+    with pytest.raises(TypeError, match="whole_sm"):
+        testing.spin(10, whole_sm=1)
+
+
+@pytest.mark.parametrize("split,want", [(np.array([4, 8]), [4, 8]), ([np.int64(4), 8], [4, 8]),
+                                        (np.array([4, 8], dtype=np.uint8), [4, 8]), (np.int64(4), [4, 8]),
+                                        (np.array(4), [4, 8])])
+def test_split_point_accepts_1d_integer_arrays_and_numpy_scalars(split, want):
+    s, _ = lowlevel.maybe_create_ubatch_slices(True, np.array([4, 4, 4, 4]), 16, 4, 3, split_point=split)
+    assert [x.token_slice.start for x in s[1:]] == want and s[-1].token_slice.stop == 16
+    s, _ = lowlevel.maybe_create_ubatch_slices(True, [4, 4], 8, 2, split_point=np.array([3]))  # size 1, 1-D
+    assert s[1].token_slice == slice(3, 8)
+
+
+@pytest.mark.parametrize("split,exc", [(np.array([4.0, 8.0]), TypeError), (np.array([[4, 8]]), TypeError),
+                                       (np.array(4.0), TypeError), (np.array([4, 8, 12]), ValueError),
+                                       (np.array([8, 4]), ValueError), (17, ValueError), ([4, 17], ValueError)])
+def test_split_point_refuses_bad_arrays_and_points_past_the_tokens(split, exc):
+    with pytest.raises(exc, match="split_point"):
+        lowlevel.maybe_create_ubatch_slices(True, np.array([4, 4, 4, 4]), 16, 4, 3 if np.ndim(split) else 2,
+                                            split_point=split)
+
+
+def test_split_point_at_the_total_gives_an_all_padding_last_slice_that_the_runner_refuses(monkeypatch):
+    s, p = lowlevel.maybe_create_ubatch_slices(True, [4, 4], 16, 2)  # default 16 // 2 = 8 = the total
+    assert s[1].token_slice == slice(8, 8) and s[1].is_empty() and p[1].token_slice == slice(8, 16)
+    from lowlevel import ubatch_runner
+
+    monkeypatch.setattr(ubatch_runner, "Stream", lambda: object())
+    ran = []
+    r = lowlevel.UBatchRunner(lambda *a: ran.append(a))
+    with pytest.raises(ValueError, match="empty microbatch"):
+        r([np.zeros((16, 2))], s)
+    assert ran == []
+
+
+def test_ubatch_runner_refuses_slices_not_starting_at_row_0(monkeypatch):
+    from lowlevel import ubatch_runner
+
+    monkeypatch.setattr(ubatch_runner, "Stream", lambda: object())
+    ran = []
+    r = lowlevel.UBatchRunner(lambda *a: ran.append(a))
+    x = np.arange(8 * 3).reshape(8, 3)
+    with pytest.raises(ValueError, match=r"from row 0: slices\[0\] starts at row 2"):
+        r([x], [UBatchSlice(slice(0, 1), slice(2, 4)), UBatchSlice(slice(1, 2), slice(4, 8))])
+    assert ran == [] and r.graphs == {}
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: lowlevel.ParallelRunner(streams=5), TypeError, "streams must be a sequence"),
+    (lambda: lowlevel.ParallelRunner(streams="ab"), TypeError, "streams must be a sequence"),
+    (lambda: lowlevel.ParallelRunner(streams=[]), ValueError, "streams"),
+    (lambda: lowlevel.ParallelRunner(streams=["x"]), TypeError, r"streams\[0\] must be a CUDA stream"),
+    (lambda: lowlevel.ParallelRunner(streams=[True, 1]), TypeError, r"streams\[0\].*bool"),
+    (lambda: lowlevel.ParallelRunner(3, streams=[1]), ValueError, r"num_aux must equal len\(streams\) = 1.*got 3"),
+    (lambda: lowlevel.ParallelRunner(np.int64(2), streams=[1]), ValueError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(True, streams=[1]), TypeError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(0, streams=[1]), ValueError, "num_aux"),
+    (lambda: lowlevel.ParallelRunner(streams=[1], priority=-1), ValueError, "priority must be None"),
+])
+def test_parallel_runner_streams_and_num_aux(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU these construct")
+@pytest.mark.parametrize("kw", [{}, {"num_aux": 1}, {"num_aux": np.int64(2)}])
+def test_parallel_runner_documented_forms_reach_the_gpu(kw):
+    streams = [1, 2] if kw.get("num_aux") == 2 else [1]
+    with pytest.raises(CudaUnavailableError):
+        lowlevel.ParallelRunner(streams=streams, **kw)
+    with pytest.raises(CudaUnavailableError):
+        lowlevel.ParallelRunner(**kw)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: lowlevel.use_stream("x"), "stream"),
+    (lambda: lowlevel.use_stream(-3), "stream"),
+    (lambda: lowlevel.UBatchRunner(_fn, comm_stream="x"), "comm_stream"),
+    (lambda: lowlevel.make_ubatch_contexts(2, "x", 6), "compute_stream"),
+    (lambda: lowlevel.run_generators([], "x", 2), "compute_stream"),
+    (lambda: lowlevel.capture(stream="x").__enter__(), "stream"),
+    (lambda: lowlevel.maybe_execute_in_parallel(_fn, _fn, _Ev(), _Ev(), aux_stream="x"), "aux_stream"),
+    (lambda: lowlevel.execute_in_parallel(_fn, [_fn], _Ev(), [_Ev()], aux_streams=[np.float64(1)],
+                                          enable=True),
+     r"aux_streams\[0\]"),
+])
+def test_stream_arguments_are_named(call, name):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must be a CUDA stream") as info:
+        call()
+    assert "got " in str(info.value)
+
+
+def test_make_ubatch_contexts_names_the_comm_stream(monkeypatch):
+    from lowlevel import ubatch_ring
+
+    real = ubatch_ring.adopt_arg
+    monkeypatch.setattr(ubatch_ring, "adopt_arg", lambda s, n: object() if n == "compute_stream" else real(s, n))
+    with pytest.raises(TypeError, match="^comm_stream must be a CUDA stream"):
+        lowlevel.make_ubatch_contexts(2, 5, "x")
+
+
+def test_a_dropped_async_vote_is_reachable_from_its_config():
+    cfg = lowlevel.DPConfig(1, 0, timeout_s=5)
+    assert cfg.vote_in_flight is None
+    v = cfg.start(5, False, True)
+    assert cfg.vote_in_flight is v
+    del v  # dropped: the config must not be wedged for good
+    with pytest.raises(RuntimeError, match=r"already in flight.*config\.vote_in_flight\.result\(\)"):
+        cfg.start(5, False, True)
+    assert cfg.vote_in_flight.result() == (False, None, 0)
+    assert cfg.vote_in_flight is None
+    assert cfg.start(6, False, True, cudagraph_mode=np.int64(2)).result() == (False, None, 2)
+    with pytest.raises(AttributeError):
+        cfg.vote_in_flight = None  # read-only
+
+
+REAL_BAD = [(np.array([1.0]), TypeError), (np.array([[1.0]]), TypeError), (np.array([1.0, 2.0]), TypeError),
+            (True, TypeError), (np.bool_(True), TypeError), ("1", TypeError), (1 + 0j, TypeError),
+            (np.complex128(1), TypeError), (None, TypeError), (math.nan, ValueError), (math.inf, ValueError)]
+
+
+@pytest.mark.parametrize("bad,exc", REAL_BAD + [(0.0, ValueError), (-1, ValueError)])
+@pytest.mark.parametrize("entry,arg,call", [
+    ("DPConfig", "timeout_s", lambda v: lowlevel.DPConfig(2, 0, timeout_s=v)),
+    ("UBatchRunner", "timeout_s", lambda v: lowlevel.UBatchRunner(_fn, timeout_s=v)),
+    ("make_ubatch_contexts", "timeout_s", lambda v: lowlevel.make_ubatch_contexts(2, 1, 2, timeout_s=v)),
+    ("CpuGpuEvent.wait", "timeout", lambda v: lowlevel.CpuGpuEvent(event_factory=lambda: None).wait(timeout=v)),
+    ("rms_norm", "eps", lambda v: _rms(v)),
+    ("Timeline.add", "start_ms", lambda v: lowlevel.Timeline().add("a", "t", v, 5.0)),
+])
+def test_real_arguments_refuse_arrays_bools_and_non_finite(entry, arg, call, bad, exc):
+    if bad is None and arg not in ("eps", "start_ms"):
+        pytest.skip("None means 'no bound'")
+    if entry in ("CpuGpuEvent.wait", "Timeline.add") and type(bad) is float and bad == 0.0:
+        pytest.skip("0 polls once / is a time")
+    if entry == "Timeline.add" and type(bad) is int and bad == -1:
+        pytest.skip("a negative time is a time")
+    with pytest.raises(exc, match=arg) as info:
+        call(bad)
+    assert str(info.value).startswith(arg), f"{entry}: {info.value}"
+
+
+def _rms(eps):
+    from lowlevel import kernels
+
+    return kernels.rms_norm(_X, _W, eps)
+
+
+_X = None
+_W = None
+
+
+@pytest.fixture(autouse=True)
+def _rms_inputs():
+    global _X, _W
+    if _X is None:
+        import torch
+
+        g = torch.Generator().manual_seed(4)
+        _X, _W = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+
+
+@pytest.mark.parametrize("good", [np.array(2.0), np.float32(2.0), np.int64(2), 2])
+def test_real_arguments_accept_numpy_scalars_and_0d_arrays(good):
+    assert lowlevel.DPConfig(2, 0, timeout_s=good).timeout_s == 2.0
+    from lowlevel.errors import check_real
+
+    assert check_real(good, "x") == 2.0 and type(check_real(good, "x")) is float
+
+
+def test_rms_norm_eps_is_checked_and_used():
+    import torch
+
+    from lowlevel import kernels
+
+    x, w = _X.double(), _W.double()
+    for eps in (1e-6, np.float32(0.5), np.array(0.25)):
+        got = kernels.rms_norm(_X, _W, eps)
+        e = float(eps)
+        want = x / torch.sqrt((x * x).mean(1, keepdim=True) + e) * w
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), eps
+    with pytest.raises(TypeError, match="eps must be a finite real number > 0, got True"):
+        kernels.rms_norm(_X, _W, True)
+    with pytest.raises(TypeError, match="^eps"):
+        kernels.prepare_rms_norm(_X, _W, "x", out=torch.empty_like(_X))
+    with pytest.raises(ValueError, match="^eps"):
+        kernels.prepare_rms_norm(_X, _W, -1e-6, out=torch.empty_like(_X))
+
+
+def _timeline():
+    tl = lowlevel.Timeline()
+    tl.add("a", "compute", 0.0, 3.0)
+    tl.add("b", "comm", 1.0, 5.0)
+    return tl
+
+
+@pytest.mark.parametrize("bad", [3, 0, True, b"x.json", None.__class__, 1.5])
+def test_path_arguments_refuse_file_descriptors_and_non_paths(bad, tmp_path):
+    import os
+    import pathlib
+
+    tl = _timeline()
+    r, w = os.pipe()
+    try:
+        for call in (lambda p: tl.to_chrome_trace(p), lambda p: tl.plot(p),
+                     lambda p: lowlevel.merge_traces([tl.to_chrome_trace()], path=p),
+                     lambda p: lowlevel.plot_merged(tl.to_chrome_trace(), p)):
+            with pytest.raises(TypeError, match=r"^path must be a str or os.PathLike"):
+                call(w if bad == 3 else bad)
+        os.write(w, b"still open")  # the descriptor was neither written nor closed
+    finally:
+        os.close(r)
+        os.close(w)
+    p = tmp_path / "t.json"
+    tl.to_chrome_trace(p)  # os.PathLike accepted
+    merged = lowlevel.merge_traces([pathlib.Path(p), str(p)], align=None, path=tmp_path / "m.json")
+    assert len([e for e in merged["traceEvents"] if e.get("ph") == "X"]) == 4
+
+
+def test_overlap_ms_checks_its_track_names():
+    tl = _timeline()
+    assert tl.overlap_ms("compute", "comm") == 2.0
+    with pytest.raises(TypeError, match="^track_b must be a track name"):
+        tl.overlap_ms("compute", 5)
+    with pytest.raises(TypeError, match="^track_a"):
+        tl.overlap_ms(None, "comm")
+    with pytest.raises(ValueError, match=r"^track_a must name a track of this timeline \(\['comm', 'compute'\]\)"):
+        tl.overlap_ms("c", "comm")
+    tl.label(7, "idle")  # a labelled track without spans is known: no overlap
+    assert tl.overlap_ms("idle", "comm") == 0.0
+
+
+@pytest.mark.parametrize("bad,exc", [("x", TypeError), (1.5, TypeError), (None, TypeError), (True, TypeError),
+                                     (np.bool_(False), TypeError), (-1, ValueError), (np.int64(-2), ValueError)])
+def test_keep_alive_consumer_is_checked_before_anything_is_held(bad, exc):
+    from lowlevel.lifetime import default_keep_alive
+
+    arr = np.arange(4)  # held by this test: never released, so no event is recorded
+    ka = lowlevel.KeepAlive()
+    before = default_keep_alive.pending()
+    with pytest.raises(exc, match="^consumer must be a CUDA stream handle"):
+        ka.keep(arr, bad)
+    with pytest.raises(exc, match="^consumer must be a CUDA stream handle"):
+        lowlevel.protect_outputs({"a": arr}, bad, lambda: None)
+    assert ka.pending() == 0 and default_keep_alive.pending() == before
+    ka.keep(arr, np.int64(7))
+    assert ka.pending() == 1 and ka._items[0][1] == 7 and type(ka._items[0][1]) is int
+
+
+def test_protect_outputs_checks_consumer_torch():
+    with pytest.raises(TypeError, match="^consumer_torch"):
+        lowlevel.protect_outputs([np.arange(3)], 5, None)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import check_real
 from ._launch import (
     INTERPRET,
     FastLauncher,
@@ -93,8 +94,7 @@ def plan(x: Any, weight: Any, eps: float, residual: Any, out: Any,
         raise ValueError(f"rows of more than {MAX_N} elements are not supported, got {N}")
     if N and xt.stride(1) != 1:
         raise ValueError("the rows of x must be contiguous (x.stride(1) == 1)")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
     yt = torch.empty_like(xt) if out is None else to_torch(out, "out")[0]
     if yt.shape != xt.shape or yt.dtype != xt.dtype or (N and yt.stride(1) != 1):
         raise ValueError("out must have x's shape and dtype, with contiguous rows")
@@ -123,7 +123,8 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, ou
     """RMSNorm of each row of ``x`` (rows, N) with ``weight`` (N,); rows must be contiguous.
 
     Returns ``out`` (new if None), or ``(out, new_residual)`` when ``residual`` is given, where
-    ``new_residual = x + residual`` is a new array. Torch or CuPy inputs; the current stream."""
+    ``new_residual = x + residual`` is a new array. Torch or CuPy inputs; the current stream.
+    ``eps`` must be a finite real number > 0 (never a bool): ``TypeError`` / ``ValueError``."""
     return plan(x, weight, eps, residual, out).launch()
 
 

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ..errors import LowlevelError, check_int
+from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, to_torch
@@ -468,8 +468,7 @@ class TileOverlap:
         M, N, K = _check_mm(at, bt)
         if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
             raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
         prec = _precision(at.dtype, precision)
         ct = _out(out, "out", (M, N), at, True)
         yt = _out(y, "y", (M, N), at, True)
