@@ -246,7 +246,7 @@ def stream_handle(stream: Any) -> int:
     cls = type(stream)
     if cls is int:
         if stream < 0:
-            raise ValueError(f"a stream handle is a non-negative int, got {stream}")
+            raise ValueError(f"stream: a stream handle is a non-negative int, got {stream}")
         return stream
     get = _handle_getters.get(cls)
     if get is None:
@@ -260,7 +260,7 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
         if isinstance(stream, base):
             return get
     if isinstance(stream, bool) or type(stream).__name__ in ("bool", "bool_"):
-        raise TypeError("a bool is not a stream handle")
+        raise TypeError("stream: a bool is not a stream handle")
     if isinstance(stream, int) or hasattr(type(stream), "__index__"):
         return _int_handle
     if type(stream).__module__.startswith("torch") and hasattr(stream, "cuda_stream"):
@@ -270,14 +270,14 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
     if hasattr(stream, "__cuda_stream__"):
         return lambda s: int(s.__cuda_stream__()[1])
     raise TypeError(
-        f"cannot use {type(stream).__module__}.{type(stream).__qualname__} as a CUDA stream: expected a "
+        f"stream: cannot use {type(stream).__module__}.{type(stream).__qualname__} as a CUDA stream: expected a "
         "lowlevel.Stream, torch.cuda.Stream, cupy stream, int handle or an object with __cuda_stream__")
 
 
 def _int_handle(stream: Any) -> int:
     h = operator.index(stream)  # NumPy integers and other __index__ types
     if h < 0:
-        raise ValueError(f"a stream handle is a non-negative int, got {h}")
+        raise ValueError(f"stream: a stream handle is a non-negative int, got {h}")
     return h
 
 

@@ -210,7 +210,8 @@ def adopt_arg(obj: StreamLike, name: str) -> Stream:
     try:
         return adopt(obj)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{name} must be a CUDA stream ({exc}), got {describe(obj)}") from None
+        raise type(exc)(f"{name} must be a CUDA stream (a lowlevel.Stream, torch.cuda.Stream, CuPy stream, "
+                        f"non-negative int handle or an object with __cuda_stream__), got {describe(obj)}") from None
 
 
 _current_cache: dict[tuple[int, int], Stream] = {}

@@ -767,3 +767,13 @@ def test_keep_alive_consumer_is_checked_before_anything_is_held(bad, exc):
 def test_protect_outputs_checks_consumer_torch():
     with pytest.raises(TypeError, match="^consumer_torch"):
         lowlevel.protect_outputs([np.arange(3)], 5, None)
+
+
+@pytest.mark.parametrize("bad", ["x", -1, True, 1.5])
+def test_stream_arguments_of_events_and_interop_name_stream(bad):
+    """Event.record/wait, record_event/wait_event and the interop calls take ``stream=``: a bad
+    one is refused with a message that names ``stream`` (no GPU needed: it fails first)."""
+    from lowlevel import _runtime as rt  # the one resolver behind all of them
+
+    with pytest.raises((TypeError, ValueError), match="^stream: "):
+        rt.stream_handle(bad)
