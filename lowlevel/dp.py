@@ -19,13 +19,15 @@ rank a step ahead or behind raises :class:`DPSyncError` on *every* rank, naming 
 The table's shape depends only on the group's size, never on a rank's beliefs, so ranks that
 disagree still meet in the same collective (no rank is killed inside gloo).
 
-Backends: gloo on CPU tensors (default; no GPU synchronisation, fit for async scheduling) or
-NCCL on device tensors (``use_device_collective=True``), enqueued on a dedicated cached stream
-(so it never waits for the model's queued work), the result copied back into pinned memory and
-an event polled against the deadline. :func:`coordinate_batch_across_dp_async` (or
-:meth:`DPConfig.start`) starts the vote and returns a :class:`DPVote` at once; its
-:meth:`DPVote.result` gives the plan the blocking call would have given. Buffers, stream and
-event are made once per :class:`DPConfig` and reused.
+Backends: gloo on CPU tensors (default; no GPU synchronisation, fit for async scheduling: a
+step writes six values and enqueues the all-reduce; the rest of the bookkeeping runs while it is
+in flight, and where the process has 8 cores or more the wait spins on the work for up to 0.5 ms,
+holding the GIL, before it blocks) or NCCL on device tensors (``use_device_collective=True``),
+enqueued on a dedicated cached stream (so it never waits for the model's queued work), the
+result copied back into pinned memory and an event polled against the deadline.
+:func:`coordinate_batch_across_dp_async` (or :meth:`DPConfig.start`) starts the vote and
+returns a :class:`DPVote` at once; its :meth:`DPVote.result` gives the plan the blocking call
+would have given. Buffers, stream and event are made once per :class:`DPConfig` and reused.
 """
 from __future__ import annotations
 
@@ -423,10 +425,20 @@ _OUT_BLOCK = 256  # results handed out per pinned block
 
 
 def _cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (``cpu.max``, what container limits set while the affinity still lists every core)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def _buffers(config: DPConfig) -> dict[str, Any]:
@@ -470,9 +482,9 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
             for _ in range(2):
                 h = template.clone()
                 a = h.numpy()
-                slots.append((h, a, memoryview(a).cast("B").cast("i"), [h]))
+                slots.append((h, a, a.data.cast("B").cast("i"), [h]))
             bufs.update(host=slots[0][0], np=slots[0][1], mv=slots[0][2], slot=slots[1], next=slots[0],
-                        template=memoryview(t).cast("B").cast("i"), template_t=template,
+                        template=t.data.cast("B").cast("i"), template_t=template,
                         opts=dist.AllreduceOptions(), const=None, order=None, expect=None,
                         many_cpus=_cpus() >= _SPIN_MIN_CPUS)
         st.group_rank = c
@@ -581,6 +593,8 @@ def _start_gloo(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any
     b["host"], b["np"], b["mv"] = h, a, mv
     const = b["const"]
     b["expect"] = None if const is None else const + [step] * w
+    if b["out_i"] == _OUT_BLOCK:  # the next block of results, made here rather than after the wait
+        _new_out_block(b, w)
     return work
 
 
@@ -613,10 +627,7 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
             mx = max(pad)
             mode = min(flat[4 * w:PLAN_ROWS * w])
             should = 0 not in flat[2 * w:3 * w] and (mx // n) * (n - 1) < min(flat[:w])
-            i = b["out_i"]
-            if i == _OUT_BLOCK:
-                _new_out_block(b, w)
-                i = 0
+            i = b["out_i"]  # < _OUT_BLOCK: _start_gloo made a new block when one was used up
             row = b["out_rows"][i]
             if should or (mode != 0 and 0 not in flat[3 * w:4 * w]):
                 row.fill(mx)
@@ -673,11 +684,12 @@ def _wait_work(work: Any, config: DPConfig) -> None:
         done = work.is_completed
         if not done():
             t0 = time.perf_counter()
-            budget = _GLOO_SPIN_S if config.timeout_s is None else min(_GLOO_SPIN_S, config.timeout_s)
+            limit = config.timeout_s
+            budget = _GLOO_SPIN_S if limit is None else min(_GLOO_SPIN_S, limit)
             while not done():
                 if time.perf_counter() - t0 > budget:
-                    if timeout is not None:
-                        left = config.timeout_s - (time.perf_counter() - t0)
+                    if limit is not None:
+                        left = limit - (time.perf_counter() - t0)
                         if left <= 0:
                             raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: "
                                               "a peer never joined")
