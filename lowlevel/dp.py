@@ -486,6 +486,8 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
             bufs.update(host=slots[0][0], np=slots[0][1], mv=slots[0][2], slot=slots[1], next=slots[0],
                         template=t.data.cast("B").cast("i"), template_t=template,
                         opts=dist.AllreduceOptions(), const=None, order=None, expect=None,
+                        slices=tuple(slice(r * w, (r + 1) * w) for r in range(PLAN_ROWS))
+                        + (slice(PLAN_ROWS * w, None),),
                         many_cpus=_cpus() >= _SPIN_MIN_CPUS)
         st.group_rank = c
         st.group_size = w
@@ -593,8 +595,12 @@ def _start_gloo(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any
     b["host"], b["np"], b["mv"] = h, a, mv
     const = b["const"]
     b["expect"] = None if const is None else const + [step] * w
-    if b["out_i"] == _OUT_BLOCK:  # the next block of results, made here rather than after the wait
+    i = b["out_i"]
+    if i == _OUT_BLOCK:  # the next block of results, made here rather than after the wait
         _new_out_block(b, w)
+        i = 0
+    b["row"] = b["out_rows"][i], b["out"][i]  # this vote's result row (skipped if the vote fails)
+    b["out_i"] = i + 1
     return work
 
 
@@ -619,23 +625,21 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
         # accepted before, with this step's number, so check_dp_table would find nothing. The
         # plan needs only min/max/membership of the plan rows (order-free), and the padded row
         # in dp_rank order when it is handed out as is.
-        w = st.group_size
         flat = b["mv"].tolist()
-        if flat[PLAN_ROWS * w:] == expect:
+        s_unp, s_pad, s_wants, s_allows, s_modes, s_check = b["slices"]
+        if flat[s_check] == expect:
             n = config.num_ubatches
-            pad = flat[w:2 * w]
+            pad = flat[s_pad]
             mx = max(pad)
-            mode = min(flat[4 * w:PLAN_ROWS * w])
-            should = 0 not in flat[2 * w:3 * w] and (mx // n) * (n - 1) < min(flat[:w])
-            i = b["out_i"]  # < _OUT_BLOCK: _start_gloo made a new block when one was used up
-            row = b["out_rows"][i]
-            if should or (mode != 0 and 0 not in flat[3 * w:4 * w]):
+            mode = min(flat[s_modes])
+            should = 0 not in flat[s_wants] and (mx // n) * (n - 1) < min(flat[s_unp])
+            row, result = b["row"]
+            if should or (mode and 0 not in flat[s_allows]):
                 row.fill(mx)
             else:
                 order = b["order"]
                 row[:] = pad if order is None else [pad[k] for k in order]
-            b["out_i"] = i + 1
-            return should, b["out"][i], mode
+            return should, result, mode
     rows = b["np"].tolist()
     w = st.group_size
     problems = check_dp_table(rows)
