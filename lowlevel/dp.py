@@ -418,7 +418,7 @@ def coordinate_batch_across_dp(num_tokens_unpadded: int, allow_microbatching: bo
 # timeout): no wake-up on the critical path, but on a small host the spinning ranks starve gloo's
 # threads), "auto" (spin where the process may use at least _SPIN_MIN_CPUS cores, else timeout).
 _NCCL_STREAM = "lowlevel"
-_GLOO_WAIT = "auto"
+_GLOO_WAIT = os.environ.get("LOWLEVEL_DP_GLOO_WAIT", "auto")  # the variable: for tests of real processes
 _GLOO_SPIN_S = 5e-4  # a gloo vote of two processes takes ~0.15 ms on the H200 host
 _SPIN_MIN_CPUS = 8
 _OUT_BLOCK = 256  # results handed out per pinned block

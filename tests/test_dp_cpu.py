@@ -342,6 +342,23 @@ def test_gloo_mismatch_raises_on_every_rank(world, kind, tmp_path):
             assert ("dp_size must equal the group's size" in r["error"]) == own_wrong
 
 
+def test_gloo_other_wait_in_real_processes(tmp_path, monkeypatch):
+    """Plans, the async vote and a timeout with the gloo wait that this host does not pick by
+    default (spin where it has fewer than 8 cores, else timeout); the tests above cover the default."""
+    import lowlevel.dp as dp
+
+    wait = "timeout" if dp._cpus() >= dp._SPIN_MIN_CPUS else "spin"
+    monkeypatch.setenv("LOWLEVEL_DP_GLOO_WAIT", wait)
+    for d in ("plan", "async", "timeout"):
+        (tmp_path / d).mkdir()
+    for r in _spawn(2, tmp_path / "plan", 20):
+        assert r["steps"] == 20 and all(p["ok"] for p in r["plans"])
+    for r in _spawn(2, tmp_path / "async", 10, mode="async", timeout=180):
+        assert all(r["same"]) and r["gen_error"] and "different steps" in r["gen_error"]
+    err = _spawn(2, tmp_path / "timeout", 0, mode="timeout", timeout=120)[0]
+    assert err["error"] and "timed out" in err["error"] and "step 0" in err["error"] and err["elapsed"] < 7.5
+
+
 def test_gloo_async_vote_equals_blocking_and_detects_generation(tmp_path):
     res = _spawn(2, tmp_path, 30, mode="async", timeout=180)
     for r in res:
