@@ -5,8 +5,13 @@ lowlevel blocking (`use_device_collective=True`, timeout kept), lowlevel async (
 host work, result) against blocking-then-host-work, vLLM's pattern (pinned CPU table -> device,
 one all-reduce, ``.cpu()``), one collective per field, a plain all-reduce of lowlevel's bigger
 table, and the earlier lowlevel path with its parts swapped one at a time (what cost the time).
-Gloo (CPU, 2 processes): lowlevel blocking vs one plain gloo all-reduce of the same table, of
-vLLM's 5-row table, and one collective per field.
+Gloo (CPU, 2 processes): lowlevel blocking vs one plain gloo all-reduce of the same table (bare,
+and with ``.tolist()`` of the result), of vLLM's 5-row table, and one collective per field;
+lowlevel's gloo wait ("timeout": ``work.wait(timedelta)``; "spin": ``is_completed()`` for at most
+0.5 ms, then the wait) and the same two waits around a plain all-reduce.
+Host work on the critical path (one process, the collective replaced by one already done, so the
+figure is the host's Python alone, without threads or peers): from the call to the enqueue plus
+from the wait's return to the call's return, lowlevel's vote vs ``dist.all_reduce`` (+ ``.tolist()``).
 
 Each figure: the median over trials of the mean per step, with p20/p80 in ``extra``.
 ``python -m bench.bench_dp`` prints the raw JSON.
@@ -150,8 +155,23 @@ def worker(rank: int, world: int, port: int, out: str, backend: str, n: int, tri
     if not dev:
         import datetime
 
-        fns["ours_poll"] = knob("_GLOO_WAIT", "poll")
+        fns["ours_timeout"] = knob("_GLOO_WAIT", "timeout")
+        fns["ours_spin"] = knob("_GLOO_WAIT", "spin")
         td30 = datetime.timedelta(seconds=30)
+
+        def plain_tolist() -> Any:
+            dist.all_reduce(big_host, group=group)
+            return big_host.tolist()
+
+        def plain_spin() -> Any:  # the floor of a spinning wait: no wake-up of the host thread
+            work = dist.all_reduce(big_host, group=group, async_op=True)
+            while not work.is_completed():
+                pass
+            work.wait()
+            return big_host
+
+        fns["plain_big_tolist"] = plain_tolist
+        fns["plain_big_spin"] = plain_spin
         fns["plain_big_async_wait"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait()
         fns["plain_big_async_wait_timeout"] = lambda: dist.all_reduce(big_host, group=group, async_op=True).wait(td30)
     if dev:
@@ -195,12 +215,111 @@ def worker(rank: int, world: int, port: int, out: str, backend: str, n: int, tri
     res = _measure(fns, barrier, n, trials)
     res["_plans_equal"] = bool(_same_plan(ours(), vllm()))
     res["_host_work_us"] = HOST_WORK_US
+    res["_gloo_spins"] = bool(cfg._state.bufs.get("many_cpus")) if not dev else None
+    res["_cpus"] = dpm._cpus()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
     dist.barrier()
     dist.destroy_process_group()
     _ = np
+
+
+def host_path_worker(out: str, trials: int, n: int) -> None:
+    """The host's own work on the critical path of one vote, µs (spawned by :func:`host_path`):
+    the collective is a stand-in that completes at once, so what is timed is the Python from the
+    call to the enqueue and from the wait's return to the call's return, nothing of gloo's threads.
+    Patches ``torch.distributed`` (a fake 2-rank group): run it in a process of its own."""
+    import time
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    import lowlevel
+    from lowlevel import dp as dpm
+
+    pc = time.perf_counter
+    stamp = [0.0, 0.0]
+
+    class Done:
+        def wait(self, timeout: Any = None) -> bool:
+            stamp[1] = pc()
+            return True
+
+        def is_completed(self) -> bool:
+            return True
+
+    done = Done()
+    peer = np.zeros((dpm.ROWS, 2), np.int32)  # what the other rank adds to the table
+    peer[:dpm.PLAN_ROWS, 1] = (601, 640, 1, 1, 2)
+    peer[dpm.R_PRESENT, 1], peer[dpm.R_DP_RANK, 1], peer[dpm.R_DP_SIZE, 1], peer[dpm.R_NUM_UBATCHES, 1] = 1, 1, 2, 2
+
+    class FakeGroup:
+        def allreduce(self, tensors: Any, opts: Any) -> Done:
+            stamp[0] = pc()
+            t = tensors[0].numpy()
+            if t.shape == peer.shape:
+                np.add(t, peer, out=t)
+            return done
+
+    fake = FakeGroup()
+    dist.get_world_size = lambda group=None: 2  # type: ignore[assignment]
+    dist.get_rank = lambda group=None: 0  # type: ignore[assignment]
+    c10d._get_default_group = lambda: fake  # dist.all_reduce's group
+    cfg = lowlevel.DPConfig(2, 0, enable_microbatching=True, timeout_s=30)
+    object.__setattr__(cfg, "group", fake)
+    st = cfg._state
+    vote = lowlevel.coordinate_batch_across_dp
+    table = torch.zeros(dpm.ROWS, 2, dtype=torch.int32)
+
+    def ours() -> Any:
+        peer[dpm.R_STEP, 1] = st.step % dpm._STEP_MOD
+        return vote(600, True, True, cfg, num_tokens_padded=640, uniform_decode=False, cudagraph_mode=2)
+
+    def plain() -> Any:
+        dist.all_reduce(table)
+
+    def plain_tolist() -> Any:
+        dist.all_reduce(table)
+        return table.tolist()
+
+    fns = {"ours": ours, "plain_big": plain, "plain_big_tolist": plain_tolist}
+    for fn in fns.values():
+        for _ in range(300):
+            fn()
+    got = ours()
+    assert got[0] is True and got[1].tolist() == [640, 640] and got[2] == 2, got
+    per: dict[str, dict[str, list[float]]] = {k: {"pre": [], "post": [], "critical": []} for k in fns}
+    for _ in range(trials):
+        for k, fn in fns.items():
+            pre = post = 0.0
+            for _ in range(n):
+                t0 = pc()
+                fn()
+                t1 = pc()
+                pre += stamp[0] - t0
+                post += t1 - stamp[1]
+            per[k]["pre"].append(pre / n * 1e6)
+            per[k]["post"].append(post / n * 1e6)
+            per[k]["critical"].append((pre + post) / n * 1e6)
+    with open(out, "w") as f:
+        json.dump({k: {part: _stats(v) for part, v in d.items()} for k, d in per.items()}, f)
+
+
+def host_path(trials: int = 31, n: int = 1000, timeout: float = 120) -> dict[str, Any]:
+    """:func:`host_path_worker` in a process of its own: ``{fn: {"pre"|"post"|"critical": stats}}``."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "h.json")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        code = ("import sys; from bench.bench_dp import host_path_worker; "
+                "host_path_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", code, out, str(trials), str(n)], env=env, cwd=ROOT, check=True,
+                       timeout=timeout)
+        with open(out) as f:
+            return json.load(f)
 
 
 def _same_plan(a: Any, b: Any) -> bool:
@@ -257,14 +376,28 @@ def _add(rep: Report, res: dict[str, Any], name: str, key: str, base_name: str, 
 
 def run(rep: Report) -> None:
     results: dict[str, Any] = {}
-    g = measure("gloo")
+    g = measure("gloo", trials=21)  # more trials: the figures differ by a few µs in ~150
     results["gloo"] = g
     _add(rep, g, "DP sync, gloo, 2 processes (lowlevel)", "ours",
          "one plain gloo all-reduce of the same [10, 2] table", "plain_big", "<= 1.0x")
     _add(rep, g, "plain gloo all-reduce of the [10, 2] table", "plain_big",
          "plain gloo all-reduce of vLLM's [5, 2] table", "plain_small", "the checks' rows cost nothing")
     _add(rep, g, "DP sync, gloo (lowlevel)", "ours", "one gloo collective per field (5)", "per_field")
-    _add(rep, g, "DP sync, gloo, work.wait(timeout)", "ours", "polling is_completed()", "ours_poll")
+    _add(rep, g, "DP sync, gloo, 2 processes (lowlevel)", "ours",
+         "one plain gloo all-reduce of the same table + .tolist()", "plain_big_tolist")
+    _add(rep, g, "DP sync, gloo, spin on is_completed() <= 0.5 ms", "ours_spin", "work.wait(timeout)",
+         "ours_timeout", f"the default spins: {g['_gloo_spins']} ({g['_cpus']} cores)")
+    _add(rep, g, "plain gloo all-reduce, spin on is_completed()", "plain_big_spin", "plain gloo all-reduce",
+         "plain_big", "the floor of a spinning wait")
+    h = host_path()
+    results["gloo_host_path"] = h
+    for k, name in (("plain_big", "dist.all_reduce of the same table"),
+                    ("plain_big_tolist", "dist.all_reduce + .tolist()")):
+        rep.add("DP sync, gloo: host work on the critical path (lowlevel)", h["ours"]["critical"]["median"],
+                "us/step", f"{name}: its own host work", h[k]["critical"]["median"],
+                target="no peers, no threads: the Python alone",
+                extra={part: h["ours"][part] for part in ("pre", "post", "critical")}
+                | {"baseline_" + part: h[k][part] for part in ("pre", "post", "critical")})
     _add(rep, g, "DP sync, gloo, async (start, host work, result)", "ours_async_host",
          f"blocking, then {HOST_WORK_US:.0f} us host work", "ours_then_host")
     n = _gpus()
@@ -292,6 +425,7 @@ def run(rep: Report) -> None:
 
 
 if __name__ == "__main__":  # one JSON line per backend, printed as soon as it is measured
-    print(json.dumps({"gloo": measure("gloo")}), flush=True)
+    print(json.dumps({"gloo_host_path": host_path()}), flush=True)
+    print(json.dumps({"gloo": measure("gloo", trials=21)}), flush=True)
     if _gpus() >= 2:
         print(json.dumps({"nccl": measure("nccl")}), flush=True)

@@ -19,25 +19,28 @@ rank a step ahead or behind raises :class:`DPSyncError` on *every* rank, naming 
 The table's shape depends only on the group's size, never on a rank's beliefs, so ranks that
 disagree still meet in the same collective (no rank is killed inside gloo).
 
-Backends: gloo on CPU tensors (default; no GPU synchronisation, fit for async scheduling) or
-NCCL on device tensors (``use_device_collective=True``), enqueued on a dedicated cached stream
-(so it never waits for the model's queued work), the result copied back into pinned memory and
-an event polled against the deadline. :func:`coordinate_batch_across_dp_async` (or
-:meth:`DPConfig.start`) starts the vote and returns a :class:`DPVote` at once; its
-:meth:`DPVote.result` gives the plan the blocking call would have given. Buffers, stream and
-event are made once per :class:`DPConfig` and reused.
+Backends: gloo on CPU tensors (default; no GPU synchronisation, fit for async scheduling: a
+step writes six values and enqueues the all-reduce; the rest of the bookkeeping runs while it is
+in flight, and where the process has 8 cores or more the wait spins on the work for up to 0.5 ms,
+holding the GIL, before it blocks) or NCCL on device tensors (``use_device_collective=True``),
+enqueued on a dedicated cached stream (so it never waits for the model's queued work), the
+result copied back into pinned memory and an event polled against the deadline.
+:func:`coordinate_batch_across_dp_async` (or :meth:`DPConfig.start`) starts the vote and
+returns a :class:`DPVote` at once; its :meth:`DPVote.result` gives the plan the blocking call
+would have given. Buffers, stream and event are made once per :class:`DPConfig` and reused.
 """
 from __future__ import annotations
 
 import datetime
 import math
+import os
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from .cudagraph_dispatch import as_cudagraph_mode
+from .cudagraph_dispatch import CUDAGraphMode, as_cudagraph_mode
 from .device import cuda_available, probe
 from .errors import CudaUnavailableError, LowlevelError, check_bool, check_int, check_ints, check_timeout, describe
 
@@ -319,8 +322,31 @@ def _where(config: DPConfig) -> str:
     return f"DP sync step {config._state.step} on dp_rank {config.dp_rank} of {config.dp_size}"
 
 
+_MODE_FULL, _MODE_PIECEWISE, _MODE_NONE = CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE
+
+
 def _check_args(num_tokens_unpadded: Any, allow_microbatching: Any, allow_dp_padding: Any, config: Any,
                 num_tokens_padded: Any, uniform_decode: Any, cudagraph_mode: Any) -> tuple[int, int, int, int, int]:
+    # Fast path: plain ints and bools, all valid (the common call); anything else takes the full
+    # checks below, which raise the messages.
+    unp, pad, m = num_tokens_unpadded, num_tokens_padded, cudagraph_mode
+    if pad is None:
+        pad = unp
+    if (type(unp) is int and type(pad) is int and 0 <= unp <= pad < _STEP_MOD
+            and (allow_dp_padding is True or allow_dp_padding is False)
+            and (uniform_decode is True or uniform_decode is False
+                 or (uniform_decode is None and allow_microbatching is False))
+            and (allow_microbatching is True or allow_microbatching is False)
+            and type(config) is DPConfig):
+        if type(m) is int:
+            mode = m if 0 <= m <= 2 else -1
+        else:
+            mode = 2 if m is _MODE_FULL else 1 if m is _MODE_PIECEWISE else 0 if m is _MODE_NONE else -1
+        if mode >= 0:
+            wants = (allow_microbatching and config.enable_microbatching
+                     and unp >= (config.decode_token_threshold if uniform_decode
+                                 else config.prefill_token_threshold))
+            return unp, pad, 1 if wants else 0, 1 if allow_dp_padding else 0, mode
     if not isinstance(config, DPConfig):
         raise TypeError(f"config must be a DPConfig, got {type(config).__qualname__}")
     unp = check_int(num_tokens_unpadded, "num_tokens_unpadded", 0)
@@ -394,12 +420,33 @@ def coordinate_batch_across_dp(num_tokens_unpadded: int, allow_microbatching: bo
 
 # Implementation choices, measured side by side in bench/bench_dp.py (private knobs, not API):
 # the NCCL path's stream switch ("lowlevel": lowlevel.use_stream on a cached Stream; "torch":
-# torch.cuda.stream), and how the gloo path waits ("timeout": work.wait(timedelta), a condition
-# variable wait in gloo's work; "poll": is_completed() against the deadline, which starves gloo's
-# threads on a small host).
+# torch.cuda.stream), and how the gloo path waits: "timeout" (work.wait(timedelta), a condition
+# variable wait in gloo's work: the host thread sleeps and is woken when gloo's thread finishes),
+# "spin" (is_completed() in a loop for at most _GLOO_SPIN_S, then work.wait(the rest of the
+# timeout): no wake-up on the critical path, but on a small host the spinning ranks starve gloo's
+# threads), "auto" (spin where the process may use at least _SPIN_MIN_CPUS cores, else timeout).
 _NCCL_STREAM = "lowlevel"
-_GLOO_WAIT = "timeout"
+_GLOO_WAIT = os.environ.get("LOWLEVEL_DP_GLOO_WAIT", "auto")  # the variable: for tests of real processes
+_GLOO_SPIN_S = 5e-4  # a gloo vote of two processes takes ~0.15 ms on the H200 host
+_SPIN_MIN_CPUS = 8
 _OUT_BLOCK = 256  # results handed out per pinned block
+
+
+def _cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (``cpu.max``, what container limits set while the affinity still lists every core)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def _buffers(config: DPConfig) -> dict[str, Any]:
@@ -409,15 +456,17 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
         import torch.distributed as dist
 
         w = dist.get_world_size(config.group)
+        c = dist.get_rank(config.group)
         cuda = torch.cuda.is_available()
-        host = torch.zeros((ROWS, w), dtype=torch.int32, pin_memory=cuda)
-        bufs: dict[str, Any] = {"host": host, "np": host.numpy(), "pin": cuda, "out": None, "out_np": None,
-                                "out_i": _OUT_BLOCK, "timedelta": None if config.timeout_s is None
+        bufs: dict[str, Any] = {"pin": cuda, "out": None, "out_np": None, "out_i": _OUT_BLOCK,
+                                "timedelta": None if config.timeout_s is None
                                 else datetime.timedelta(seconds=config.timeout_s)}
         if config.use_device_collective:
             from .event import Event
             from .stream import Stream
 
+            host = torch.zeros((ROWS, w), dtype=torch.int32, pin_memory=cuda)
+            bufs.update(host=host, np=host.numpy())
             # empty, not zeros: a fill kernel runs on the current stream, which the vote's own
             # (non-blocking) stream does not wait for, so a slow first fill could land after the
             # vote's host-to-device copy and zero this rank's column. The copy writes it whole.
@@ -425,22 +474,50 @@ def _buffers(config: DPConfig) -> dict[str, Any]:
             bufs["stream"] = Stream()
             bufs["tstream"] = torch.cuda.Stream()
             bufs["event"] = Event()
-        st.group_rank = dist.get_rank(config.group)
+        else:
+            # Two tables used in turn: while one step's all-reduce is in flight, the table of the
+            # step before is reset for the next one, so a step writes only its six changing
+            # values before the collective. Each table is written through a flat int32
+            # memoryview (index row * w + column), cheaper than NumPy indexing for one element.
+            template = torch.zeros((ROWS, w), dtype=torch.int32)
+            t = template.numpy()
+            if config.dp_rank < w:
+                t[R_PRESENT, config.dp_rank] = 1
+            t[R_DP_RANK, c] = config.dp_rank
+            t[R_DP_SIZE, c] = config.dp_size
+            t[R_NUM_UBATCHES, c] = config.num_ubatches
+            slots = []
+            for _ in range(2):
+                h = template.clone()
+                a = h.numpy()
+                slots.append((h, a, a.data.cast("B").cast("i"), [h]))
+            bufs.update(host=slots[0][0], np=slots[0][1], mv=slots[0][2], slot=slots[1], next=slots[0],
+                        template=t.data.cast("B").cast("i"), template_t=template,
+                        opts=dist.AllreduceOptions(), const=None, order=None, expect=None,
+                        slices=tuple(slice(r * w, (r + 1) * w) for r in range(PLAN_ROWS))
+                        + (slice(PLAN_ROWS * w, None),),
+                        many_cpus=_cpus() >= _SPIN_MIN_CPUS)
+        st.group_rank = c
         st.group_size = w
         st.bufs = bufs
     return st.bufs
+
+
+def _new_out_block(b: dict[str, Any], w: int) -> None:
+    import torch
+
+    blk = torch.empty((_OUT_BLOCK, w), dtype=torch.int32, pin_memory=b["pin"])
+    b["out"], b["out_np"], b["out_i"] = blk.unbind(0), blk.numpy(), 0  # the row views made once per block
+    b["out_rows"] = list(b["out_np"])
 
 
 def _out(b: dict[str, Any], counts: list[int]) -> Any:
     """A fresh-looking int32 result: row ``i`` of a pinned block of ``_OUT_BLOCK`` results (a
     new block when one is used up; a block lives while any of its rows is referenced), so a
     step allocates nothing."""
+    if b["out_i"] == _OUT_BLOCK:
+        _new_out_block(b, len(counts))
     i = b["out_i"]
-    if i == _OUT_BLOCK:
-        import torch
-
-        blk = torch.empty((_OUT_BLOCK, len(counts)), dtype=torch.int32, pin_memory=b["pin"])
-        b["out"], b["out_np"], i = blk.unbind(0), blk.numpy(), 0  # the row views made once per block
     b["out_np"][i] = counts
     b["out_i"] = i + 1
     return b["out"][i]
@@ -448,9 +525,11 @@ def _out(b: dict[str, Any], counts: list[int]) -> Any:
 
 def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
     """Fill this rank's column and enqueue the one SUM all-reduce; the gloo work or None."""
+    st = config._state
+    if not config.use_device_collective:
+        return _start_gloo(config, column)
     import torch.distributed as dist
 
-    st = config._state
     b = _buffers(config)
     table, c, w = b["np"], st.group_rank, st.group_size
     table.fill(0)
@@ -462,39 +541,75 @@ def _start(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
     table[R_NUM_UBATCHES, c] = config.num_ubatches
     table[R_STEP, c] = st.step % _STEP_MOD
     try:
-        if config.use_device_collective:
-            dev, host = b["device"], b["host"]
-            # A dedicated stream: the vote never waits for the model's queued work, and the
-            # model's stream never waits for the vote. No host wait here: the event is polled.
-            if _NCCL_STREAM == "torch":
-                import torch
+        dev, host = b["device"], b["host"]
+        # A dedicated stream: the vote never waits for the model's queued work, and the
+        # model's stream never waits for the vote. No host wait here: the event is polled.
+        if _NCCL_STREAM == "torch":
+            import torch
 
-                with torch.cuda.stream(b["tstream"]):
-                    dev.copy_(host, non_blocking=True)
-                    dist.all_reduce(dev, group=config.group)
-                    host.copy_(dev, non_blocking=True)
-                b["event"].record(b["tstream"])
-            else:
-                from .stream import use_stream
+            with torch.cuda.stream(b["tstream"]):
+                dev.copy_(host, non_blocking=True)
+                dist.all_reduce(dev, group=config.group)
+                host.copy_(dev, non_blocking=True)
+            b["event"].record(b["tstream"])
+        else:
+            from .stream import use_stream
 
-                s = b["stream"]
-                with use_stream(s):
-                    dev.copy_(host, non_blocking=True)
-                    dist.all_reduce(dev, group=config.group)
-                    host.copy_(dev, non_blocking=True)
-                b["event"].record(s)
-            return None
-        opts = b.get("opts")
-        if opts is None:
-            opts = b["opts"] = dist.AllreduceOptions()  # SUM
+            s = b["stream"]
+            with use_stream(s):
+                dev.copy_(host, non_blocking=True)
+                dist.all_reduce(dev, group=config.group)
+                host.copy_(dev, non_blocking=True)
+            b["event"].record(s)
+        return None
+    except Exception as exc:
+        st.broken = f"{type(exc).__name__}: {exc}"
+        raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
+
+
+_dist: Any = None  # torch.distributed, imported at the first gloo vote
+
+
+def _start_gloo(config: DPConfig, column: tuple[int, int, int, int, int]) -> Any:
+    """The gloo vote: write the six values that change (plan rows and step) into the table
+    prepared for this step, enqueue the all-reduce, then (while it runs) reset the other table
+    for the next step and prepare the expected check rows. Returns the work."""
+    global _dist
+    st = config._state
+    b = st.bufs or _buffers(config)
+    h, a, mv, hl = cur = b["next"]
+    c, w = st.group_rank, st.group_size
+    step = st.step % _STEP_MOD
+    mv[c], mv[w + c], mv[2 * w + c], mv[3 * w + c], mv[4 * w + c] = column
+    mv[R_STEP * w + c] = step
+    try:
+        dist = _dist
+        if dist is None:
+            import torch.distributed as dist
+
+            _dist = dist
         # The group is looked up per call, not cached: a config must not keep the world group's
         # C++ object alive after destroy_process_group() (gloo aborts the process when a group
         # is destroyed late, at interpreter exit).
         pg = dist.group.WORLD if config.group is None else config.group
-        return cast(Any, pg).allreduce([b["host"]], opts)
+        work = pg.allreduce(hl, b["opts"])
     except Exception as exc:
         st.broken = f"{type(exc).__name__}: {exc}"
         raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
+    # In flight from here on.
+    prev = b["slot"]
+    prev[2][:] = b["template"]  # the previous step's table (read already): reset for the next step
+    b["slot"], b["next"] = cur, prev
+    b["host"], b["np"], b["mv"] = h, a, mv
+    const = b["const"]
+    b["expect"] = None if const is None else const + [step] * w
+    i = b["out_i"]
+    if i == _OUT_BLOCK:  # the next block of results, made here rather than after the wait
+        _new_out_block(b, w)
+        i = 0
+    b["row"] = b["out_rows"][i], b["out"][i]  # this vote's result row (skipped if the vote fails)
+    b["out_i"] = i + 1
+    return work
 
 
 def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
@@ -512,6 +627,27 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
     except Exception as exc:
         st.broken = f"{type(exc).__name__}: {exc}"
         raise DPSyncError(f"{_where(config)} failed: {type(exc).__name__}: {exc}") from exc
+    expect = b.get("expect")
+    if expect is not None:
+        # Fast path (gloo, from the second vote on): the check rows equal the ones a full check
+        # accepted before, with this step's number, so check_dp_table would find nothing. The
+        # plan needs only min/max/membership of the plan rows (order-free), and the padded row
+        # in dp_rank order when it is handed out as is.
+        flat = b["mv"].tolist()
+        s_unp, s_pad, s_wants, s_allows, s_modes, s_check = b["slices"]
+        if flat[s_check] == expect:
+            n = config.num_ubatches
+            pad = flat[s_pad]
+            mx = max(pad)
+            mode = min(flat[s_modes])
+            should = 0 not in flat[s_wants] and (mx // n) * (n - 1) < min(flat[s_unp])
+            row, result = b["row"]
+            if should or (mode and 0 not in flat[s_allows]):
+                row.fill(mx)
+            else:
+                order = b["order"]
+                row[:] = pad if order is None else [pad[k] for k in order]
+            return should, result, mode
     rows = b["np"].tolist()
     w = st.group_size
     problems = check_dp_table(rows)
@@ -522,9 +658,12 @@ def _finish(config: DPConfig, work: Any) -> tuple[bool, Any, int]:
         raise DPSyncError(msg)
     plan_rows = rows[:PLAN_ROWS]
     ranks = rows[R_DP_RANK]
+    order = None
     if ranks != list(range(w)):  # dp_rank order differs from the group's: columns in dp_rank order
         order = sorted(range(w), key=ranks.__getitem__)
         plan_rows = [[r[c] for c in order] for r in plan_rows]
+    if "expect" in b:  # gloo: remember the accepted check rows (but the step) for the fast path
+        b["const"], b["order"] = [x for r in rows[R_PRESENT:R_STEP] for x in r], order
     should_ubatch, counts, synced, _ = _plan_of(plan_rows, config.num_ubatches)
     return should_ubatch, _out(b, counts), synced
 
@@ -548,22 +687,31 @@ def _poll(event: Any, config: DPConfig) -> None:
 
 
 def _wait_work(work: Any, config: DPConfig) -> None:
-    """Wait for the gloo work, at most ``timeout_s``."""
-    if config.timeout_s is None:
+    """Wait for the gloo work, at most ``timeout_s``: spin on ``is_completed()`` for at most
+    ``_GLOO_SPIN_S`` where the host has the cores for it (see ``_GLOO_WAIT``), then block in
+    ``work.wait`` for the rest of the timeout."""
+    b = config._state.bufs
+    timeout = b.get("timedelta")
+    if b.get("many_cpus") if _GLOO_WAIT == "auto" else _GLOO_WAIT == "spin":
+        done = work.is_completed
+        if not done():
+            t0 = time.perf_counter()
+            limit = config.timeout_s
+            budget = _GLOO_SPIN_S if limit is None else min(_GLOO_SPIN_S, limit)
+            while not done():
+                if time.perf_counter() - t0 > budget:
+                    if limit is not None:
+                        left = limit - (time.perf_counter() - t0)
+                        if left <= 0:
+                            raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: "
+                                              "a peer never joined")
+                        timeout = datetime.timedelta(seconds=left)
+                    break
+            else:
+                timeout = None  # completed: wait() returns at once, or raises the collective's error
+    if timeout is None:
         work.wait()
         return
-    if _GLOO_WAIT == "poll":
-        if not work.is_completed():
-            t0 = time.perf_counter()
-            while not work.is_completed():
-                now = time.perf_counter() - t0
-                if now > config.timeout_s:
-                    raise DPSyncError(f"{_where(config)} timed out after {config.timeout_s} s: a peer never joined")
-                if now > 2e-3:
-                    time.sleep(5e-5)
-        work.wait()  # completed: returns at once, or raises the collective's error
-        return
-    timeout = config._state.bufs["timedelta"]
     try:
         ok = work.wait(timeout)
     except Exception as exc:

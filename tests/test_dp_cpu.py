@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -341,6 +342,23 @@ def test_gloo_mismatch_raises_on_every_rank(world, kind, tmp_path):
             assert ("dp_size must equal the group's size" in r["error"]) == own_wrong
 
 
+def test_gloo_other_wait_in_real_processes(tmp_path, monkeypatch):
+    """Plans, the async vote and a timeout with the gloo wait that this host does not pick by
+    default (spin where it has fewer than 8 cores, else timeout); the tests above cover the default."""
+    import lowlevel.dp as dp
+
+    wait = "timeout" if dp._cpus() >= dp._SPIN_MIN_CPUS else "spin"
+    monkeypatch.setenv("LOWLEVEL_DP_GLOO_WAIT", wait)
+    for d in ("plan", "async", "timeout"):
+        (tmp_path / d).mkdir()
+    for r in _spawn(2, tmp_path / "plan", 20):
+        assert r["steps"] == 20 and all(p["ok"] for p in r["plans"])
+    for r in _spawn(2, tmp_path / "async", 10, mode="async", timeout=180):
+        assert all(r["same"]) and r["gen_error"] and "different steps" in r["gen_error"]
+    err = _spawn(2, tmp_path / "timeout", 0, mode="timeout", timeout=120)[0]
+    assert err["error"] and "timed out" in err["error"] and "step 0" in err["error"] and err["elapsed"] < 7.5
+
+
 def test_gloo_async_vote_equals_blocking_and_detects_generation(tmp_path):
     res = _spawn(2, tmp_path, 30, mode="async", timeout=180)
     for r in res:
@@ -437,3 +455,130 @@ def test_table_check_finds_exactly_the_mismatches(data, w):
     assert ("different steps" in text) == (len(set(steps)) > 1)
     assert (text == "") == (sorted(ranks) == list(range(w)) and set(sizes) == {w} and len(set(nubs)) == 1
                             and len(set(steps)) == 1)
+
+
+# --- the gloo path's own code (two tables, fast check), against a fake group -----------------------
+
+class _FakeGroup:
+    """Sums this process's table with the peers' columns, as a gloo all-reduce would; ``peers``:
+    group rank -> dict of row values (``dp_rank``, ``step`` ... and the five plan values)."""
+
+    def __init__(self, world, done=True):
+        self.world, self.peers, self.done, self.calls = world, {}, done, 0
+
+    def allreduce(self, tensors, opts):
+        from lowlevel import dp
+
+        self.calls += 1
+        t = tensors[0].numpy()
+        assert t.shape == (dp.ROWS, self.world)
+        for c, p in self.peers.items():
+            t[:dp.PLAN_ROWS, c] += p["plan"]
+            if 0 <= p["dp_rank"] < self.world:
+                t[dp.R_PRESENT, p["dp_rank"]] += 1
+            t[dp.R_DP_RANK, c] += p["dp_rank"]
+            t[dp.R_DP_SIZE, c] += p.get("dp_size", self.world)
+            t[dp.R_NUM_UBATCHES, c] += p.get("num_ubatches", 2)
+            t[dp.R_STEP, c] += p["step"]
+        return _DoneWork() if self.done else _NeverWork()
+
+
+class _NeverWork:
+    def __init__(self):
+        self.waits = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return False
+
+    def is_completed(self):
+        return False
+
+
+def _fake_group_config(monkeypatch, world, group_rank, dp_rank, done=True, **kw):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: group_rank)
+    cfg = lowlevel.DPConfig(world, dp_rank, **kw)
+    g = _FakeGroup(world, done)
+    object.__setattr__(cfg, "group", g)  # a stand-in for a ProcessGroup (the constructor checks the type)
+    return cfg, g
+
+
+@pytest.mark.parametrize("wait", ["timeout", "spin"])
+def test_gloo_fast_path_equals_the_full_check(monkeypatch, wait):
+    """Many steps through the real gloo start/finish (a dp_rank order other than the group's): every
+    plan equals the reference, every mismatch raises (also after the fast path took over), the full
+    check runs only at the first step and at mismatches, and results are never reused."""
+    import random
+
+    import lowlevel.dp as dp
+
+    sys.path.insert(0, HERE)
+    import dp_worker
+
+    monkeypatch.setattr(dp, "_GLOO_WAIT", wait)
+    full_checks = []
+    real_check = dp.check_dp_table
+    monkeypatch.setattr(dp, "check_dp_table", lambda t: full_checks.append(1) or real_check(t))
+    world, me = 3, 1  # group rank 1 is dp_rank 0; group rank 0 is dp_rank 2, group rank 2 dp_rank 1
+    dp_rank_of = {0: 2, 1: 0, 2: 1}
+    cfg, g = _fake_group_config(monkeypatch, world, me, dp_rank_of[me], enable_microbatching=True,
+                                timeout_s=30)
+    rng = random.Random(7)
+    outs, mismatches = [], 0
+    for k in range(300):
+        inputs = {c: dp_worker.step_inputs(k, c) for c in range(world)}
+        cols = {}
+        for c, a in inputs.items():
+            wants = int(a["allow_microbatching"] and lowlevel.check_ubatch_thresholds(
+                cfg, a["num_tokens_unpadded"], a["uniform_decode"]))
+            cols[c] = (a["num_tokens_unpadded"], a["num_tokens_padded"], wants, int(a["allow_dp_padding"]),
+                       a["cudagraph_mode"])
+        g.peers = {c: {"plan": cols[c], "dp_rank": dp_rank_of[c], "step": cfg.step % 2**31}
+                   for c in range(world) if c != me}
+        bad = k > 0 and rng.random() < 0.1
+        if bad:
+            peer = g.peers[rng.choice([0, 2])]
+            key, value = rng.choice([("step", cfg.step + 1), ("num_ubatches", 3), ("dp_size", world + 1),
+                                     ("dp_rank", dp_rank_of[me])])
+            peer[key] = value
+        step, checks = cfg.step, len(full_checks)
+        if bad:
+            mismatches += 1
+            with pytest.raises(lowlevel.DPSyncError, match="disagree"):
+                lowlevel.coordinate_batch_across_dp(**inputs[me], config=cfg)
+            assert cfg.step == step and cfg._state.inflight is None and len(full_checks) == checks + 1
+            continue
+        should, counts, mode = lowlevel.coordinate_batch_across_dp(**inputs[me], config=cfg)
+        by_dp_rank = [cols[c] for c in sorted(cols, key=dp_rank_of.__getitem__)]
+        want = dp_worker.reference_plan(by_dp_rank, 2)
+        assert (should, counts.tolist(), mode) == (want[0], list(want[1]), want[2]), k
+        assert counts.dtype == __import__("torch").int32 and cfg.step == step + 1
+        # the full check runs at the first step and after a mismatch (which does not set the rows)
+        assert len(full_checks) == checks + (k == 0)
+        outs.append((counts, list(want[1])))
+    assert mismatches > 10 and g.calls == 300
+    assert all(o.tolist() == w for o, w in outs)  # no later step wrote over an earlier result
+
+
+def test_gloo_spin_wait_keeps_the_timeout(monkeypatch):
+    import datetime
+
+    import lowlevel.dp as dp
+
+    monkeypatch.setattr(dp, "_GLOO_WAIT", "spin")
+    monkeypatch.setattr(dp, "_GLOO_SPIN_S", 0.05)
+    cfg, g = _fake_group_config(monkeypatch, 2, 0, 0, done=False, timeout_s=0.2)
+    vote = cfg.start(5, False, True)
+    work = vote._work
+    t0 = time.monotonic()
+    with pytest.raises(lowlevel.DPSyncError, match="timed out after 0.2 s"):
+        vote.result()
+    assert 0.04 < time.monotonic() - t0 < 5
+    # spun for the spin budget, then waited for the rest of the timeout, never longer
+    assert len(work.waits) == 1 and isinstance(work.waits[0], datetime.timedelta)
+    assert 0.1 <= work.waits[0].total_seconds() <= 0.16
+    with pytest.raises(lowlevel.DPSyncError, match="earlier vote failed"):
+        cfg.start(5, False, True)
