@@ -189,7 +189,9 @@ def worker(rank: int, world: int, port: int, out: str, backend: str, n: int, tri
 
         def old(timeout: bool = True, lowlevel_stream: bool = True, sync: str = "stream") -> Any:
             """The earlier lowlevel path with one part swapped at a time."""
-            old_host.numpy()[:, rank] = col
+            h = old_host.numpy()
+            h.fill(0)  # the last step's reduced sums are still in the other ranks' columns
+            h[:, rank] = col
             ctx = use_stream(old_s) if lowlevel_stream else torch.cuda.stream(old_t)
             with ctx:
                 old_dev.copy_(old_host, non_blocking=True)

@@ -100,6 +100,8 @@ def test_serve_decode_cpu_smoke(tmp_path):
     assert r["checked_tokens"] > 0 and r["mismatched_tokens"] == 0
 
 
+@pytest.mark.skipif(lowlevel.cuda_available(), reason="the GPU tier runs serve_decode --dp 2 on two GPUs; on a GPU "
+                    "machine the CPU path needs Triton's interpreter, which NumPy >= 2.4 breaks")
 def test_serve_decode_cpu_dp2_gloo_async_vote(tmp_path):
     """Two ranks over gloo on the CPU: the async DP vote pads both ranks of a step to one size
     (tokens still equal eager's on the padded batch), on any machine with transformers."""

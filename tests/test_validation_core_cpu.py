@@ -674,7 +674,8 @@ def _rms_inputs():
         import torch
 
         g = torch.Generator().manual_seed(4)
-        _X, _W = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+        dev = "cuda" if lowlevel.cuda_available() else "cpu"  # on a GPU machine the kernels run for real
+        _X, _W = torch.randn(3, 8, generator=g).to(dev), torch.randn(8, generator=g).to(dev)
 
 
 @pytest.mark.parametrize("good", [np.array(2.0), np.float32(2.0), np.int64(2), 2])
