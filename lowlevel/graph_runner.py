@@ -164,13 +164,11 @@ class CUDAGraphRunner:
                     self._check_tokens(num_tokens, desc)
                 self.bypasses += 1
                 return self.fn(*args, **kwargs)
-        try:
-            entry = self.graphs.get(desc)  # a hit proves desc valid: the keys are BatchDescriptors
-        except TypeError:  # unhashable
-            raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}") from None
+        if type(desc) is not BatchDescriptor and not isinstance(desc, BatchDescriptor):
+            # also a plain tuple equal to a key: a named tuple hashes and compares like one
+            raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
+        entry = self.graphs.get(desc)
         if entry is None:
-            if not isinstance(desc, BatchDescriptor):
-                raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
             if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
                 self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
             entry = self._capture(desc, args, kwargs)

@@ -494,6 +494,12 @@ def test_graph_runner_hit_path_replays_a_valid_descriptor():
     with pytest.raises(ValueError, match="num_tokens"):
         r(M.FULL, bd, num_tokens=9)
     assert (r.hits, g.replays) == (1, 1)
+    as_tuple = tuple(bd)  # equal to the key and hashing like it: still no BatchDescriptor
+    assert as_tuple == bd and as_tuple in r.graphs
+    for kw in ({}, {"num_tokens": 5}):
+        with pytest.raises(TypeError, match="desc must be a BatchDescriptor, got .*tuple"):
+            r(M.FULL, as_tuple, **kw)
+    assert (r.hits, g.replays, r.padded_tokens) == (1, 1, 3)
 
 
 def test_bool_arguments_accept_numpy_bools_and_refuse_ints():
