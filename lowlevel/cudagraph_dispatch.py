@@ -104,6 +104,8 @@ def as_cudagraph_mode(value: Any, name: str = "mode", *, runtime: bool = False) 
     ``bool``, ``float``, ``str`` (mode names included) and other types raise ``TypeError``;
     an int that is no mode, or a pair mode when ``runtime`` is true, raises ``ValueError``.
     Messages name ``name``. The enum and plain ints are a dict lookup."""
+    if runtime is not False and runtime is not True:
+        runtime = check_bool(runtime, "runtime")
     cls = type(value)
     if cls is CUDAGraphMode:
         if runtime and type(value.value) is tuple:

@@ -275,6 +275,10 @@ class DPVote:
     __slots__ = ("config", "_mode", "_work", "_t0", "_plan", "_error")
 
     def __init__(self, config: DPConfig, mode: int, work: Any) -> None:
+        if type(config) is not DPConfig and not isinstance(config, DPConfig):
+            raise TypeError(f"config must be a DPConfig, got {describe(config)}")
+        if type(mode) is not int or not 0 <= mode <= 2:
+            mode = as_cudagraph_mode(mode, "mode", runtime=True).value
         self.config = config
         self._mode = mode
         self._work = work  # gloo: the async work; NCCL: None (the config's event); dp_size 1: None

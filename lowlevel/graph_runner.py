@@ -119,7 +119,8 @@ class CUDAGraphRunner:
     reserved memory to its level before the captures) and re-captures on the next call,
     updating the kept instantiations in place when the topology is unchanged.
 
-    Counters: :attr:`hits`, :attr:`captures`, :attr:`bypasses`, :attr:`padded_tokens` (the sum
+    Counters (plain ints): :attr:`hits`, :attr:`captures`, :attr:`bypasses` (eager runs that
+    returned), :attr:`padded_tokens` (the sum
     of ``desc.num_tokens - num_tokens`` over replays that passed ``num_tokens=``).
     Not thread-safe: one runner per thread.
     """
@@ -162,20 +163,21 @@ class CUDAGraphRunner:
                     raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
                 if num_tokens is not None:
                     self._check_tokens(num_tokens, desc)
-                self.bypasses += 1
-                return self.fn(*args, **kwargs)
+                out = self.fn(*args, **kwargs)
+                self.bypasses += 1  # calls that ran fn eagerly to the end
+                return out
         if type(desc) is not BatchDescriptor and not isinstance(desc, BatchDescriptor):
             # also a plain tuple equal to a key: a named tuple hashes and compares like one
             raise TypeError(f"desc must be a BatchDescriptor, got {describe(desc)}")
         entry = self.graphs.get(desc)
         if entry is None:
             if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
-                self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
+                num_tokens = self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
             entry = self._capture(desc, args, kwargs)
             rt.order(capture_stream().ptr, rt.current_handle())  # replays follow the warm-up and capture
         else:
             if num_tokens is not None and (type(num_tokens) is not int or not 0 <= num_tokens <= desc.num_tokens):
-                self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
+                num_tokens = self._check_tokens(num_tokens, desc)  # raises unless a NumPy integer in range
             self.hits += 1
         tl = rt.tracer
         if tl is None:
@@ -188,7 +190,7 @@ class CUDAGraphRunner:
         return entry[1]
 
     @staticmethod
-    def _check_tokens(num_tokens: Any, desc: Any) -> None:
+    def _check_tokens(num_tokens: Any, desc: Any) -> int:
         if isinstance(num_tokens, bool):
             raise TypeError("num_tokens must be an int or None, got a bool")
         try:
@@ -199,6 +201,7 @@ class CUDAGraphRunner:
         if n < 0 or (cap is not None and n > cap):
             raise ValueError(f"num_tokens must be in [0, desc.num_tokens={cap}] (a graph pads a batch up, never "
                              f"down), got {n}")
+        return n
 
     # --- capture ------------------------------------------------------------------------------
     def _capture_one(self, desc: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], pool: GraphPool,

@@ -104,7 +104,8 @@ class sm_limit:
 class SMControlContextManager:
     """vLLM's SM control for overlap: on entry give ``comm_sms`` to communication kernels and
     the rest to compute (``set_comm_sms(comm_sms)`` then ``set_compute_sms(total - comm_sms)``);
-    on exit, exceptions included, give both every SM again.
+    on exit, exceptions included, give both every SM again. Entering it again while it is
+    active nests: only the outermost exit gives the SMs back.
 
     ``total_sms`` defaults to the device's SM count. ``comm_sms`` must be in ``[0, total)``."""
 
@@ -126,20 +127,24 @@ class SMControlContextManager:
         self._depth = 0
 
     def __enter__(self) -> SMControlContextManager:
+        if self._depth:  # nested: the split is already in force
+            self._depth += 1
+            return self
         try:
             self.set_comm_sms(self.comm_sms)
             self.set_compute_sms(self.compute_sms)
         except BaseException:
             self._give_back()  # a callback failed: both budgets back to every SM, then the error
             raise
-        self._depth += 1
+        self._depth = 1
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._depth == 0:
             raise LowlevelError("SMControlContextManager.__exit__ without a matching __enter__")
         self._depth -= 1
-        self._give_back()
+        if self._depth == 0:
+            self._give_back()
 
     def _give_back(self) -> None:
         """Every SM to both sides; both callbacks run even if the first raises (its error

@@ -287,7 +287,11 @@ class use_stream:
         prev_torch = rt.torch_get_current(key[1])
         prev_cupy = rt.cupy_get_current()
         s._cupy.use()
-        rt.torch_set_current(*key)
+        try:
+            rt.torch_set_current(*key)
+        except BaseException:
+            prev_cupy.use()  # nothing half-switched: CuPy back too
+            raise
         if self._prev_torch is None:  # not active anywhere: claim the slots (atomic under the GIL)
             self._prev_torch = prev_torch
             self._prev_cupy = prev_cupy

@@ -120,7 +120,7 @@ class Timeline:
         """Name the track of ``stream``."""
         if not isinstance(name, str):
             raise TypeError(f"a track name must be a str, got {describe(name)}")
-        self._labels[stream if isinstance(stream, int) else stream_handle(stream)] = name
+        self._labels[stream if type(stream) is int and stream >= 0 else stream_handle(stream)] = name
 
     def span(self, name: str, stream: Any = None) -> Any:
         """A context manager timing the work enqueued on ``stream`` inside it. A disabled
@@ -237,8 +237,11 @@ class Timeline:
         return trace
 
     def plot(self, path: str, title: str = "timeline") -> str:
-        """Draw a Gantt chart (one row per stream) to a PNG at ``path``."""
+        """Draw a Gantt chart (one row per stream) to a PNG at ``path`` (a str or os.PathLike;
+        ``title`` a str: ``TypeError`` otherwise)."""
         check_path(path, "path")
+        if not isinstance(title, str):
+            raise TypeError(f"title must be a str, got {describe(title)}")
         import matplotlib
 
         matplotlib.use("Agg")

@@ -25,12 +25,27 @@ from .errors import check_path, describe
 __all__ = ["merge_traces", "plot_merged"]
 
 
-def _load(t: dict[str, Any] | str) -> dict[str, Any]:
+def _load(t: dict[str, Any] | str, what: str = "trace") -> dict[str, Any]:
+    """A Chrome trace dict (given, or read from a JSON path), its events checked: a list of
+    dicts whose complete (``"X"``) events carry numeric ``ts`` and ``dur``."""
+    src = t
     if isinstance(t, (str, os.PathLike)):
         with open(t) as f:
-            return json.load(f)
+            t = json.load(f)
     if not isinstance(t, dict) or "traceEvents" not in t:
-        raise TypeError(f"each trace must be a Chrome trace dict or a path to one, got {describe(t)}")
+        raise TypeError(f"{what} must be a Chrome trace dict (with traceEvents) or a path to one, got {describe(src)}")
+    events = t["traceEvents"]
+    if not isinstance(events, list):
+        raise TypeError(f"{what}: traceEvents must be a list of events, got {describe(events)}")
+    for j, e in enumerate(events):
+        if not isinstance(e, dict):
+            raise TypeError(f"{what}: traceEvents[{j}] must be an event dict, got {describe(e)}")
+        if e.get("ph") == "X":
+            for k in ("ts", "dur"):
+                v = e.get(k)
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{what}: traceEvents[{j}] (a complete event) needs a numeric {k!r}, got "
+                                     f"{describe(v)}")
     return t
 
 
@@ -47,11 +62,15 @@ def merge_traces(traces: Sequence[dict[str, Any] | str], *, align: str | None = 
         raise TypeError(f"traces must be a list of Chrome-trace dicts or JSON paths, got {type(traces).__name__}")
     if path is not None:
         check_path(path, "path")
-    loaded = [_load(t) for t in traces]
+    loaded = [_load(t, f"traces[{i}]") for i, t in enumerate(traces)]
     if not loaded:
         raise ValueError("traces must not be empty")
-    if names is not None and len(names) != len(loaded):
-        raise ValueError(f"names must have one entry per trace ({len(loaded)}), got {len(names)}")
+    if names is not None:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) \
+                or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names must be a sequence of str (one per trace) or None, got {describe(names)}")
+        if len(names) != len(loaded):
+            raise ValueError(f"names must have one entry per trace ({len(loaded)}), got {len(names)}")
     shifts = [0.0] * len(loaded)
     if align is not None:
         ends = []
@@ -85,15 +104,20 @@ def merge_traces(traces: Sequence[dict[str, Any] | str], *, align: str | None = 
 
 def plot_merged(trace: dict[str, Any] | str, path: str, title: str = "ranks") -> str:
     """A Gantt chart (PNG at ``path``) of a merged trace: one row per (process, track), rows of a
-    process together, times in ms. ``path``: a str or os.PathLike (``TypeError`` otherwise)."""
+    process together, times in ms. ``path``: a str or os.PathLike and ``title`` a str
+    (``TypeError`` otherwise); ``ValueError`` for a trace without spans."""
     check_path(path, "path")
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a str, got {describe(title)}")
+    t = _load(trace)
+    if not any(e.get("ph") == "X" for e in t["traceEvents"]):
+        raise ValueError("trace has no spans (complete events) to draw")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    t = _load(trace)
     pname = {e["pid"]: e["args"]["name"] for e in t["traceEvents"] if e.get("name") == "process_name"}
     tname = {(e["pid"], e["tid"]): e["args"]["name"] for e in t["traceEvents"] if e.get("name") == "thread_name"}
     spans = [e for e in t["traceEvents"] if e.get("ph") == "X"]

@@ -68,7 +68,8 @@ class UBatchRunner:
         self.num_ubatches = check_int(num_ubatches, "num_ubatches", 2)
         self.stage_offset = check_int(stage_offset, "stage_offset", 0)
         self.timeout_s: float = check_timeout(timeout_s, "timeout_s", allow_none=False)  # type: ignore[assignment]
-        if sm_control is not None and not (hasattr(sm_control, "__enter__") and hasattr(sm_control, "__exit__")):
+        if sm_control is not None and (isinstance(sm_control, type) or not (hasattr(sm_control, "__enter__")
+                                                                            and hasattr(sm_control, "__exit__"))):
             raise TypeError(f"sm_control must be a context manager (e.g. SMControlContextManager) or None, "
                             f"got {describe(sm_control)}")
         self.fn = fn

@@ -263,3 +263,19 @@ def test_use_stream_threads_share_one_object(switch):
     a_exited.set()
     t.join(10)
     assert seen == [((7, 0, 1), "a"), (("main",), "main")]
+
+
+def test_use_stream_entry_that_fails_switching_torch_leaves_cupy_as_it_was(monkeypatch):
+    log = []
+    _fake_runtime(monkeypatch, log)
+
+    def broken(*key):
+        raise Boom("torch refused the stream")
+
+    monkeypatch.setattr(rt, "torch_set_current", broken)
+    s = _stream(lowlevel.Stream, "s", 7, log)
+    u = lowlevel.use_stream(s)
+    with pytest.raises(Boom):
+        u.__enter__()
+    assert log == [("cupy", "s"), ("cupy", "main")]  # switched, then switched back
+    assert u._prev_torch is None  # the slots were not claimed: the object is usable again

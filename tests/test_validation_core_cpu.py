@@ -784,3 +784,110 @@ def test_stream_arguments_of_events_and_interop_name_stream(bad):
 
     with pytest.raises((TypeError, ValueError), match="^stream: "):
         rt.stream_handle(bad)
+
+
+# --- session 4, second fresh user -------------------------------------------------------------
+
+def test_sm_control_re_entry_nests_and_only_the_outermost_exit_gives_back():
+    calls = []
+    cm = lowlevel.SMControlContextManager(10, lambda n: calls.append(("comm", n)),
+                                          lambda n: calls.append(("compute", n)), total_sms=100)
+    with cm:
+        with cm:
+            pass
+        assert calls == [("comm", 10), ("compute", 90)]  # the inner exit gave nothing back
+    assert calls[2:] == [("comm", 100), ("compute", 100)]
+    with pytest.raises(lowlevel.LowlevelError):
+        cm.__exit__(None, None, None)
+
+
+def test_ubatch_runner_refuses_a_context_manager_class_for_sm_control():
+    with pytest.raises(TypeError, match="sm_control"):
+        lowlevel.UBatchRunner(_fn, sm_control=lowlevel.SMControlContextManager)
+
+
+def test_dp_vote_checks_its_arguments():
+    from lowlevel.dp import DPVote
+
+    with pytest.raises(TypeError, match="config must be a DPConfig"):
+        DPVote("x", 2, None)
+    with pytest.raises(ValueError, match="mode"):
+        DPVote(lowlevel.DPConfig(1, 0), 7, None)
+    with pytest.raises(TypeError, match="mode"):
+        DPVote(lowlevel.DPConfig(1, 0), 2.0, None)
+    assert DPVote(lowlevel.DPConfig(1, 0), np.int64(2), None)._mode == 2
+
+
+def test_as_cudagraph_mode_runtime_must_be_a_bool():
+    from lowlevel.cudagraph_dispatch import as_cudagraph_mode
+
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match="runtime must be a bool"):
+            as_cudagraph_mode(1, runtime=bad)
+    assert as_cudagraph_mode(2, runtime=np.bool_(True)) is M.FULL
+
+
+def test_graph_runner_counters_stay_ints_and_a_raising_bypass_is_not_counted():
+    r = lowlevel.CUDAGraphRunner(lambda *a: None)
+    g = _FakeGraph()
+    bd = lowlevel.BatchDescriptor(8, 8)
+    r.graphs[bd] = (g, "out")
+    r(M.FULL, bd, num_tokens=np.int64(5))
+    assert r.padded_tokens == 3 and type(r.padded_tokens) is int
+
+    def boom():
+        raise RuntimeError("eager failed")
+
+    r2 = lowlevel.CUDAGraphRunner(boom)
+    with pytest.raises(RuntimeError, match="eager failed"):
+        r2(M.NONE, bd)
+    assert r2.bypasses == 0
+
+
+@pytest.mark.parametrize("bad,exc", [(True, TypeError), (-5, ValueError), ("x", TypeError)])
+def test_timeline_label_refuses_bools_and_negative_handles(bad, exc):
+    tl = lowlevel.Timeline()
+    with pytest.raises(exc, match="stream"):
+        tl.label(bad, "x")
+    tl.label(7, "seven")  # a plain handle is fine
+
+
+def test_plot_titles_must_be_str_and_an_empty_merged_trace_is_refused(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lowlevel.trace_merge import plot_merged
+
+    tl = _timeline()
+    with pytest.raises(TypeError, match="title must be a str"):
+        tl.plot(str(tmp_path / "a.png"), title=5)
+    with pytest.raises(TypeError, match="title must be a str"):
+        plot_merged(tl.to_chrome_trace(), str(tmp_path / "b.png"), title=5)
+    with pytest.raises(ValueError, match="no spans"):
+        plot_merged({"traceEvents": []}, str(tmp_path / "c.png"))
+    assert not any(p.exists() for p in (tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"))
+
+
+@pytest.mark.parametrize("names,exc", [(5, TypeError), ("ab", TypeError), ([1, 2], TypeError), (["a"], ValueError)])
+def test_merge_traces_names_must_be_one_str_per_trace(names, exc):
+    from lowlevel.trace_merge import merge_traces
+
+    t = _timeline().to_chrome_trace()
+    with pytest.raises(exc, match="names"):
+        merge_traces([t, t], align=None, names=names)
+    assert [e["args"]["name"] for e in merge_traces([t, t], align=None, names=["x", "y"])["traceEvents"]
+            if e.get("name") == "process_name" and e["pid"] in (0, 1)][:2] == ["x", "y"]
+
+
+def test_merge_traces_checks_the_trace_contents(tmp_path):
+    import json
+
+    from lowlevel.trace_merge import merge_traces
+
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([1, 2]))
+    cases = [(str(listed), TypeError, r"traces\[0\] must be a Chrome trace"),
+             ({"traceEvents": 5}, TypeError, "traceEvents must be a list"),
+             ({"traceEvents": [5]}, TypeError, r"traceEvents\[0\] must be an event dict"),
+             ({"traceEvents": [{"ph": "X", "name": "a", "dur": 1.0}]}, ValueError, "numeric 'ts'")]
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            merge_traces([bad], align=None)
