@@ -70,6 +70,36 @@ def run(rep: Report) -> None:
     _two_gpus(rep)
 
 
+def interleaved(ways: dict[str, Callable[[int], Any]], trace: list[int], srv: Any, sync: Callable[[], Any],
+                before: Callable[[], Any] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+    """Each way serves the whole ``trace`` in turn, ``TRIALS + 1`` times (the first a warm-up):
+    ``(wall s per trial, host µs per step, steps of the "lowlevel" way that replayed a graph in
+    the first timed trial)`` per way. ``sync`` waits for the device; ``before`` runs before each
+    timed pass (a barrier, so that ranks start together)."""
+    import lowlevel
+
+    walls: dict[str, list[float]] = {k: [] for k in ways}
+    host: dict[str, list[float]] = {k: [] for k in ways}
+    replayed = 0
+    for trial in range(TRIALS + 1):
+        for name, fn in ways.items():
+            sync()
+            if before is not None:
+                before()
+            t_start = time.perf_counter()
+            for n in trace:
+                t0 = time.perf_counter()
+                fn(n)
+                if trial:
+                    host[name].append((time.perf_counter() - t0) * 1e6)
+                if name == "lowlevel" and trial == 1 and srv.last["mode"] is lowlevel.CUDAGraphMode.FULL:
+                    replayed += 1
+            sync()
+            if trial:
+                walls[name].append(time.perf_counter() - t_start)
+    return walls, host, replayed
+
+
 class RawGraphs:
     """The baseline: torch.cuda.graph per capture size, one shared pool, a padding table."""
 
@@ -183,23 +213,7 @@ def _one_model(rep: Report, sd: Any, kind: str) -> Any:
     ways: dict[str, Callable[[int], Any]] = {"lowlevel": srv.step, "lowlevel, torch argmax": sampled_by("torch"),
                                              "lowlevel, cupy.argmax": sampled_by("cupy"),
                                              "raw graphs": raw.step, "eager": eager_step}
-    walls: dict[str, list[float]] = {k: [] for k in ways}
-    host: dict[str, list[float]] = {k: [] for k in ways}
-    replayed = 0
-    for trial in range(TRIALS + 1):  # trial 0 is the warm-up; then the ways take turns
-        for name, fn in ways.items():
-            torch.cuda.synchronize()
-            t_start = time.perf_counter()
-            for n in trace:
-                t0 = time.perf_counter()
-                fn(n)
-                if trial:
-                    host[name].append((time.perf_counter() - t0) * 1e6)
-                if name == "lowlevel" and trial == 1 and srv.last["mode"] is lowlevel.CUDAGraphMode.FULL:
-                    replayed += 1
-            torch.cuda.synchronize()
-            if trial:
-                walls[name].append(time.perf_counter() - t_start)
+    walls, host, replayed = interleaved(ways, trace, srv, torch.cuda.synchronize)
     tps = {k: tokens / statistics.median(v) for k, v in walls.items()}
     hus = {k: statistics.median(v) for k, v in host.items()}
     spread = {k: [round(tokens / x) for x in sorted(v)] for k, v in walls.items()}
@@ -317,26 +331,10 @@ def dp2_worker(rank: int, init_file: str, out_dir: str, kind: str) -> None:
             raw_tok = [raw_step(n).clone() for n in trace]
             res["tokens_equal_raw"] = all(torch.equal(a, b) for a, b in zip(ours_tok, raw_tok))
             ways = {"lowlevel": srv.step, "raw graphs + vLLM DP pattern": raw_step}
-            walls: dict[str, list[float]] = {k: [] for k in ways}
-            host: dict[str, list[float]] = {k: [] for k in ways}
-            replayed = 0
-            for trial in range(TRIALS + 1):
-                for name, fn in ways.items():
-                    torch.cuda.synchronize()
-                    dist.barrier(device_ids=[0])
-                    t_start = time.perf_counter()
-                    for n in trace:
-                        t0 = time.perf_counter()
-                        fn(n)
-                        if trial:
-                            host[name].append((time.perf_counter() - t0) * 1e6)
-                        if name == "lowlevel" and trial == 1 and srv.last["mode"] is lowlevel.CUDAGraphMode.FULL:
-                            replayed += 1
-                    torch.cuda.synchronize()
-                    if trial:
-                        walls[name].append(time.perf_counter() - t_start)
+            walls, host, replayed = interleaved(ways, trace, srv, torch.cuda.synchronize,
+                                                lambda: dist.barrier(device_ids=[0]))  # ranks start together
             res.update(tokens=sum(trace), walls=walls, host_us={k: statistics.median(v) for k, v in host.items()},
-                       replayed_share=replayed / len(trace), capture_s=srv.capture_s, raw_capture_s=None)
+                       replayed_share=replayed / len(trace), capture_s=srv.capture_s)
     except Exception as exc:  # reported by the parent
         import traceback
 
