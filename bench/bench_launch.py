@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,21 +26,7 @@ def host_only_us(*fns: Callable[[], Any], n: int = 50, trials: int = 41, warmup:
                  sync: Callable[[], Any] | None = None) -> list[Timing]:
     """Host µs per call of each of ``fns``, trials interleaved: ``sync()`` (untimed), then ``n``
     calls timed. Median and p20/p80 over ``trials``."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    per: list[list[float]] = [[] for _ in fns]
-    for _ in range(trials):
-        for fn, out in zip(fns, per):
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            out.append((time.perf_counter() - t0) / n * 1e6)
-    if sync:
-        sync()
-    return [Timing.of(p, n) for p in per]
+    return host_us_side_by_side(*fns, n=n, trials=trials, warmup=warmup, sync=sync, sync_timed=False)
 
 
 def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:

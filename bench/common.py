@@ -138,7 +138,7 @@ def host_us(fn: Callable[[], Any], *, n: int | None = None, trials: int | None =
 
 def host_us_side_by_side(*fns: Callable[[], Any], n: int | None = None, trials: int | None = None,
                          sync: Callable[[], Any] | None = None, warmup: int = 200,
-                         budget_ms: float = HOST_BUDGET_MS) -> list[Timing]:
+                         budget_ms: float = HOST_BUDGET_MS, sync_timed: bool = True) -> list[Timing]:
     """:func:`host_us` of each of ``fns``, their trials interleaved (a trial of the first, of the
     second, ..., then again), so that a host whose speed drifts during the run (shared machines
     do) slows all of them alike and their ratios stay meaningful.
@@ -148,7 +148,9 @@ def host_us_side_by_side(*fns: Callable[[], Any], n: int | None = None, trials: 
     ``HOST_TRIAL_MS``, estimated from the warm-up (or from 10 probe calls when ``warmup`` is 0).
     ``trials`` defaults to what the first interleaved round says fits ``budget_ms`` of measured
     time per function, between ``MIN_TRIALS`` and ``MAX_TRIALS``. Each result is a
-    :class:`Timing` (median in µs per call, with p20/p80 over the trials)."""
+    :class:`Timing` (median in µs per call, with p20/p80 over the trials). ``sync`` runs
+    before each trial and, with ``sync_timed``, at its end inside the timing (the device's
+    time counts); without it, only once after the last trial (host time alone)."""
     if not fns:
         raise ValueError("host_us_side_by_side needs at least one function, got none")
     if n is not None and n < 1:
@@ -174,7 +176,7 @@ def host_us_side_by_side(*fns: Callable[[], Any], n: int | None = None, trials: 
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            if sync:
+            if sync and sync_timed:
                 sync()
             dt = time.perf_counter() - t0
             t_round += dt
@@ -185,6 +187,8 @@ def host_us_side_by_side(*fns: Callable[[], Any], n: int | None = None, trials: 
     total = trials if trials is not None else _trials_for(budget_ms * len(fns), first_ms)
     for _ in range(total - 1):
         one_round()
+    if sync and not sync_timed:
+        sync()
     return [Timing.of(p, n) for p in per]
 
 

@@ -71,6 +71,13 @@ def test_sync_brackets_every_trial():
     assert "".join(log) == "|a||b||a||b|"
 
 
+def test_untimed_sync_runs_before_each_trial_and_once_at_the_end():
+    log = []
+    host_us_side_by_side(lambda: log.append("a"), lambda: log.append("b"), n=1, trials=2, warmup=0,
+                         sync=lambda: log.append("|"), sync_timed=False)
+    assert "".join(log) == "|a|b|a|b|"
+
+
 def test_trial_count_follows_the_time_budget():
     def sleepy():
         time.sleep(0.002)
