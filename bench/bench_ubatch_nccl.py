@@ -11,9 +11,11 @@ default communicator and its most-CTA limited one). Two comm stages:
   ``T / 2`` rows of ``H`` bf16 to each rank (a MoE dispatch's shape; the next layer's input).
 
 The SM split comes from :func:`lowlevel.find_sm_split` (a sweep, warm-up and median per
-candidate): compute gets ``total - k`` SMs (``kernels.set_num_sms``), NCCL a communicator
-limited to ``k`` CTAs (``ProcessGroupNCCL.Options().config.max_ctas``), switched by
-``SMControlContextManager``. Configurations (one worker run, one NCCL start-up): the main one
+candidate) over ``k`` in :data:`CTAS` and the wave-aligned shares of
+:func:`lowlevel.comm_sm_candidates` for the configuration's matmul (a cap just below a wave
+boundary costs the matmul a whole wave): compute gets ``total - k`` SMs
+(``kernels.set_num_sms``), NCCL a communicator limited to ``k`` CTAs
+(``ProcessGroupNCCL.Options().config.max_ctas``), switched by ``SMControlContextManager``. Configurations (one worker run, one NCCL start-up): the main one
 (all-reduce, ``H = 4096``), and for each comm stage the ``H`` among :data:`H_BALANCE` whose
 comm stage alone takes closest to its matmul alone (both measured in the run: matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``) -- the issue's target (>= 1.4x) is for stages
@@ -44,7 +46,8 @@ H_MAIN, T_MAIN = 4096, 4096
 H_BALANCE = (1024, 2048, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each)
+CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each) ...
+MAX_WAVE_CTAS = 48  # ... beside the wave-aligned ones of lowlevel.comm_sm_candidates, up to this
 COMMS = ("allreduce", "alltoall")
 SPAWN_TIMEOUT_S = 150  # the full run takes ~20-40 s (start-up included); this only bounds a hang
 
@@ -76,6 +79,24 @@ class Clock:
             fn()
         self.torch.cuda.synchronize()
         return [self.step_ms(fn, n) for _ in range(reps)]
+
+
+def matmul_units(T: int, H: int) -> int:
+    """Work units (tiles x K slices) of ``lowlevel.kernels.matmul`` on a (T, H) x (H, H) bf16
+    product: a cap of P SMs runs them in ``ceil(units / P)`` waves."""
+    from lowlevel.kernels.matmul import config_for
+
+    cfg = config_for(T, H, H, 2)
+    k_split = -(-(-(-H // cfg.split_k)) // cfg.block_k) * cfg.block_k
+    return -(-T // cfg.block_m) * -(-H // cfg.block_n) * -(-H // k_split)
+
+
+def wave_ctas(T: int, H: int, total: int) -> list[int]:
+    """The comm shares :func:`lowlevel.comm_sm_candidates` proposes for this matmul (at most
+    :data:`MAX_WAVE_CTAS`)."""
+    import lowlevel
+
+    return lowlevel.comm_sm_candidates(matmul_units(T, H), total, max_comm=MAX_WAVE_CTAS)
 
 
 def make_groups(dist: Any, ctas: Sequence[int]) -> tuple[dict[int, Any], str | None]:
@@ -330,7 +351,8 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
         sweep_s.setdefault(k, []).append(ms)
         return ms
 
-    best, sweep = lowlevel.find_sm_split(run_k, [0] + sorted(k for k in m.groups if k), reps=5)
+    want = set(CTAS) | set(wave_ctas(m.T, m.H, m.total))
+    best, sweep = lowlevel.find_sm_split(run_k, [0] + sorted(k for k in m.groups if k and k in want), reps=5)
     res["sweep_ms"], res["sweep_samples_ms"], res["best_k"] = sweep, sweep_s, best
     for key, mode, k in (("threads", "threads", best), ("generators", "generators", best),
                          ("threads_nosplit", "threads", 0)):
@@ -386,14 +408,15 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     from lowlevel import kernels as K
     from lowlevel.sm_control import device_sm_count
 
-    groups, ctas_error = make_groups(dist, CTAS if full else (16,))
+    hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
+    ctas = sorted(set(CTAS).union(*(wave_ctas(T, h, device_sm_count()) for h in {H, *hl}))) if full else [16]
+    groups, ctas_error = make_groups(dist, ctas)
     clock = Clock(torch, dist, rank)
     res: dict[str, Any] = {"rank": rank, "total_sms": device_sm_count(), "ctas_error": ctas_error,
                            "ctas_groups": sorted(k for k in groups if k), "configs": []}
     k_test = 16 if 16 in groups else 0
     # (name, H, comm, balanced for that comm)
     plan: list[tuple[str, int, str, bool]] = [(f"{c}_H{H}", H, c, False) for c in COMMS]
-    hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
     if full and hl:
         alone = measure_alone(torch, dist, clock, K, T, hl)
         res["alone"] = alone

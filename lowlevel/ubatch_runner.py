@@ -21,7 +21,7 @@ from .stream import Stream, StreamLike, adopt_arg, current_stream, use_stream
 from .ubatch_generators import run_generators
 from .ubatch_slices import UBatchSlice
 
-__all__ = ["UBatchRunner", "find_sm_split"]
+__all__ = ["UBatchRunner", "comm_sm_candidates", "find_sm_split"]
 
 UBatchMode = Literal["threads", "generators"]
 
@@ -306,6 +306,33 @@ def find_sm_split(run: Callable[[int], float], candidates: Iterable[int], *, rep
         times[k] = statistics.median(_check_ms(run(k), k) for _ in range(reps))
     best = min(ks, key=lambda k: (times[k], k))
     return best, times
+
+
+def comm_sm_candidates(units: int, total_sms: int, *, max_comm: int | None = None,
+                       extra_waves: int = 2) -> list[int]:
+    """Comm SM shares ``k`` that cost the compute stage no more waves than needed: for a
+    persistent kernel of ``units`` work units (e.g. :attr:`lowlevel.kernels.PreparedLaunch.tiles`)
+    on a device of ``total_sms`` SMs, the fewest-SM caps ``P = ceil(units / w)`` for the wave
+    counts ``w`` from the all-SM one (``ceil(units / total_sms)``) to ``extra_waves`` more,
+    each as ``k = total_sms - P``. A cap just below a wave boundary costs a whole extra wave
+    (256 tiles: 2 waves on 128 SMs but 3 on 108), so these are the splits worth measuring with
+    :func:`find_sm_split`, beside any fixed grid.
+
+    Returns the distinct ``k`` with ``0 < k <= max_comm`` (default ``total_sms // 2``), fewest
+    comm SMs first; empty when none qualifies. Raises ``TypeError`` for non-int arguments and
+    ``ValueError`` for ``units < 1``, ``total_sms < 1``, ``max_comm < 0`` or
+    ``extra_waves < 0``."""
+    units = check_int(units, "units", 1)
+    total_sms = check_int(total_sms, "total_sms", 1)
+    max_comm = total_sms // 2 if max_comm is None else check_int(max_comm, "max_comm", 0)
+    extra_waves = check_int(extra_waves, "extra_waves", 0)
+    first = -(-units // total_sms)
+    out: list[int] = []
+    for w in range(first, first + extra_waves + 1):
+        k = total_sms - -(-units // w)
+        if 0 < k <= max_comm and k not in out:
+            out.append(k)
+    return out
 
 
 def _check_ms(value: Any, k: int) -> float:

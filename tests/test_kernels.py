@@ -178,6 +178,16 @@ def test_prepared_launches_recompute_with_new_data_and_caps():
         K.prepare_matmul(a, b, out=None)
 
 
+def test_stream_launch_refuses_what_is_no_stream_before_launching():
+    src, dst = _rand(300), torch.full((300,), float("nan"), device=DEV)
+    for bad in ("s0", 1.5, True, -3):
+        with pytest.raises((TypeError, ValueError), match="stream"):
+            K.prepare_copy(src, dst, stream=bad)
+        with pytest.raises((TypeError, ValueError), match="stream"):
+            K.prepare_matmul(_rand(4, 5), _rand(5, 3), out=torch.empty(4, 3, device=DEV), stream=bad)
+    assert torch.isnan(dst).all()  # nothing launched
+
+
 def test_launch_key_is_the_same_on_both_paths():
     """The validated path keys its cache in one pass with the pointers; prepared launches look the
     same entry up with key(): the two must agree, or a prepared launch would miss its kernel."""
@@ -229,6 +239,32 @@ def test_matmul_split_k_flatten_and_wide_paths(cfg, wide, mnk):
     again = torch.full_like(out, float("nan"))
     plan(a, b, again, "ieee", cfg=Config(*cfg), wide=wide).launch()
     assert torch.equal(again, out)  # split-K sums in a fixed order: the same bits each run
+
+
+@pytest.mark.parametrize("mnk", [(17, 33, 70), (3, 40, 130)])
+def test_matmul_split_k_fixup_same_bits_whichever_slice_is_last(mnk):
+    """The in-kernel split-K fix-up: under different caps the slices of a tile finish in
+    different orders (another program draws the last ticket), yet the sum order is fixed, so
+    the bits are equal; every tile counter is back at 0 after each launch."""
+    from lowlevel.kernels.matmul import Config, plan
+
+    M, N, Kd = mnk
+    a, b = _rand(M, Kd), _rand(Kd, N)
+    ref = a.double() @ b.double()
+    outs = []
+    for cap in (1, 2, 5, 64):
+        out = torch.full((M, N), float("nan"), device=DEV)
+        with lowlevel.sm_limit(cap):
+            p = plan(a, b, out, "ieee", cfg=Config(16, 16, 16, 2, 1, 1, 3), own_ws=True)
+            assert p.constexprs["SPLIT_K"] and p.tiles > cap >= 1 or cap == 64
+            cnt = p.args[4]
+            assert cnt.dtype == torch.int32 and not cnt.any()
+            p.launch()
+            p.launch()  # a second launch on the same counters
+        assert not cnt.any()  # the last slice of each tile put its counter back
+        assert _rel(out, ref) < 1e-5 and _rel(out[-1], ref[-1]) < 1e-5
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def test_config_table_and_heuristic():
@@ -283,7 +319,7 @@ def test_matmul_plan_cache_hits_give_the_uncached_result(fresh_plans, monkeypatc
         assert torch.equal(new, ref) and torch.equal(out, ref)
         assert len(mm._PLANS) == 2, i
     entry = next(iter(mm._PLANS.values()))
-    assert (entry.total_sum is not None) == (split > 1 and Kd > 16)
+    assert (entry.ws_numel > 0) == (split > 1 and Kd > 16)
 
 
 def test_matmul_plan_cache_misses_on_what_changes_the_launch(fresh_plans):
@@ -345,7 +381,7 @@ def test_matmul_plan_cache_rechecks_the_table_entry(fresh_plans, monkeypatch):
     assert len(used) == 1 and len(mm._PLANS) == 1  # planned once
     mm.TABLE[slot[0]][slot[1]] = mm.Config(16, 16, 16, 2, 1, 1, 2)  # a new measured entry
     got = K.matmul(a, b, precision="ieee")
-    assert len(used) == 2 and len(mm._PLANS) == 1 and next(iter(mm._PLANS.values())).total_sum is not None
+    assert len(used) == 2 and len(mm._PLANS) == 1 and next(iter(mm._PLANS.values())).ws_numel > 0
     assert _rel(got, a.double() @ b.double()) < 1e-5
     K.matmul(a, b, precision="ieee")
     assert len(used) == 2

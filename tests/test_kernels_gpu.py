@@ -171,6 +171,54 @@ def test_prepared_launch_goes_to_the_current_stream(kind):
         assert torch.equal(dst, fresh + cap)
 
 
+@pytest.mark.parametrize("kind", ["lowlevel", "torch", "cupy"])
+def test_stream_launch_goes_to_its_stream_whatever_is_current(kind):
+    """A launch prepared with stream=s goes to s even while another stream is current: behind
+    a 20 ms spin on s, s fills src with fresh values; the bound copy (called inside
+    use_stream(other)) sees them, and dst is still poisoned before s is waited for."""
+    from lowlevel.testing import spin
+
+    s = {"lowlevel": lambda: lowlevel.Stream(), "torch": lambda: torch.cuda.Stream(),
+         "cupy": lambda: cp.cuda.Stream(non_blocking=True)}[kind]()
+    other = lowlevel.Stream()
+    src, dst = _rand(1 << 20), torch.full((1 << 20,), float("nan"), device="cuda")
+    run = K.prepare_copy(src, dst, stream=s)
+    assert isinstance(run, K.StreamLaunch) and run.stream.ptr == lowlevel.stream_handle(s)
+    lowlevel.Stream.from_external(s).synchronize()
+    assert torch.equal(dst, src)  # the launch made while preparing went to s too
+    fresh = _rand(1 << 20)
+    torch.cuda.synchronize()
+    for cap in (device_sm_count(), 5):
+        dst.fill_(float("nan"))
+        torch.cuda.synchronize()
+        with lowlevel.use_stream(s):
+            spin(20_000_000, blocks=1)
+            src.copy_(fresh + cap)
+        with lowlevel.use_stream(other), lowlevel.sm_limit(cap):
+            run()
+        other.synchronize()
+        assert torch.isnan(dst).all()  # not on `other`: still behind the spin on s
+        lowlevel.Stream.from_external(s).synchronize()
+        assert torch.equal(dst, fresh + cap)
+    # matmul (split-K on its own workspace) and rms_norm bound the same way
+    a, b = _rand(64, 4096, dtype=torch.bfloat16), _rand(4096, 4096, dtype=torch.bfloat16)
+    out = torch.full((64, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
+    x, w = _rand(33, 1000), _rand(1000)
+    y = torch.full_like(x, float("nan"))
+    mm = K.prepare_matmul(a, b, out=out, stream=s)
+    rn = K.prepare_rms_norm(x, w, out=y, stream=s)
+    out.fill_(float("nan"))
+    y.fill_(float("nan"))
+    torch.cuda.synchronize()
+    with lowlevel.use_stream(other):
+        mm()
+        rn()
+    lowlevel.Stream.from_external(s).synchronize()
+    assert _rel(out, a.double() @ b.double()) < 1e-2 and _rel(out[-1], (a.double() @ b.double())[-1]) < 1e-2
+    xd = x.double()
+    assert _rel(y, xd / torch.sqrt((xd * xd).mean(1, keepdim=True) + 1e-6) * w.double()) < 1e-5
+
+
 # --- 64-bit offsets and the launch cache (faults.md E) -------------------------------------------
 
 def _need_free(gib: float):
@@ -403,7 +451,7 @@ def test_matmul_plan_cache_at_decode_shapes(mnk):
             torch.cuda.synchronize()
             assert _rel(out, torch.matmul(a.double(), b.double())) < 1e-2
             key_entries = [e for e in mm._PLANS.values() if e.tcfg is other]
-            assert len(key_entries) == 1 and (key_entries[0].total_sum is not None) == (other.split_k > 1)
+            assert len(key_entries) == 1 and (key_entries[0].ws_numel > 0) == (other.split_k > 1)
         finally:
             if old_table is None:
                 del mm.TABLE[tk[0]]

@@ -240,14 +240,14 @@ def test_changed_launcher_falls_back_to_kernel_grid_with_one_warning(fake_gpu, c
 @pytest.mark.parametrize("split", [1, 3])
 def test_matmul_plan_cache_hit_calls_the_c_entry_as_the_uncached_path_does(fake_gpu, monkeypatch, split):
     """A hit goes straight into the C entry with the arguments the uncached path gives it (same
-    pointers, ints, program counts, constexprs), for the product and the split-K reduction."""
+    pointers, ints, program count, constexprs), split-K (workspace and counters) or not."""
     if cuda_available():
         pytest.skip("fakes the C entry with CPU tensors; on a GPU, test_kernels_gpu checks real hits bit for bit")
     import importlib
 
     mm = importlib.import_module("lowlevel.kernels.matmul")
     launchers = {}
-    for name in ("_launch", "_sum_launch"):
+    for name in ("_launch",):
         fl = getattr(mm, name)
         run = GoodLauncher()
         monkeypatch.setattr(fl, "interpret", False)
@@ -256,8 +256,8 @@ def test_matmul_plan_cache_hit_calls_the_c_entry_as_the_uncached_path_does(fake_
         monkeypatch.setattr(fl, "_slow", lambda *a, run=run, **k: FakeCompiled(run))
         launchers[name] = run
     monkeypatch.setattr(mm, "config_for", lambda *a, **k: mm.Config(16, 16, 16, 2, 1, 1, split))
-    ws = torch.empty(1 << 16)  # one workspace for both paths (a CPU one is new per call)
-    monkeypatch.setattr(mm, "_workspace", lambda dev, n, own: ws[:n])
+    ws, cnt = torch.empty(1 << 16), torch.zeros(64, dtype=torch.int32)  # one for both paths (a CPU one is new per call)
+    monkeypatch.setattr(mm, "_workspace", lambda dev, n, tiles, own: (ws[:n], cnt[:tiles]))
     mm.clear_plan_cache()
     a, b, c = torch.randn(37, 70), torch.randn(70, 45), torch.empty(37, 45)
     mm.matmul(a, b, out=c)  # miss: through kernel[grid] (fake compile), no C entry call
@@ -268,6 +268,6 @@ def test_matmul_plan_cache_hit_calls_the_c_entry_as_the_uncached_path_does(fake_
         v.calls.clear()
     mm.matmul(a, b, out=c)  # hit
     got = {k: list(v.calls) for k, v in launchers.items()}
-    assert got == want and len(got["_launch"]) == 1 and len(got["_sum_launch"]) == (split > 1)
+    assert got == want and len(got["_launch"]) == 1
     assert got["_launch"][0][:4] == (min(8, 3 * 3 * split), 1, 1, 77)
     mm.clear_plan_cache()

@@ -262,6 +262,27 @@ def test_find_sm_split_picks_the_fastest_median_after_a_warm_up():
     assert best == 7 and list(table) == [7, 5]  # order kept; warm-ups (3 each) ignored
 
 
+def test_comm_sm_candidates_keep_the_compute_waves():
+    # 256 tiles on 132 SMs: 2 waves on 128 programs (k 4), 3 on 86 (k 46), 4 on 64 (k 68)
+    assert lowlevel.comm_sm_candidates(256, 132, max_comm=132) == [4, 46, 68]
+    assert lowlevel.comm_sm_candidates(256, 132) == [4, 46]  # at most half the SMs by default
+    assert lowlevel.comm_sm_candidates(1024, 132, extra_waves=3) == [4, 18, 29, 38]
+    assert lowlevel.comm_sm_candidates(384, 132, extra_waves=0) == [4]
+    assert lowlevel.comm_sm_candidates(100, 132) == [32]  # one wave needs 100 SMs; two would leave 82 > 66
+    assert lowlevel.comm_sm_candidates(132, 132, max_comm=0) == []
+    for units in (1, 7, 131, 132, 133, 1000, 4097):
+        for k in lowlevel.comm_sm_candidates(units, 132, max_comm=131, extra_waves=4):
+            p = 132 - k
+            w = -(-units // p)
+            assert -(-units // (p - 1)) > w if p > 1 else True  # one SM fewer costs a wave
+    with pytest.raises(ValueError, match="units"):
+        lowlevel.comm_sm_candidates(0, 132)
+    with pytest.raises(TypeError, match="total_sms"):
+        lowlevel.comm_sm_candidates(10, 132.0)
+    with pytest.raises(ValueError, match="extra_waves"):
+        lowlevel.comm_sm_candidates(10, 132, extra_waves=-1)
+
+
 def test_find_sm_split_ties_go_to_the_smallest_k():
     run = FakeRun({32: 2.0, 16: 2.0, 0: 3.0, 8: 2.0})
     best, table = lowlevel.find_sm_split(run, [32, 16, 0, 8], reps=3)

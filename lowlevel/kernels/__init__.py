@@ -6,11 +6,11 @@ never recompiles. Inputs may be torch tensors or CuPy arrays; launches go to low
 stream (:func:`lowlevel.use_stream`).
 """
 from ..sm_control import get_num_sms, set_num_sms, sm_limit
-from ._launch import PreparedLaunch
+from ._launch import PreparedLaunch, StreamLaunch
 from .copy import copy, prepare_copy
 from .matmul import matmul, prepare_matmul
 from .rms_norm import prepare_rms_norm, rms_norm
 from .tile_overlap import TileOverlap, matmul_then_rms_norm, tile_overlap
 
-__all__ = ["PreparedLaunch", "TileOverlap", "copy", "get_num_sms", "matmul", "matmul_then_rms_norm", "prepare_copy",
+__all__ = ["PreparedLaunch", "StreamLaunch", "TileOverlap", "copy", "get_num_sms", "matmul", "matmul_then_rms_norm", "prepare_copy",
            "prepare_matmul", "prepare_rms_norm", "rms_norm", "set_num_sms", "sm_limit", "tile_overlap"]

@@ -32,8 +32,8 @@ from ..interop import as_cupy, as_torch
 from ..sm_control import capped as _capped
 from ..sm_control import device_sm_count, get_num_sms
 
-__all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "check_device",
-           "check_launcher", "like_input", "spec_key", "to_torch"]
+__all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "StreamLaunch",
+           "check_device", "check_launcher", "like_input", "spec_key", "to_torch"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -276,32 +276,31 @@ class FastLauncher:
 
 class Plan:
     """One validated launch: the work in tiles, the arguments (``args[grid_at]`` is the program
-    count, filled in at launch), the constexprs and options, the value to return, and an
-    optional plan to launch right after it (``then``, e.g. a split-K reduction)."""
+    count, filled in at launch), the constexprs and options, and the value to return."""
 
-    __slots__ = ("args", "constexprs", "grid_at", "launcher", "num_stages", "num_warps", "result", "then", "tiles")
+    __slots__ = ("args", "constexprs", "grid_at", "launcher", "num_stages", "num_warps", "result", "tiles")
 
     def __init__(self, launcher: FastLauncher, tiles: int, args: tuple[Any, ...], grid_at: int,
-                 constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any,
-                 then: Plan | None = None) -> None:
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int, result: Any) -> None:
         self.launcher, self.tiles, self.args, self.grid_at = launcher, tiles, args, grid_at
         self.constexprs, self.num_warps, self.num_stages, self.result = constexprs, num_warps, num_stages, result
-        self.then = then
 
     def launch(self) -> Any:
-        """Launch now with ``min(cap, tiles)`` programs (then ``then``); return the result."""
+        """Launch now with ``min(cap, tiles)`` programs; return the result."""
         if self.tiles:
             grid = max(1, min(get_num_sms(), self.tiles))
             args = self.args[:self.grid_at] + (grid,) + self.args[self.grid_at + 1:]
             self.launcher(grid, args, self.constexprs, self.num_warps, self.num_stages)
-            if self.then is not None:
-                self.then.launch()
         return self.result
 
-    def prepare(self) -> PreparedLaunch:
-        then = self.then.prepare() if self.then is not None and self.tiles else None
-        return PreparedLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
-                              self.num_warps, self.num_stages, then)
+    def prepare(self, stream: Any = None) -> PreparedLaunch:
+        """The launch fixed: on lowlevel's current stream at each call (``stream`` None), or
+        always on ``stream`` (a :class:`StreamLaunch`: no current-stream look-up per call)."""
+        if stream is None:
+            return PreparedLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
+                                  self.num_warps, self.num_stages)
+        return StreamLaunch(self.launcher, self.tiles, self.args, self.grid_at, self.constexprs,
+                            self.num_warps, self.num_stages, stream)
 
 
 class PreparedLaunch:
@@ -311,7 +310,8 @@ class PreparedLaunch:
     (it holds references) and unchanged in shape, or prepare again.
 
     A call goes straight into the kernel's :class:`_Entry` with the argument tuple built once
-    per grid size (then into the follow-up launch, if any, the same way)."""
+    per grid size. ``tiles``: the units of work, i.e. the programs one full wave would take
+    (the grid is ``min(cap, tiles)``)."""
 
     __slots__ = (
         "_args",
@@ -324,21 +324,18 @@ class PreparedLaunch:
         "_launcher",
         "_opts",
         "_prefix",
-        "_then",
         "_tiles",
         "_total",
     )
 
     def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
-                 constexprs: dict[str, Any], num_warps: int, num_stages: int,
-                 then: PreparedLaunch | None = None) -> None:
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int) -> None:
         dev = next((a.device.index for a in args if hasattr(a, "device") and a.device.type == "cuda"), None)
         self._total = device_sm_count(dev)
         grid = max(1, min(_capped(self._total), tiles))
         call_args = list(args)
         call_args[grid_at] = grid
-        launcher(grid, call_args, constexprs, num_warps, num_stages)  # compiles if needed, launches once
-        self._then = then
+        self._first_launch(launcher, grid, call_args, constexprs, num_warps, num_stages)
         self._keep = args
         self._tiles = max(1, tiles)  # at least one program (a kernel with no work returns at once)
         self._grid_at = grid_at
@@ -356,6 +353,10 @@ class PreparedLaunch:
             return
         self._entry, self._prefix = e.launch, e.prefix
         self._argv = self._prefix + tuple(self._args)
+
+    def _first_launch(self, launcher: FastLauncher, grid: int, args: list[Any], constexprs: dict[str, Any],
+                      num_warps: int, num_stages: int) -> None:
+        launcher(grid, args, constexprs, num_warps, num_stages)  # compiles if needed, launches once
 
     def _regrid(self, grid: int) -> None:
         self._grid = grid
@@ -377,5 +378,55 @@ class PreparedLaunch:
         else:
             # lowlevel's current stream, as rt.current_handle() finds it
             entry(grid, 1, 1, rt.torch_get_raw(-1) or rt.cupy_get_current().ptr, *self._argv)
-        if self._then is not None:
-            self._then()
+
+    @property
+    def tiles(self) -> int:
+        """Units of work (output tiles, times K slices for split-K): a grid of this many
+        programs runs every unit in one wave; a cap of ``P`` SMs takes ``ceil(tiles / P)``."""
+        return self._tiles
+
+
+class StreamLaunch(PreparedLaunch):
+    """A :class:`PreparedLaunch` bound to one stream: every call (the launch made while
+    preparing included) is enqueued on ``stream``, whatever stream is current, so a call skips
+    the current-stream look-up (about 0.3 µs of the prepared path's host time). Ordering is the
+    caller's: the launch is ordered after earlier work on ``stream`` only. Holds a reference to
+    ``stream``. Raises ``TypeError`` / ``ValueError`` naming ``stream`` for what is no stream."""
+
+    __slots__ = ("_handle", "_stream")
+
+    def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
+                 constexprs: dict[str, Any], num_warps: int, num_stages: int, stream: Any) -> None:
+        from ..stream import adopt_arg
+
+        self._stream = adopt_arg(stream, "stream")  # checked before anything launches
+        self._handle = self._stream.ptr
+        super().__init__(launcher, tiles, args, grid_at, constexprs, num_warps, num_stages)
+
+    def _first_launch(self, launcher: FastLauncher, grid: int, args: list[Any], constexprs: dict[str, Any],
+                      num_warps: int, num_stages: int) -> None:
+        from ..stream import use_stream
+
+        with use_stream(self._stream):
+            launcher(grid, args, constexprs, num_warps, num_stages)
+
+    def __call__(self) -> None:
+        grid = _capped(self._total)
+        if grid > self._tiles:
+            grid = self._tiles
+        if grid != self._grid:
+            self._regrid(grid)
+        entry = self._entry
+        if entry is None:  # the interpreter, or Triton's own launch path
+            from ..stream import use_stream
+
+            with use_stream(self._stream):
+                self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
+                               self._constexprs, *self._opts)
+        else:
+            entry(grid, 1, 1, self._handle, *self._argv)
+
+    @property
+    def stream(self) -> Any:
+        """The :class:`lowlevel.Stream` every call launches on."""
+        return self._stream

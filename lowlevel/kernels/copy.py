@@ -54,6 +54,8 @@ def copy(src: Any, dst: Any) -> Any:
     return plan(src, dst).launch()
 
 
-def prepare_copy(src: Any, dst: Any) -> PreparedLaunch:
-    """Validate once; the returned :class:`PreparedLaunch` copies ``src`` into ``dst`` per call."""
-    return plan(src, dst).prepare()
+def prepare_copy(src: Any, dst: Any, *, stream: Any = None) -> PreparedLaunch:
+    """Validate once; the returned :class:`PreparedLaunch` copies ``src`` into ``dst`` per call,
+    on lowlevel's current stream at each call, or always on ``stream`` when one is given (a
+    :class:`StreamLaunch`, the cheapest path)."""
+    return plan(src, dst).prepare(stream)

@@ -4,12 +4,16 @@ The grid is ``min(cap, units)`` programs; program ``p`` computes work units ``p,
 p + 2P, ...``. ``P`` is a runtime argument that Triton does not specialise on, so changing the
 cap never recompiles. A unit is one output tile in grouped order (``GROUP_M`` rows of tiles share
 B tiles in L2), or, for skinny products with fewer tiles than SMs (decode: M of 1 to a few
-hundred), one tile over one of ``split_k`` slices of K. Split-K writes each slice's fp32 partial
-tile to a workspace and a second small persistent kernel sums the slices in a fixed order
-(slice 0, 1, 2, ...): the result is the same bits run to run (deterministic), though not the
-same bits as the unsplit kernel. The workspace of :func:`matmul` is kept per (device, stream) and
-grows, never shrinks or frees (a captured graph may point at it); two split-K products on one
-stream run in stream order, so they may share it, but a graph replayed on another stream while
+hundred), one tile over one of ``split_k`` slices of K. Split-K is one kernel (a serial fix-up,
+as cuBLAS's split-K does it): each slice's fp32 partial tile goes to a workspace, then the
+program takes a ticket on the tile's counter (release after a CTA barrier), and the program
+that draws the last ticket sums the slices in the fixed order 0, 1, 2, ... (acquire), writes
+the tile and puts the counter back to 0 for the next launch. The sum order does not depend on
+which slice finished last, so the result is the same bits run to run (deterministic), though
+not the same bits as the unsplit kernel. Nothing waits on another program, so any cap is safe.
+The workspace of :func:`matmul` (partials and counters) is kept per (device, stream) and grows,
+never shrinks or frees (a captured graph may point at it); two split-K products on one stream
+run in stream order, so they may share it, but a graph replayed on another stream while
 ``matmul`` runs on the capture stream would race (prepare a launch instead:
 :func:`prepare_matmul` owns its workspace).
 
@@ -22,9 +26,9 @@ Offsets are 32-bit unless some operand spans 2**31 elements or more; then the ke
 with 64-bit offsets (``WIDE``).
 
 Plan cache: :func:`matmul` on torch tensors keeps, per launch key, the validated plan (the
-configuration, the program counts, the argument tail and the compiled kernel's C entry), so a
+configuration, the program count, the argument tail and the compiled kernel's C entry), so a
 repeated call does only the key build, one dict look-up, the output allocation (without ``out``)
-and the launch(es). The key holds everything validation and the launch depend on: each
+and the launch. The key holds everything validation and the launch depend on: each
 operand's shape, strides, dtype, device and (for inputs and a given ``out``) whether its data
 pointer is 16-byte aligned (Triton specialises on it), whether ``out`` is given, ``precision``,
 and the SM cap in force (:func:`~lowlevel.set_num_sms`, :func:`~lowlevel.sm_limit`); a hit also
@@ -60,8 +64,8 @@ __all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "clear_plan_cache", "config_for
 
 
 @triton.jit(do_not_specialize=["num_progs"])
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_split,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, num_progs,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, k_split,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WIDE: tl.constexpr, FLATTEN: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
@@ -71,8 +75,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_split,
     num_tiles = num_pid_m * num_pid_n
     tiles_per_group = GROUP_M * num_pid_n
     if SPLIT_K:
-        units = num_tiles * tl.cdiv(K, k_split)
+        n_split = tl.cdiv(K, k_split)
+        units = num_tiles * n_split
     else:
+        n_split = 1
         units = num_tiles
     for unit in tl.range(pid, units, num_progs, flatten=FLATTEN):
         if SPLIT_K:
@@ -112,43 +118,33 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_split,
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        if SPLIT_K:  # fp32 partial of slice s
+        if SPLIT_K:
+            # Serial split-K fix-up in this kernel: store slice s's fp32 partial, then take a
+            # ticket on the tile's counter (release: the CTA barrier first, so every thread's
+            # stores are issued). The program that draws the last ticket sums the slices in the
+            # fixed order 0, 1, ..., n_split - 1 (the same bits whichever program is last), writes
+            # C and puts the counter back to 0 for the next launch (ordered after this one).
+            ws_tile = offs_m[:, None] * N + offs_n[None, :]
+            mn = M * N
             if WIDE:
-                c_ptrs += tl.cast(s, tl.int64) * stride_cs
-            else:
-                c_ptrs += s * stride_cs
-            tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+                mn = tl.cast(mn, tl.int64)
+            tl.store(ws_ptr + s * mn + ws_tile, acc, mask=mask)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_split - 1:
+                tl.debug_barrier()  # the acquire by one thread orders every thread's loads after it
+                total = tl.load(ws_ptr + ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
+                for s2 in range(1, n_split):
+                    total += tl.load(ws_ptr + s2 * mn + ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
         else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit(do_not_specialize=["num_progs"])
-def _splitk_sum_kernel(ws_ptr, c_ptr, MN, N, stride_cm, stride_cn, num_progs,
-                       N_SPLIT: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    """c[m, n] = sum over s = 0, 1, ..., N_SPLIT - 1 of ws[s, m, n] (fp32, in that order);
-    ``MN`` = M * N. The slice loop is unrolled: all N_SPLIT loads are in flight at once."""
-    pid = tl.program_id(0)
-    if WIDE:
-        mn = tl.cast(MN, tl.int64)
-    else:
-        mn = MN
-    for blk in range(pid, tl.cdiv(MN, BLOCK), num_progs):
-        if WIDE:
-            e = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            e = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = e < MN
-        acc = tl.load(ws_ptr + e, mask=mask, other=0.0)
-        for s in tl.static_range(1, N_SPLIT):
-            acc += tl.load(ws_ptr + s * mn + e, mask=mask, other=0.0)
-        m = e // N
-        n = e % N
-        tl.store(c_ptr + m * stride_cm + n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 _launch = FastLauncher(_matmul_kernel, ("num_progs",))
-_sum_launch = FastLauncher(_splitk_sum_kernel, ("num_progs",))
 
 
 class Config(NamedTuple):
@@ -191,7 +187,6 @@ _BIG = {2: Config(128, 256, 64, 8, 8, 4), 4: Config(128, 128, 32, 8, 8, 3)}
 _MID = {2: Config(64, 64, 64, 8, 4, 3), 4: Config(64, 64, 32, 8, 4, 3)}
 _INTERP = Config(16, 16, 16, 2, 1, 1)
 _BUCKETS = (1, 16, 32, 64, 128, 256)
-_SUM_BLOCK = 2048
 
 
 def m_bucket(M: int) -> int:
@@ -246,24 +241,36 @@ def _extent(t: Any) -> int:
     return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
 
 
-_WS: dict[tuple[int, int], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown workspaces: a captured graph may still use them
+_WS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown workspaces: a captured graph may still use them
 
 
-def _workspace(device: torch.device, numel: int, own: bool) -> torch.Tensor:
-    """fp32 split-K workspace of at least ``numel`` elements: one per (device, stream), grown
-    geometrically, never freed (launches on one stream run in order; a captured graph may still
-    point at it); ``own`` (prepared launches): a new one for the caller alone."""
+def _zeroed_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 split-K tile counters at 0, the zeros in place before any stream uses them
+    (the fill runs on torch's current stream; outside a capture this waits for it, inside one
+    the fill is a node of the graph, before the kernel)."""
+    cnt = torch.zeros(n, device=device, dtype=torch.int32)
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(device).synchronize()
+    return cnt
+
+
+def _workspace(device: torch.device, numel: int, tiles: int, own: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace: fp32 partials (at least ``numel`` elements) and int32 tile
+    counters (at least ``tiles``, at 0 between launches: the last slice of a tile puts its
+    counter back). One per (device, stream), grown geometrically, never freed (launches on one
+    stream run in order; a captured graph may still point at it); ``own`` (prepared launches):
+    a new one for the caller alone."""
     if own or device.type != "cuda":
-        return torch.empty(numel, device=device, dtype=torch.float32)
+        return torch.empty(numel, device=device, dtype=torch.float32), _zeroed_counters(device, tiles)
     key = (device.index or 0, rt.current_handle())
-    ws = _WS.get(key)
-    if ws is None or ws.numel() < numel:
-        if ws is not None:
-            _RETIRED.append(ws)
-        ws = _WS[key] = torch.empty(max(numel, 2 * ws.numel() if ws is not None else 0), device=device,
-                                    dtype=torch.float32)
-    return ws
+    cur = _WS.get(key)
+    if cur is None or cur[0].numel() < numel or cur[1].numel() < tiles:
+        if cur is not None:
+            _RETIRED.append(cur)
+            numel, tiles = max(numel, 2 * cur[0].numel()), max(tiles, 2 * cur[1].numel())
+        cur = _WS[key] = (torch.empty(numel, device=device, dtype=torch.float32), _zeroed_counters(device, tiles))
+    return cur
 
 
 def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, own_ws: bool = False,
@@ -306,17 +313,14 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
     cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": cfg.group_m, "SPLIT_K": split,
            "EVEN_K": K % bk == 0, "WIDE": wide, "FLATTEN": cfg.flatten,
            "INPUT_PRECISION": precision if at.dtype == torch.float32 else "ieee"}
-    if not split:
-        args = (at, bt, ct, M, N, K, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), 0,
+    if not split:  # no workspace: c stands in for the two unused pointers
+        args = (at, bt, ct, ct, ct, M, N, K, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
                 ct.stride(0), ct.stride(1), 0)
-        return Plan(_launch, tiles, args, 14, cex, cfg.num_warps, cfg.num_stages, result)
-    ws = _workspace(at.device, n_split * M * N, own_ws)
-    args = (at, bt, ws, M, N, K, k_split, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1), M * N, N, 1, 0)
-    total = M * N
-    sum_block = 128 if INTERPRET else _SUM_BLOCK
-    then = Plan(_sum_launch, triton.cdiv(total, sum_block), (ws, ct, total, N, ct.stride(0), ct.stride(1), 0),
-                6, {"N_SPLIT": n_split, "BLOCK": sum_block, "WIDE": wide}, 1 if INTERPRET else 8, 1, None)
-    return Plan(_launch, tiles * n_split, args, 14, cex, cfg.num_warps, cfg.num_stages, result, then)
+        return Plan(_launch, tiles, args, 15, cex, cfg.num_warps, cfg.num_stages, result)
+    ws, cnt = _workspace(at.device, n_split * M * N, tiles, own_ws)
+    args = (at, bt, ct, ws, cnt, M, N, K, k_split, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
+            ct.stride(0), ct.stride(1), 0)
+    return Plan(_launch, tiles * n_split, args, 15, cex, cfg.num_warps, cfg.num_stages, result)
 
 
 # --- the plan cache of matmul() ------------------------------------------------------------------
@@ -362,15 +366,15 @@ class _Step:
 
 class _Cached:
     """A validated :func:`matmul` launch: output shape, dtype and device; the table entry it was
-    planned from (checked on each hit); the product step, and for split-K the workspace size
-    and the reduction step."""
+    planned from (checked on each hit); the kernel's step, and for split-K the workspace's
+    partials (elements) and tile counters (0: no split)."""
 
-    __slots__ = ("device", "dtype", "main", "shape", "tcfg", "tk", "total_sum", "ws_numel")
+    __slots__ = ("device", "dtype", "main", "shape", "tcfg", "tk", "ws_numel", "ws_tiles")
 
     def __init__(self, shape: tuple[int, int], dtype: Any, device: Any, tk: Any, tcfg: Any, main: _Step | None,
-                 ws_numel: int, total_sum: _Step | None) -> None:
+                 ws_numel: int, ws_tiles: int) -> None:
         self.shape, self.dtype, self.device, self.tk, self.tcfg = shape, dtype, device, tk, tcfg
-        self.main, self.ws_numel, self.total_sum = main, ws_numel, total_sum
+        self.main, self.ws_numel, self.ws_tiles = main, ws_numel, ws_tiles
 
 
 def _table_key(at: Any, bt: Any) -> Any:
@@ -388,19 +392,18 @@ def _miss(at: Any, bt: Any, ot: Any, precision: str, key: tuple, cap: int) -> An
     tcfg = TABLE.get(tk[0], _NO_ENTRY).get(tk[1]) if tk is not None else None
     p = plan(at, bt, ot, precision)  # raises on bad input, before anything launches
     result = p.launch()
-    main = total_sum = None
-    ws_numel = 0
+    main = None
+    ws_numel = ws_tiles = 0
     if p.tiles:
-        main = _Step(p, max(1, min(cap, p.tiles)), 3)
-        if p.then is not None:
-            ws_numel = p.then.constexprs["N_SPLIT"] * p.then.args[2]
-            total_sum = _Step(p.then, max(1, min(cap, p.then.tiles)), 2)
+        main = _Step(p, max(1, min(cap, p.tiles)), 5)
+        if p.constexprs["SPLIT_K"]:
+            ws_numel, ws_tiles = p.args[3].numel(), p.args[4].numel()
     if len(_PLANS) >= PLAN_CACHE_SIZE:
         try:
             del _PLANS[next(iter(_PLANS))]
         except (KeyError, RuntimeError, StopIteration):  # another thread got there first
             pass
-    _PLANS[key] = _Cached(tuple(result.shape), at.dtype, at.device, tk, tcfg, main, ws_numel, total_sum)
+    _PLANS[key] = _Cached(tuple(result.shape), at.dtype, at.device, tk, tcfg, main, ws_numel, ws_tiles)
     return result
 
 
@@ -428,23 +431,19 @@ def _matmul_torch(at: Any, bt: Any, ot: Any, precision: str) -> Any:
     s = e.main
     if s is None:  # nothing to compute (M or N is 0)
         return ot
-    t = e.total_sum
-    if t is None:
+    if not e.ws_numel:
         if s.launch is None:
-            s.slow(at, bt, ot)
+            s.slow(at, bt, ot, ot, ot)
         else:
             h = rt.torch_get_raw(-1) or rt.cupy_get_current().ptr  # lowlevel's current stream
-            s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pc, *s.tail)
+            s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pc, pc, pc, *s.tail)
         return ot
-    ws = _workspace(e.device, e.ws_numel, False)
-    if s.launch is None or t.launch is None:
-        s.slow(at, bt, ws)
-        t.slow(ws, ot)
+    ws, cnt = _workspace(e.device, e.ws_numel, e.ws_tiles, False)
+    if s.launch is None:
+        s.slow(at, bt, ot, ws, cnt)
     else:
         h = rt.torch_get_raw(-1) or rt.cupy_get_current().ptr
-        pw = ws.data_ptr()
-        s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pw, *s.tail)
-        t.launch(t.grid, 1, 1, h, *t.prefix, pw, pc, *t.tail)
+        s.launch(s.grid, 1, 1, h, *s.prefix, pa, pb, pc, ws.data_ptr(), cnt.data_ptr(), *s.tail)
     return ot
 
 
@@ -468,10 +467,12 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
     return plan(a, b, out, precision).launch()
 
 
-def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32") -> PreparedLaunch:
+def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32", stream: Any = None) -> PreparedLaunch:
     """Validate once and return a :class:`PreparedLaunch` that recomputes ``a @ b`` into
-    ``out`` each time it is called (the cheapest launch path; the cap is read per call). A
-    split-K product gets its own workspace, held by the prepared launch."""
+    ``out`` each time it is called (the cheapest launch path; the cap is read per call), on
+    lowlevel's current stream at each call, or always on ``stream`` when one is given (a
+    :class:`StreamLaunch`). A split-K product gets its own workspace, held by the prepared
+    launch."""
     if out is None:
         raise ValueError("prepare_matmul needs out=")
-    return plan(a, b, out, precision, own_ws=True).prepare()
+    return plan(a, b, out, precision, own_ws=True).prepare(stream)

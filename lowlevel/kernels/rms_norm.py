@@ -128,8 +128,9 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, ou
     return plan(x, weight, eps, residual, out).launch()
 
 
-def prepare_rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, out: Any) -> PreparedLaunch:
-    """Validate once; the returned :class:`PreparedLaunch` normalises ``x`` into ``out`` per call."""
+def prepare_rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, out: Any, stream: Any = None) -> PreparedLaunch:
+    """Validate once; the returned :class:`PreparedLaunch` normalises ``x`` into ``out`` per call
+    (on lowlevel's current stream at each call, or always on ``stream``: a :class:`StreamLaunch`)."""
     if out is None:
         raise ValueError("prepare_rms_norm needs out=")
-    return plan(x, weight, eps, None, out).prepare()
+    return plan(x, weight, eps, None, out).prepare(stream)
