@@ -15,8 +15,9 @@ candidate) over ``k`` in :data:`CTAS` and the wave-aligned shares of
 :func:`lowlevel.comm_sm_candidates` for the configuration's matmul (a cap just below a wave
 boundary costs the matmul a whole wave): compute gets ``total - k`` SMs
 (``kernels.set_num_sms``), NCCL a communicator limited to ``k`` CTAs
-(``ProcessGroupNCCL.Options().config.max_ctas``), switched by ``SMControlContextManager``. Configurations (one worker run, one NCCL start-up): the main one
-(all-reduce, ``H = 4096``), and for each comm stage the ``H`` among :data:`H_BALANCE` whose
+(``ProcessGroupNCCL.Options().config.max_ctas``), switched by ``SMControlContextManager``.
+Configurations (one worker run, one NCCL start-up): the main one (all-reduce, ``H = 4096``),
+and for each comm stage the ``H`` among :data:`H_BALANCE` whose
 comm stage alone takes closest to its matmul alone (both measured in the run: matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``) -- the issue's target (>= 1.4x) is for stages
 of about equal length. Also: the all-reduce run captured as one FULL graph (NCCL inside) and
@@ -87,7 +88,8 @@ def matmul_units(T: int, H: int) -> int:
     from lowlevel.kernels.matmul import config_for
 
     cfg = config_for(T, H, H, 2)
-    k_split = -(-(-(-H // cfg.split_k)) // cfg.block_k) * cfg.block_k
+    per_slice = -(-H // cfg.split_k)
+    k_split = -(-per_slice // cfg.block_k) * cfg.block_k
     return -(-T // cfg.block_m) * -(-H // cfg.block_n) * -(-H // k_split)
 
 

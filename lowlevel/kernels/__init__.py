@@ -12,5 +12,5 @@ from .matmul import matmul, prepare_matmul
 from .rms_norm import prepare_rms_norm, rms_norm
 from .tile_overlap import TileOverlap, matmul_then_rms_norm, tile_overlap
 
-__all__ = ["PreparedLaunch", "StreamLaunch", "TileOverlap", "copy", "get_num_sms", "matmul", "matmul_then_rms_norm", "prepare_copy",
-           "prepare_matmul", "prepare_rms_norm", "rms_norm", "set_num_sms", "sm_limit", "tile_overlap"]
+__all__ = ["PreparedLaunch", "StreamLaunch", "TileOverlap", "copy", "get_num_sms", "matmul", "matmul_then_rms_norm",
+           "prepare_copy", "prepare_matmul", "prepare_rms_norm", "rms_norm", "set_num_sms", "sm_limit", "tile_overlap"]
