@@ -327,12 +327,7 @@ def test_matmul_every_config_path(dtype):
 
 
 def test_decode_matmul_split_is_deterministic_and_cap_sweeps_compile_nothing():
-    from lowlevel.kernels.matmul import (
-        _launch,
-        _matmul_kernel,
-        _splitk_sum_kernel,
-        config_for,
-    )
+    from lowlevel.kernels.matmul import _launch, _matmul_kernel, config_for
 
     total = device_sm_count()
     dev = torch.cuda.current_device()
@@ -341,16 +336,17 @@ def test_decode_matmul_split_is_deterministic_and_cap_sweeps_compile_nothing():
         ref = a.double() @ b.double()
         first = K.matmul(a, b)
         torch.cuda.synchronize()
-        compiled = (len(_matmul_kernel.device_caches[dev][0]), len(_splitk_sum_kernel.device_caches[dev][0]))
+        compiled = len(_matmul_kernel.device_caches[dev][0])
         ours = len(_launch.cache)
         for cap in (1, 3, 33, 66, total):
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
             with lowlevel.sm_limit(cap):
                 K.matmul(a, b, out=out)
             torch.cuda.synchronize()
-            assert torch.equal(out, first), (M, N, Kd, cap, config_for(M, N, Kd, 2))  # same bits at any cap
-        assert _rel(first, ref) < 1e-2
-        assert (len(_matmul_kernel.device_caches[dev][0]), len(_splitk_sum_kernel.device_caches[dev][0])) == compiled
+            # same bits at any cap: with split-K, other programs draw the last ticket of a tile
+            assert torch.equal(out, first), (M, N, Kd, cap, config_for(M, N, Kd, 2))
+        assert _rel(first, ref) < 1e-2 and _rel(first[-1], ref[-1]) < 1e-2
+        assert len(_matmul_kernel.device_caches[dev][0]) == compiled
         assert len(_launch.cache) == ours
         # the prepared path, with its own workspace, at two caps
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)

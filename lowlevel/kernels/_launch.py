@@ -393,7 +393,7 @@ class StreamLaunch(PreparedLaunch):
     caller's: the launch is ordered after earlier work on ``stream`` only. Holds a reference to
     ``stream``. Raises ``TypeError`` / ``ValueError`` naming ``stream`` for what is no stream."""
 
-    __slots__ = ("_handle", "_stream")
+    __slots__ = ("_full", "_handle", "_stream")
 
     def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int, stream: Any) -> None:
@@ -401,7 +401,16 @@ class StreamLaunch(PreparedLaunch):
 
         self._stream = adopt_arg(stream, "stream")  # checked before anything launches
         self._handle = self._stream.ptr
+        self._full: tuple[Any, ...] | None = None
         super().__init__(launcher, tiles, args, grid_at, constexprs, num_warps, num_stages)
+        if self._entry is not None:
+            self._full = (self._grid, 1, 1, self._handle) + self._argv
+
+    def _regrid(self, grid: int) -> None:
+        super()._regrid(grid)
+        if self._entry is not None:
+            # the C entry's whole argument tuple, passed as it is (no tuple built per call)
+            self._full = (grid, 1, 1, self._handle) + self._argv
 
     def _first_launch(self, launcher: FastLauncher, grid: int, args: list[Any], constexprs: dict[str, Any],
                       num_warps: int, num_stages: int) -> None:
@@ -416,15 +425,15 @@ class StreamLaunch(PreparedLaunch):
             grid = self._tiles
         if grid != self._grid:
             self._regrid(grid)
-        entry = self._entry
-        if entry is None:  # the interpreter, or Triton's own launch path
+        full = self._full
+        if full is None:  # the interpreter, or Triton's own launch path
             from ..stream import use_stream
 
             with use_stream(self._stream):
                 self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
                                self._constexprs, *self._opts)
         else:
-            entry(grid, 1, 1, self._handle, *self._argv)
+            self._entry(*full)
 
     @property
     def stream(self) -> Any:

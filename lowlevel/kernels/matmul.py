@@ -172,10 +172,10 @@ TABLE: dict[tuple[tuple[int, int], int], dict[tuple[int, int, int], Config]] = {
         (16, 4096, 4096): Config(16, 64, 256, 8, 4, 5),  # 17.5 us, cuBLAS 19.0 us
         (16, 14336, 4096): Config(16, 128, 128, 8, 4, 4),  # 40.0 us, cuBLAS 39.9 us
         (16, 4096, 14336): Config(16, 64, 256, 8, 4, 5),  # 41.0 us, cuBLAS 42.2 us
-        (64, 4096, 4096): Config(64, 64, 128, 8, 8, 5, 2),  # 20.6 us, cuBLAS 17.8 us (0.86x)
+        (64, 4096, 4096): Config(64, 64, 128, 8, 4, 5, 2),  # 19.3 us, cuBLAS 17.9 us (0.92x; fused split-K)
         (64, 14336, 4096): Config(64, 128, 64, 8, 4, 5),  # 40.4 us, cuBLAS 40.6 us
         (64, 4096, 14336): Config(64, 64, 256, 8, 4, 3, 2),  # 44.5 us, cuBLAS 43.7 us
-        (256, 4096, 4096): Config(128, 128, 64, 8, 8, 5, 2),  # 26.8 us, cuBLAS 23.8 us (0.89x)
+        (256, 4096, 4096): Config(64, 128, 128, 8, 4, 4),  # 23.3 us, cuBLAS 23.5 us (session 5 tune)
         (256, 14336, 4096): Config(128, 256, 64, 8, 8, 4),  # 51.0 us, cuBLAS 50.8 us
         (256, 4096, 14336): Config(128, 256, 64, 8, 8, 4, 4),  # 54.6 us, cuBLAS 53.9 us
     },
