@@ -20,7 +20,8 @@ Configurations (one worker run, one NCCL start-up): the main one (all-reduce, ``
 and for each comm stage the ``H`` among :data:`H_BALANCE` whose
 comm stage alone takes closest to its matmul alone (both measured in the run: matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``; for the all-to-all, the two closest within
-:data:`BAND`) -- the issue's target (>= 1.4x) is for stages of about equal length.
+:data:`BAND`; and the all-to-all at ``H_LONG x T_LONG``, twice the tokens, stages twice as
+long) -- the issue's target (>= 1.4x) is for stages of about equal length.
 Also: the all-reduce run captured as one FULL graph (NCCL inside) and
 replayed on both ranks, checked against the sequential result; both ranks' timelines merged
 into one Perfetto trace and one Gantt PNG per configuration under the results folder.
@@ -45,6 +46,7 @@ from .common import Report, Timing
 NEEDS_GPU = True
 LAYERS = 6
 H_MAIN, T_MAIN = 4096, 4096
+H_LONG, T_LONG = 2048, 8192  # the all-to-all also at twice the tokens: stages twice as long
 H_BALANCE = (1024, 2048, 2560, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 BAND = 1.25  # "about the same time alone": comm / matmul within [1 / BAND, BAND]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -423,27 +425,33 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     from lowlevel.sm_control import device_sm_count
 
     hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
-    ctas = sorted(set(CTAS).union(*(wave_ctas(T, h, device_sm_count()) for h in {H, *hl}))) if full else [16]
+    shapes = {(T, h) for h in {H, *hl}} | ({(T_LONG, H_LONG)} if hl else set())
+    ctas = sorted(set(CTAS).union(*(wave_ctas(t, h, device_sm_count()) for t, h in shapes))) if full else [16]
     groups, ctas_error = make_groups(dist, ctas)
     clock = Clock(torch, dist, rank)
     res: dict[str, Any] = {"rank": rank, "total_sms": device_sm_count(), "ctas_error": ctas_error,
                            "ctas_groups": sorted(k for k in groups if k), "configs": []}
     k_test = 16 if 16 in groups else 0
-    # (name, H, comm, balanced for that comm)
-    plan: list[tuple[str, int, str, bool]] = [(f"{c}_H{H}", H, c, False) for c in COMMS]
+    # (name, H, T, comm, balanced for that comm)
+    plan: list[tuple[str, int, int, str, bool]] = [(f"{c}_H{H}", H, T, c, False) for c in COMMS]
     if full and hl:
         alone = measure_alone(torch, dist, clock, K, T, hl)
         res["alone"] = alone
         bal = {c: pick_balanced(alone, c) for c in COMMS}
         res["balanced_H"] = bal
-        plan = [(f"allreduce_H{H}", H, "allreduce", bal["allreduce"] == H)]
+        plan = [(f"allreduce_H{H}", H, T, "allreduce", bal["allreduce"] == H)]
         if bal["allreduce"] != H:
-            plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], "allreduce", True))
+            plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], T, "allreduce", True))
         for h in balanced_hs(alone, "alltoall"):
-            plan.append((f"alltoall_H{h}", h, "alltoall", True))
-    for name, Hc, comm, balanced in plan:
-        m = Model(rank, world, Hc, T, layers, groups, comm)
-        cfg: dict[str, Any] = {"name": name, "H": Hc, "T": T, "layers": layers, "comm": comm, "balanced": balanced}
+            plan.append((f"alltoall_H{h}", h, T, "alltoall", True))
+        # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
+        long = measure_alone(torch, dist, clock, K, T_LONG, [H_LONG])
+        res["alone_long"] = long
+        within = abs(math.log(long[H_LONG]["ratio"]["alltoall"])) <= math.log(BAND)
+        plan.append((f"alltoall_H{H_LONG}_T{T_LONG}", H_LONG, T_LONG, "alltoall", within))
+    for name, Hc, Tc, comm, balanced in plan:
+        m = Model(rank, world, Hc, Tc, layers, groups, comm)
+        cfg: dict[str, Any] = {"name": name, "H": Hc, "T": Tc, "layers": layers, "comm": comm, "balanced": balanced}
         chk, seq = check_config(m, k_test, graph=(comm == "allreduce"))
         cfg.update(chk)
         if full:
@@ -585,13 +593,14 @@ def run(rep: Report) -> None:
     rep.files.append(raw)
     r0 = res[0]
     alone = {int(h): v for h, v in r0.get("alone", {}).items()}
+    alone_long = {int(h): v for h, v in r0.get("alone_long", {}).items()}
     for cfg in r0["configs"]:
         tr = traces[cfg["name"]]
         png = plot_merged(tr, tr.replace("_trace.json", ".png"),
                           f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
                           f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
         rep.files += [tr, png]
-        report_config(rep, cfg, alone.get(cfg["H"]), {"trace": tr, "png": png})
+        report_config(rep, cfg, (alone if cfg["T"] == T_MAIN else alone_long).get(cfg["H"]), {"trace": tr, "png": png})
     for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
         for comm in COMMS:
             what = "in-place all-reduce" if comm == "allreduce" else "all-to-all (T/2 rows to each rank)"

@@ -66,7 +66,7 @@ def candidates(M: int, N: int, K: int, sms: int, focus: bool = False) -> list[An
         grid = [(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)]
     elif M <= 64:
         grid = [(bm, bn, bk, w, st) for bm in (32, 64) for bn in (32, 64, 128) for bk in (64, 128, 256)
-                for w in (4, 8) for st in (3, 4, 5)]
+                for w in (4, 8) for st in (3, 4, 5, 6)]
     else:
         grid = [(bm, bn, bk, w, st) for bm, w in ((64, 4), (128, 8), (128, 4)) for bn in (64, 128, 256)
                 for bk in (64, 128) for st in (3, 4, 5)]
