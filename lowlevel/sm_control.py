@@ -24,18 +24,21 @@ __all__ = ["set_num_sms", "get_num_sms", "device_sm_count", "sm_limit", "SMContr
 INTERPRETER_SMS = 8
 """The SM count assumed where no GPU exists (Triton's interpreter on the CPU)."""
 
-_global_cap: int | None = None
-
-
 class _ThreadCaps(threading.local):
-    """Per-thread stack of :class:`sm_limit` caps. A class default, not ``getattr(local, ...,
-    None)``: a thread that never entered ``sm_limit`` then reads ``None`` without an
-    AttributeError raised and caught on every launch."""
+    """Per-thread stack of :class:`sm_limit` caps, and the process-wide cap as a class attribute
+    (:func:`set_num_sms`). Class defaults, not ``getattr(local, ..., None)``: a thread that
+    never entered ``sm_limit`` then reads ``None`` without an AttributeError raised and caught
+    on every launch."""
 
     stack: list[int] | None = None
+    global_cap: int | None = None  # set on the class: every thread reads it
 
 
 _tls = _ThreadCaps()
+caps = _tls
+"""The cap state the launch paths read inline (a hot path saves the call of :func:`capped`):
+``caps.stack`` (this thread's :class:`sm_limit` caps, innermost last, or None / empty) and
+``caps.global_cap`` (:func:`set_num_sms`'s, or None). Read it, never write it."""
 
 
 @functools.cache
@@ -60,8 +63,7 @@ def device_sm_count(device: int | None = None) -> int:
 def set_num_sms(n: int | None) -> None:
     """Set the process-wide SM cap of lowlevel's kernels (None: every SM). Threads inside an
     :func:`sm_limit` block keep their own cap."""
-    global _global_cap
-    _global_cap = None if n is None else check_int(n, "num_sms", 1)
+    _ThreadCaps.global_cap = None if n is None else check_int(n, "num_sms", 1)
 
 
 def get_num_sms() -> int:
@@ -73,7 +75,7 @@ def capped(total: int) -> int:
     """The calling thread's SM cap on a device with ``total`` SMs (the launch paths' fast form
     of :func:`get_num_sms`, for callers that know their device)."""
     stack = _tls.stack
-    cap = stack[-1] if stack else _global_cap
+    cap = stack[-1] if stack else _tls.global_cap
     return total if cap is None or cap > total else cap
 
 

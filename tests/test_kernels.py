@@ -178,6 +178,45 @@ def test_prepared_launches_recompute_with_new_data_and_caps():
         K.prepare_matmul(a, b, out=None)
 
 
+def test_prepared_launch_grid_follows_every_cap_source():
+    """The prepared path reads the cap inline: its grid is min(get_num_sms(), tiles) under
+    set_num_sms, nested sm_limit blocks, and in another thread (its own stack)."""
+    import threading
+
+    from lowlevel.sm_control import device_sm_count
+
+    src, dst = _rand(16 * 4096), torch.empty(16 * 4096, device=DEV)
+    p = K.prepare_copy(src, dst)
+    tiles = p.tiles
+    assert tiles > 3
+
+    def grid_now():
+        p()
+        return p._grid
+
+    def want():
+        return min(K.get_num_sms(), tiles)
+
+    assert grid_now() == want() == min(device_sm_count(), tiles)
+    try:
+        K.set_num_sms(3)
+        assert grid_now() == want() == 3
+        with lowlevel.sm_limit(2):
+            assert grid_now() == want() == 2
+            with lowlevel.sm_limit(1000):
+                assert grid_now() == want() == min(device_sm_count(), tiles)
+            assert grid_now() == 2
+        seen = []
+        th = threading.Thread(target=lambda: seen.append(grid_now()))
+        th.start()
+        th.join()
+        assert seen == [3]  # the process-wide cap, not this thread's stack
+    finally:
+        K.set_num_sms(None)
+    assert grid_now() == min(device_sm_count(), tiles)
+    assert torch.equal(dst, src)
+
+
 def test_stream_launch_refuses_what_is_no_stream_before_launching():
     src, dst = _rand(300), torch.full((300,), float("nan"), device=DEV)
     for bad in ("s0", 1.5, True, -3):

@@ -54,11 +54,11 @@ def _fn1(n):
 def test_int_arguments_refuse_non_ints(entry, arg, call, bad, exc):
     if bad is None and arg in ("num_sms", "total_sms"):
         pytest.skip(f"None means 'every SM' for {arg}")
-    cap = sm_control._global_cap
+    cap = sm_control.caps.global_cap
     with pytest.raises(exc) as info:
         call(bad)
     assert arg.split("[")[0] in str(info.value), f"{entry}: message does not name {arg}: {info.value}"
-    assert sm_control._global_cap == cap and sm_control.get_num_sms() == sm_control.get_num_sms()
+    assert sm_control.caps.global_cap == cap and sm_control.get_num_sms() == sm_control.get_num_sms()
 
 
 @pytest.mark.parametrize("entry,arg,call", INT_ARGS, ids=[f"{e}-{a}" for e, a, _ in INT_ARGS])

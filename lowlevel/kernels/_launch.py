@@ -30,6 +30,7 @@ import torch
 from .. import _runtime as rt
 from ..interop import as_cupy, as_torch
 from ..sm_control import capped as _capped
+from ..sm_control import caps as _caps
 from ..sm_control import device_sm_count, get_num_sms
 
 __all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "StreamLaunch",
@@ -322,6 +323,7 @@ class PreparedLaunch:
         "_grid_at",
         "_keep",
         "_launcher",
+        "_limit",
         "_opts",
         "_prefix",
         "_tiles",
@@ -338,6 +340,7 @@ class PreparedLaunch:
         self._first_launch(launcher, grid, call_args, constexprs, num_warps, num_stages)
         self._keep = args
         self._tiles = max(1, tiles)  # at least one program (a kernel with no work returns at once)
+        self._limit = min(self._total, self._tiles)  # the grid without a cap
         self._grid_at = grid_at
         self._launcher, self._constexprs, self._opts = launcher, constexprs, (num_warps, num_stages)
         self._grid = grid
@@ -366,9 +369,11 @@ class PreparedLaunch:
     def __call__(self) -> None:
         # the fewest Python operations in front of the C entry: each costs about 30-100 ns, against
         # about 5 µs for the C launch itself
-        grid = _capped(self._total)
-        if grid > self._tiles:
-            grid = self._tiles
+        stack = _caps.stack  # sm_control.capped(), inline
+        cap = stack[-1] if stack else _caps.global_cap
+        grid = self._limit
+        if cap is not None and cap < grid:
+            grid = cap
         if grid != self._grid:
             self._regrid(grid)
         entry = self._entry
@@ -420,9 +425,11 @@ class StreamLaunch(PreparedLaunch):
             launcher(grid, args, constexprs, num_warps, num_stages)
 
     def __call__(self) -> None:
-        grid = _capped(self._total)
-        if grid > self._tiles:
-            grid = self._tiles
+        stack = _caps.stack  # sm_control.capped(), inline
+        cap = stack[-1] if stack else _caps.global_cap
+        grid = self._limit
+        if cap is not None and cap < grid:
+            grid = cap
         if grid != self._grid:
             self._regrid(grid)
         full = self._full
