@@ -67,6 +67,7 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
             fns = {
                 "prepared": prepared,
                 "prepared, stream=": bound,
+                "prepared, stream=, .launch": bound.launch,
                 "kernel[grid](...)": lambda: _copy_kernel[(1,)](src, dst, 1024, 1, BLOCK=block, num_warps=16,
                                                                  num_stages=1),
                 "lowlevel.kernels.copy": lambda: K.copy(src, dst),
@@ -79,10 +80,14 @@ def launch_paths(rep: Report, n: int = 100, trials: int = 41) -> None:
             t = dict(zip(fns, host_only_us(*fns.values(), n=n, trials=trials, sync=sync)))
             ours = t["prepared"]
             extra = {k: float(v) for k, v in t.items()}
-            rep.add(f"launch, {where}: prepare_copy(..., stream=s)() (host us; thread has entered sm_limit)",
-                    t["prepared, stream="], "us", "Triton's C launcher entry, called directly on s", t["C entry"],
-                    target="<= 1.1x the C entry (ratio >= 0.91x)",
-                    extra={"ours_over_c_entry": t["prepared, stream="] / t["C entry"], "all_paths_us": extra})
+            rep.add(f"launch, {where}: prepare_copy(..., stream=s).launch() (host us; thread has entered sm_limit)",
+                    t["prepared, stream=, .launch"], "us", "Triton's C launcher entry, called directly on s",
+                    t["C entry"], target="<= 1.1x the C entry (ratio >= 0.91x)",
+                    extra={"ours_over_c_entry": t["prepared, stream=, .launch"] / t["C entry"],
+                           "all_paths_us": extra})
+            rep.add(f"launch, {where}: prepare_copy(..., stream=s)()", t["prepared, stream="], "us",
+                    "Triton's C launcher entry, called directly on s", t["C entry"],
+                    extra={"ours_over_c_entry": t["prepared, stream="] / t["C entry"]})
             rep.add(f"launch, {where}: prepare_copy(...)() on the current stream", ours, "us",
                     "Triton's C launcher entry, called directly", t["C entry"],
                     extra={"ours_over_c_entry": ours / t["C entry"]})

@@ -245,8 +245,8 @@ def stream_handle(stream: Any) -> int:
         return current_handle()
     cls = type(stream)
     if cls is int:
-        if stream < 0:
-            raise ValueError(f"stream: a stream handle is a non-negative int, got {stream}")
+        if not 0 <= stream < 1 << 64:
+            raise ValueError(f"stream: a stream handle is a non-negative int below 2**64, got {stream}")
         return stream
     get = _handle_getters.get(cls)
     if get is None:
@@ -268,16 +268,30 @@ def _handle_getter_for(stream: Any) -> Callable[[Any], int]:
     if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):
         return lambda s: s.ptr
     if hasattr(stream, "__cuda_stream__"):
-        return lambda s: int(s.__cuda_stream__()[1])
+        return _protocol_handle
     raise TypeError(
         f"stream: cannot use {type(stream).__module__}.{type(stream).__qualname__} as a CUDA stream: expected a "
         "lowlevel.Stream, torch.cuda.Stream, cupy stream, int handle or an object with __cuda_stream__")
 
 
+def _protocol_handle(stream: Any) -> int:
+    """The handle of a ``__cuda_stream__`` object: the protocol's ``(version, handle)`` tuple,
+    the handle an int (not a bool, str or float) in [0, 2**64)."""
+    v = stream.__cuda_stream__()
+    if not (isinstance(v, tuple) and len(v) == 2):
+        raise TypeError(f"stream: __cuda_stream__() must return a (version, handle) tuple, got {v!r}")
+    h = v[1]
+    if isinstance(h, bool) or not isinstance(h, int):
+        raise TypeError(f"stream: __cuda_stream__()'s handle must be an int, got {type(h).__name__} {h!r}")
+    if not 0 <= h < 1 << 64:
+        raise ValueError(f"stream: a stream handle is an int in [0, 2**64), got {h}")
+    return h
+
+
 def _int_handle(stream: Any) -> int:
     h = operator.index(stream)  # NumPy integers and other __index__ types
-    if h < 0:
-        raise ValueError(f"stream: a stream handle is a non-negative int, got {h}")
+    if not 0 <= h < 1 << 64:
+        raise ValueError(f"stream: a stream handle is a non-negative int below 2**64, got {h}")
     return h
 
 

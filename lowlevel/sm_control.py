@@ -63,7 +63,7 @@ def device_sm_count(device: int | None = None) -> int:
 def set_num_sms(n: int | None) -> None:
     """Set the process-wide SM cap of lowlevel's kernels (None: every SM). Threads inside an
     :func:`sm_limit` block keep their own cap."""
-    _ThreadCaps.global_cap = None if n is None else check_int(n, "num_sms", 1)
+    _ThreadCaps.global_cap = None if n is None else check_int(n, "n (num_sms)", 1)
 
 
 def get_num_sms() -> int:
@@ -82,7 +82,9 @@ def capped(total: int) -> int:
 class sm_limit:
     """Cap lowlevel's kernels launched from this thread to ``n`` SMs inside the block; nests
     (the innermost wins) and restores on exit, exceptions included. Other threads are not
-    affected."""
+    affected. The caps are per thread, not per asyncio task or generator: blocks that one
+    thread enters and leaves out of order (two tasks awaiting inside their blocks, two
+    interleaved generators) see each other's caps; keep such blocks strictly nested."""
 
     __slots__ = ("n",)
 

@@ -329,6 +329,8 @@ def comm_sm_candidates(units: int, total_sms: int, *, max_comm: int | None = Non
     first = -(-units // total_sms)
     out: list[int] = []
     for w in range(first, first + extra_waves + 1):
+        if w > units:  # one unit a program already: more waves need no fewer SMs
+            break
         k = total_sms - -(-units // w)
         if 0 < k <= max_comm and k not in out:
             out.append(k)

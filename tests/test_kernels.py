@@ -226,6 +226,34 @@ def test_stream_launch_refuses_what_is_no_stream_before_launching():
             K.prepare_matmul(_rand(4, 5), _rand(5, 3), out=torch.empty(4, 3, device=DEV), stream=bad)
     assert torch.isnan(dst).all()  # nothing launched
 
+    class CS:  # the __cuda_stream__ protocol, badly kept
+        def __init__(self, v):
+            self.v = v
+
+        def __cuda_stream__(self):
+            return self.v
+
+    for v in ("x", (0,), (0, "7"), (0, 7.9), (0, True), (0, -1), (0, 1 << 64)):
+        with pytest.raises((TypeError, ValueError), match="stream"):
+            K.prepare_copy(src, dst, stream=CS(v))
+    for bad in (1 << 64, 1 << 70):
+        with pytest.raises(ValueError, match="stream"):
+            K.prepare_copy(src, dst, stream=bad)
+    # the stream is checked before the split-K workspace is made
+    import importlib
+
+    mm = importlib.import_module("lowlevel.kernels.matmul")  # the module (the package's name is the function)
+    made = []
+    real = mm._workspace
+    mm._workspace = lambda *a, **k: made.append(1) or real(*a, **k)
+    try:
+        with pytest.raises(TypeError, match="stream"):
+            mm.prepare_matmul(_rand(4, 50), _rand(50, 3), out=torch.empty(4, 3, device=DEV), stream="bad")
+    finally:
+        mm._workspace = real
+    assert made == []
+    assert torch.isnan(dst).all()
+
 
 def test_launch_key_is_the_same_on_both_paths():
     """The validated path keys its cache in one pass with the pointers; prepared launches look the

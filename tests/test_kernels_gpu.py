@@ -200,6 +200,26 @@ def test_stream_launch_goes_to_its_stream_whatever_is_current(kind):
         assert torch.isnan(dst).all()  # not on `other`: still behind the spin on s
         lowlevel.Stream.from_external(s).synchronize()
         assert torch.equal(dst, fresh + cap)
+    # .launch, the plain-function form: the same stream, the cap read per call, the arrays kept
+    fast = run.launch
+    for cap in (3, device_sm_count(), 7):
+        dst.fill_(float("nan"))
+        torch.cuda.synchronize()
+        with lowlevel.use_stream(s):
+            spin(20_000_000, blocks=1)
+            src.copy_(fresh - cap)
+        with lowlevel.use_stream(other), lowlevel.sm_limit(cap):
+            fast()
+        other.synchronize()
+        assert torch.isnan(dst).all()
+        lowlevel.Stream.from_external(s).synchronize()
+        assert torch.equal(dst, fresh - cap)
+    del run  # the function keeps the arrays and the stream alive on its own
+    dst.fill_(float("nan"))
+    torch.cuda.synchronize()
+    fast()
+    lowlevel.Stream.from_external(s).synchronize()
+    assert torch.equal(dst, src)
     # matmul (split-K on its own workspace) and rms_norm bound the same way
     a, b = _rand(64, 4096, dtype=torch.bfloat16), _rand(4096, 4096, dtype=torch.bfloat16)
     out = torch.full((64, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)

@@ -270,6 +270,7 @@ def test_comm_sm_candidates_keep_the_compute_waves():
     assert lowlevel.comm_sm_candidates(384, 132, extra_waves=0) == [4]
     assert lowlevel.comm_sm_candidates(100, 132) == [32]  # one wave needs 100 SMs; two would leave 82 > 66
     assert lowlevel.comm_sm_candidates(132, 132, max_comm=0) == []
+    assert lowlevel.comm_sm_candidates(8, 132, max_comm=131, extra_waves=10**9) == [124, 128, 129, 130, 131]
     for units in (1, 7, 131, 132, 133, 1000, 4097):
         for k in lowlevel.comm_sm_candidates(units, 132, max_comm=131, extra_waves=4):
             p = 132 - k

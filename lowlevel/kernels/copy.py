@@ -13,6 +13,7 @@ from ._launch import (
     Plan,
     PreparedLaunch,
     check_device,
+    check_stream,
     to_torch,
 )
 
@@ -55,7 +56,9 @@ def copy(src: Any, dst: Any) -> Any:
 
 
 def prepare_copy(src: Any, dst: Any, *, stream: Any = None) -> PreparedLaunch:
-    """Validate once; the returned :class:`PreparedLaunch` copies ``src`` into ``dst`` per call,
+    """Validate once and launch once (``dst`` is written now); the returned :class:`PreparedLaunch`
+    copies ``src`` into ``dst`` per call,
     on lowlevel's current stream at each call, or always on ``stream`` when one is given (a
     :class:`StreamLaunch`, the cheapest path)."""
-    return plan(src, dst).prepare(stream)
+    bound = check_stream(stream)
+    return plan(src, dst).prepare(bound)

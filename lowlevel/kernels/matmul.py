@@ -55,6 +55,7 @@ from ._launch import (
     Plan,
     PreparedLaunch,
     check_device,
+    check_stream,
     like_input,
     to_torch,
 )
@@ -470,11 +471,13 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
 
 
 def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32", stream: Any = None) -> PreparedLaunch:
-    """Validate once and return a :class:`PreparedLaunch` that recomputes ``a @ b`` into
+    """Validate once, launch once (``out`` is written now) and return a :class:`PreparedLaunch`
+    that recomputes ``a @ b`` into
     ``out`` each time it is called (the cheapest launch path; the cap is read per call), on
     lowlevel's current stream at each call, or always on ``stream`` when one is given (a
     :class:`StreamLaunch`). A split-K product gets its own workspace, held by the prepared
     launch."""
     if out is None:
         raise ValueError("prepare_matmul needs out=")
-    return plan(a, b, out, precision, own_ws=True).prepare(stream)
+    bound = check_stream(stream)  # before the workspace is made
+    return plan(a, b, out, precision, own_ws=True).prepare(bound)

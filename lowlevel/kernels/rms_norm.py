@@ -18,6 +18,7 @@ from ._launch import (
     Plan,
     PreparedLaunch,
     check_device,
+    check_stream,
     like_input,
     to_torch,
 )
@@ -129,8 +130,10 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, ou
 
 
 def prepare_rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, out: Any, stream: Any = None) -> PreparedLaunch:
-    """Validate once; the returned :class:`PreparedLaunch` normalises ``x`` into ``out`` per call
+    """Validate once and launch once (``out`` is written now); the returned :class:`PreparedLaunch`
+    normalises ``x`` into ``out`` per call
     (on lowlevel's current stream at each call, or always on ``stream``: a :class:`StreamLaunch`)."""
     if out is None:
         raise ValueError("prepare_rms_norm needs out=")
-    return plan(x, weight, eps, None, out).prepare(stream)
+    bound = check_stream(stream)
+    return plan(x, weight, eps, None, out).prepare(bound)
