@@ -119,10 +119,15 @@ def test_green_context_partition_slows_a_full_grid_kernel():
         assert part.sm_counts == [64]
         (s,) = part.streams
         # 16 full waves of SM-filling blocks: 16 waves on the whole GPU, 16 * total / 64 on 64 SMs
+        # (each the fastest of 5 interleaved trials: another process's kernels on this GPU, e.g.
+        # a test suite run beside this one, only ever slow a trial down)
         blocks = 16 * total
-        whole = _time_ms(lambda: spin(200_000, blocks=blocks, whole_sm=True))
-        with lowlevel.use_stream(s):
-            inside = _time_ms(lambda: spin(200_000, blocks=blocks, whole_sm=True))
+        wholes, insides = [], []
+        for _ in range(5):
+            wholes.append(_time_ms(lambda: spin(200_000, blocks=blocks, whole_sm=True)))
+            with lowlevel.use_stream(s):
+                insides.append(_time_ms(lambda: spin(200_000, blocks=blocks, whole_sm=True)))
+        whole, inside = min(wholes), min(insides)
         ratio = inside / whole
         expected = total / 64
         print(f"whole GPU {whole:.2f} ms, 64-SM partition {inside:.2f} ms, ratio {ratio:.2f} (ideal {expected:.2f})")
