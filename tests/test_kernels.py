@@ -334,6 +334,29 @@ def test_matmul_split_k_fixup_same_bits_whichever_slice_is_last(mnk):
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
+def test_clear_plan_cache_gives_fresh_split_k_counters(fresh_plans, monkeypatch):
+    """A tile counter left off 0 (what a race between two streams sharing a workspace can
+    do) breaks later split-K products on that stream; clear_plan_cache() retires the shared
+    workspace, so the next product is right again."""
+    mm = fresh_plans
+    monkeypatch.setattr(mm, "config_for", lambda *a, **k: mm.Config(16, 16, 16, 2, 1, 1, 3))
+    mm.clear_plan_cache()  # one shared workspace below: the current stream's
+    a, b = _rand(20, 70), _rand(70, 24)
+    ref = a.double() @ b.double()
+    assert _rel(K.matmul(a, b, precision="ieee"), ref) < 1e-5
+    if not mm._WS:  # CPU tensors (the interpreter) get a workspace per call: nothing shared
+        pytest.skip("no shared split-K workspace for CPU tensors")
+    ((_, cnt),) = mm._WS.values()
+    cnt.fill_(5)  # past the last ticket (2): no program of a tile ever sums it
+    out = torch.full((20, 24), float("nan"), device=DEV)
+    K.matmul(a, b, out=out, precision="ieee")
+    assert torch.isnan(out).all()  # the corruption outlives the launch that made it
+    mm.clear_plan_cache()
+    assert not mm._WS
+    K.matmul(a, b, out=out, precision="ieee")
+    assert _rel(out, ref) < 1e-5 and _rel(out[-1], ref[-1]) < 1e-5
+
+
 def test_config_table_and_heuristic():
     from lowlevel.kernels.matmul import TABLE, Config, heuristic_config, m_bucket
 

@@ -235,6 +235,59 @@ def test_changed_launcher_falls_back_to_kernel_grid_with_one_warning(fake_gpu, c
     assert fn.compiled.run.calls == []  # the C entry was never used
 
 
+class FakeStream:
+    ptr = 99
+
+
+@pytest.fixture
+def bound_streams(monkeypatch):
+    """StreamLaunch without a GPU: its stream adopted as a fake with handle 99, use_stream a no-op
+    that records the stream it was given."""
+    import contextlib
+
+    from lowlevel import stream as st
+
+    used = []
+    monkeypatch.setattr(st, "adopt_arg", lambda obj, name: FakeStream())
+    monkeypatch.setattr(st, "use_stream", lambda s: used.append(s.ptr) or contextlib.nullcontext())
+    return used
+
+
+def test_stream_launch_calls_the_c_entry_on_its_stream_and_follows_the_cap(fake_gpu, bound_streams, monkeypatch):
+    fn, fl = _launcher(GoodLauncher)
+    x = torch.empty(64)
+    fl(4, (x, 100, 4), {"BLOCK": 16}, 4, 1)  # compiles
+    p = L.StreamLaunch(fl, 5, (x, 100, 0), 2, {"BLOCK": 16}, 4, 1, "any")
+    assert bound_streams == [99]  # the launch made while preparing went to the bound stream
+    run = fn.compiled.run
+    run.calls.clear()
+    p()
+    p.launch()
+    assert [c[:4] for c in run.calls] == [(5, 1, 1, 99)] * 2 and run.calls[0][-3:] == (100, 5, 16)
+    caps = []
+    monkeypatch.setattr(L._caps, "stack", [3], raising=False)
+    p.launch()
+    caps.append(run.calls[-1][:4])
+    monkeypatch.setattr(L._caps, "stack", [], raising=False)
+    p()
+    caps.append(run.calls[-1][:4])
+    assert caps == [(3, 1, 1, 99), (5, 1, 1, 99)] and run.calls[-1][-3:] == (100, 5, 16)
+    assert run.calls[-2][-3:] == (100, 3, 16)  # the program count argument follows the grid
+
+
+def test_stream_launch_without_a_c_entry_goes_through_kernel_grid_on_its_stream(fake_gpu, bound_streams):
+    fn, fl = _launcher(NewArgLauncher)
+    x = torch.empty(64)
+    with pytest.warns(L.LauncherFallbackWarning):
+        fl(4, (x, 100, 4), {"BLOCK": 16}, 4, 1)
+    p = L.StreamLaunch(fl, 5, (x, 100, 0), 2, {"BLOCK": 16}, 4, 1, "any")
+    p()
+    p.launch()
+    assert bound_streams == [99, 99, 99]
+    assert [c[0] for c in fn.calls] == [(4,), (5,), (5,), (5,)] and fn.calls[-1][1] == (x, 100, 5)
+    assert fn.compiled.run.calls == []
+
+
 # --- matmul()'s plan cache on the C entry ---------------------------------------------------------
 
 @pytest.mark.parametrize("split", [1, 3])

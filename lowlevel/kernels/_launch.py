@@ -415,7 +415,7 @@ class StreamLaunch(PreparedLaunch):
     bound-method call; its state in closure cells), the cheapest way in: same cap reading,
     same stream, same arguments."""
 
-    __slots__ = ("_full", "_handle", "_state", "_stream", "launch")
+    __slots__ = ("_handle", "_stream", "launch")
 
     def __init__(self, launcher: FastLauncher, tiles: int, args: Sequence[Any], grid_at: int,
                  constexprs: dict[str, Any], num_warps: int, num_stages: int, stream: Any) -> None:
@@ -423,24 +423,16 @@ class StreamLaunch(PreparedLaunch):
 
         self._stream = adopt_arg(stream, "stream")  # checked before anything launches
         self._handle = self._stream.ptr
-        self._full: tuple[Any, ...] | None = None
         super().__init__(launcher, tiles, args, grid_at, constexprs, num_warps, num_stages)
-        if self._entry is not None:
-            self._full = (self._grid, 1, 1, self._handle) + self._argv
-        self.launch: Callable[[], None] = self._fast() if self._full is not None else self.__call__
-
-    def _regrid(self, grid: int) -> None:
-        super()._regrid(grid)
-        if self._entry is not None:
-            # the C entry's whole argument tuple, passed as it is (no tuple built per call)
-            self._full = (grid, 1, 1, self._handle) + self._argv
+        self.launch: Callable[[], None] = self._fast() if self._entry is not None else self._through_triton
 
     def _fast(self) -> Callable[[], None]:
-        """:attr:`launch`: its state in closure cells, holding the arrays and the stream but not
-        ``self`` (no reference cycle); it rebuilds its own argument tuple when the grid changes."""
+        """:attr:`launch` on the C entry: its state in closure cells, holding the arrays and the
+        stream but not ``self`` (no reference cycle); the whole argument tuple is built once per
+        grid size and passed as it is."""
         caps, limit, entry, handle = _caps, self._limit, self._entry, self._handle
         head, args, at = self._prefix, list(self._args), self._grid_at
-        state: list[Any] = [self._grid, self._full]
+        state: list[Any] = [self._grid, (self._grid, 1, 1, handle, *head, *args)]
 
         def launch() -> None:
             stack = caps.stack  # sm_control.capped(), inline
@@ -454,6 +446,16 @@ class StreamLaunch(PreparedLaunch):
         launch.keep = (self._keep, self._stream)  # type: ignore[attr-defined]  # alive while the function is
         return launch
 
+    def _through_triton(self) -> None:
+        """:attr:`launch` where there is no C entry (the interpreter, a launcher that failed the
+        check): Triton's own launch path, on the bound stream."""
+        from ..stream import use_stream
+
+        grid = max(1, min(_capped(self._total), self._tiles))
+        with use_stream(self._stream):
+            self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
+                           self._constexprs, *self._opts)
+
     def _first_launch(self, launcher: FastLauncher, grid: int, args: list[Any], constexprs: dict[str, Any],
                       num_warps: int, num_stages: int) -> None:
         from ..stream import use_stream
@@ -462,22 +464,7 @@ class StreamLaunch(PreparedLaunch):
             launcher(grid, args, constexprs, num_warps, num_stages)
 
     def __call__(self) -> None:
-        stack = _caps.stack  # sm_control.capped(), inline
-        cap = stack[-1] if stack else _caps.global_cap
-        grid = self._limit
-        if cap is not None and cap < grid:
-            grid = cap
-        if grid != self._grid:
-            self._regrid(grid)
-        full = self._full
-        if full is None:  # the interpreter, or Triton's own launch path
-            from ..stream import use_stream
-
-            with use_stream(self._stream):
-                self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
-                               self._constexprs, *self._opts)
-        else:
-            self._entry(*full)
+        self.launch()
 
     @property
     def stream(self) -> Any:

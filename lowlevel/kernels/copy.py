@@ -56,9 +56,10 @@ def copy(src: Any, dst: Any) -> Any:
 
 
 def prepare_copy(src: Any, dst: Any, *, stream: Any = None) -> PreparedLaunch:
-    """Validate once and launch once (``dst`` is written now); the returned :class:`PreparedLaunch`
-    copies ``src`` into ``dst`` per call,
-    on lowlevel's current stream at each call, or always on ``stream`` when one is given (a
-    :class:`StreamLaunch`, the cheapest path)."""
+    """Validate once and launch once (``dst`` is written now); the returned
+    :class:`PreparedLaunch` copies ``src`` into ``dst`` per call, on lowlevel's current stream
+    at each call, or always on ``stream`` when one is given (a :class:`StreamLaunch`, the
+    cheapest path). ``TypeError`` / ``ValueError`` for bad arrays or a ``stream`` that is no
+    stream, before anything launches."""
     bound = check_stream(stream)
     return plan(src, dst).prepare(bound)

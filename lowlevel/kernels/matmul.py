@@ -15,7 +15,10 @@ The workspace of :func:`matmul` (partials and counters) is kept per (device, str
 never shrinks or frees (a captured graph may point at it); two split-K products on one stream
 run in stream order, so they may share it, but a graph replayed on another stream while
 ``matmul`` runs on the capture stream would race (prepare a launch instead:
-:func:`prepare_matmul` owns its workspace).
+:func:`prepare_matmul` owns its workspace). Such a race corrupts more than its own results:
+it can leave a tile counter off 0, and later split-K products on that stream then sum too
+early. :func:`clear_plan_cache` also retires the shared workspaces, so the next products get
+fresh counters.
 
 Tile shapes come from a table measured per (compute capability, SM count) for the shapes that
 matter in decoding (:data:`TABLE`, made by ``python -m lowlevel.kernels.tune``) and otherwise
@@ -337,8 +340,12 @@ _NO_ENTRY: dict = {}
 
 
 def clear_plan_cache() -> None:
-    """Forget every cached :func:`matmul` plan (the next calls validate and plan again)."""
+    """Forget every cached :func:`matmul` plan (the next calls validate and plan again) and
+    retire the shared split-K workspaces (kept alive for graphs that captured them; the next
+    products get fresh ones, with every tile counter at 0)."""
     _PLANS.clear()
+    _RETIRED.extend(_WS.values())
+    _WS.clear()
 
 
 class _Step:
@@ -472,11 +479,11 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
 
 def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32", stream: Any = None) -> PreparedLaunch:
     """Validate once, launch once (``out`` is written now) and return a :class:`PreparedLaunch`
-    that recomputes ``a @ b`` into
-    ``out`` each time it is called (the cheapest launch path; the cap is read per call), on
-    lowlevel's current stream at each call, or always on ``stream`` when one is given (a
-    :class:`StreamLaunch`). A split-K product gets its own workspace, held by the prepared
-    launch."""
+    that recomputes ``a @ b`` into ``out`` each time it is called (the cheapest launch path;
+    the cap is read per call), on lowlevel's current stream at each call, or always on
+    ``stream`` when one is given (a :class:`StreamLaunch`). A split-K product gets its own
+    workspace, held by the prepared launch. ``TypeError`` / ``ValueError`` for bad operands or
+    a ``stream`` that is no stream, before anything launches or is allocated."""
     if out is None:
         raise ValueError("prepare_matmul needs out=")
     bound = check_stream(stream)  # before the workspace is made

@@ -130,9 +130,10 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, ou
 
 
 def prepare_rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, out: Any, stream: Any = None) -> PreparedLaunch:
-    """Validate once and launch once (``out`` is written now); the returned :class:`PreparedLaunch`
-    normalises ``x`` into ``out`` per call
-    (on lowlevel's current stream at each call, or always on ``stream``: a :class:`StreamLaunch`)."""
+    """Validate once and launch once (``out`` is written now); the returned
+    :class:`PreparedLaunch` normalises ``x`` into ``out`` per call, on lowlevel's current stream
+    at each call, or always on ``stream`` (a :class:`StreamLaunch`). ``TypeError`` /
+    ``ValueError`` for bad arrays or a ``stream`` that is no stream, before anything launches."""
     if out is None:
         raise ValueError("prepare_rms_norm needs out=")
     bound = check_stream(stream)
