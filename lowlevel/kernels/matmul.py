@@ -64,7 +64,34 @@ from ._launch import (
 )
 
 __all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "clear_plan_cache", "config_for", "heuristic_config", "matmul",
-           "prepare_matmul"]
+           "prepare_matmul", "tile_dot"]
+
+
+@triton.jit
+def tile_dot(a_ptr, b_ptr, offs_m, offs_n, offs_k, M, N, k_lo, k_len,
+             stride_am, stride_ak, stride_bk, stride_bn,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """The fp32 ``(BLOCK_M, BLOCK_N)`` tile ``A[offs_m, k_lo : k_lo + k_len] @ B[k_lo : k_lo +
+    k_len, offs_n]`` (``offs_k`` is ``arange(0, BLOCK_K)``, 64-bit where the caller's offsets
+    are), ``BLOCK_K`` columns of A and rows of B a step; rows past ``M`` and columns past ``N``
+    read as 0. ``EVEN_K``: ``k_len`` is a multiple of ``BLOCK_K`` (no K mask). The K loop of
+    :func:`matmul` and of the tile-overlap producer (inlined by Triton into each)."""
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(tl.cdiv(k_len, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_n[None, :] < N, other=0.0)
+        else:
+            k_left = k_len - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -108,20 +135,9 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, k_split,
             offs_m = offs_m.to(tl.int64)
             offs_n = offs_n.to(tl.int64)
             offs_k = offs_k.to(tl.int64)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
-        b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(tl.cdiv(k_len, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_n[None, :] < N, other=0.0)
-            else:
-                k_left = k_len - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = tile_dot(a_ptr, b_ptr, offs_m, offs_n, offs_k, M, N, k_lo, k_len,
+                       stride_am, stride_ak, stride_bk, stride_bn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if SPLIT_K:

@@ -80,6 +80,7 @@ from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, to_torch
+from .matmul import tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
            "suggest_split", "tile_overlap"]
@@ -100,23 +101,14 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tiles_ptr, M, N, K,
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in range(pid, num_tiles, num_progs):
         pid_m = tile // num_pid_n
         pid_n = tile % num_pid_n
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(k_tiles):
-            k_left = K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = tile_dot(a_ptr, b_ptr, offs_m, offs_n, tl.arange(0, BLOCK_K), M, N, 0, K,
+                       stride_am, stride_ak, stride_bk, stride_bn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
         if PUBLISH == 1:
