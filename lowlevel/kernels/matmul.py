@@ -168,7 +168,8 @@ _launch = FastLauncher(_matmul_kernel, ("num_progs",))
 
 
 class Config(NamedTuple):
-    """One tile configuration: ``split_k`` is the number of K slices (1: no split)."""
+    """One tile configuration: ``split_k`` is the most K slices (1: no split); a short K gets
+    fewer, each slice a whole number of ``block_k`` steps."""
 
     block_m: int
     block_n: int
