@@ -211,7 +211,8 @@ def adopt_arg(obj: StreamLike, name: str) -> Stream:
         return adopt(obj)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{name} must be a CUDA stream (a lowlevel.Stream, torch.cuda.Stream, CuPy stream, "
-                        f"non-negative int handle or an object with __cuda_stream__), got {describe(obj)}") from None
+                        f"int handle in [0, 2**64) or an object with __cuda_stream__), got {describe(obj)} "
+                        f"({exc})") from None
 
 
 _current_cache: dict[tuple[int, int], Stream] = {}

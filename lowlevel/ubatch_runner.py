@@ -312,28 +312,37 @@ def comm_sm_candidates(units: int, total_sms: int, *, max_comm: int | None = Non
                        extra_waves: int = 2) -> list[int]:
     """Comm SM shares ``k`` that cost the compute stage no more waves than needed: for a
     persistent kernel of ``units`` work units (e.g. :attr:`lowlevel.kernels.PreparedLaunch.tiles`)
-    on a device of ``total_sms`` SMs, the fewest-SM caps ``P = ceil(units / w)`` for the wave
-    counts ``w`` from the all-SM one (``ceil(units / total_sms)``) to ``extra_waves`` more,
-    each as ``k = total_sms - P``. A cap just below a wave boundary costs a whole extra wave
-    (256 tiles: 2 waves on 128 SMs but 3 on 108), so these are the splits worth measuring with
-    :func:`find_sm_split`, beside any fixed grid.
+    on a device of ``total_sms`` SMs, for each wave count ``w`` from the all-SM one
+    (``ceil(units / total_sms)``) to ``extra_waves`` more, the largest share that keeps the
+    compute stage at ``w`` waves: ``k = total_sms - ceil(units / w)``, or ``max_comm`` where
+    that is larger (and then no further ``w``: a larger share is not allowed). A cap just below
+    a wave boundary costs a whole extra wave (256 tiles: 2 waves on 128 SMs but 3 on 108), so
+    these are the splits worth measuring with :func:`find_sm_split`, beside any fixed grid.
 
     Returns the distinct ``k`` with ``0 < k <= max_comm`` (default ``total_sms // 2``), fewest
-    comm SMs first; empty when none qualifies. Raises ``TypeError`` for non-int arguments and
-    ``ValueError`` for ``units < 1``, ``total_sms < 1``, ``max_comm < 0`` or
-    ``extra_waves < 0``."""
+    comm SMs (and waves) first; empty only when ``max_comm`` is 0 or no share leaves compute a
+    whole SM. Raises ``TypeError`` for non-int arguments and ``ValueError`` for ``units < 1``,
+    ``total_sms < 1``, ``max_comm < 0`` or ``extra_waves < 0``."""
     units = check_int(units, "units", 1)
     total_sms = check_int(total_sms, "total_sms", 1)
     max_comm = total_sms // 2 if max_comm is None else check_int(max_comm, "max_comm", 0)
     extra_waves = check_int(extra_waves, "extra_waves", 0)
     first = -(-units // total_sms)
     out: list[int] = []
-    for w in range(first, first + extra_waves + 1):
-        if w > units:  # one unit a program already: more waves need no fewer SMs
+    max_comm = min(max_comm, total_sms - 1)  # compute keeps at least one SM
+    w, programs = first, -(-units // first)  # the fewest programs that run units in w waves
+    while w <= first + extra_waves:
+        k = total_sms - programs
+        if k > max_comm:  # the largest allowed share: it still runs in w waves
+            if max_comm > 0 and (not out or out[-1] != max_comm):
+                out.append(max_comm)
             break
-        k = total_sms - -(-units // w)
-        if 0 < k <= max_comm and k not in out:
+        if k > 0:
             out.append(k)
+        if programs == 1:  # one unit a program: more waves need no fewer SMs
+            break
+        w = -(-units // (programs - 1))  # the next wave count that needs fewer programs
+        programs = -(-units // w)
     return out
 
 

@@ -357,6 +357,24 @@ def test_clear_plan_cache_gives_fresh_split_k_counters(fresh_plans, monkeypatch)
     assert _rel(out, ref) < 1e-5 and _rel(out[-1], ref[-1]) < 1e-5
 
 
+def test_bf16_products_are_refused_under_the_interpreter_only():
+    """triton 3.6's interpreter computes a bf16 tl.dot wrong: refused there, with the reason."""
+    from lowlevel.kernels._launch import INTERPRET
+
+    a, b = _rand(17, 48).bfloat16(), _rand(48, 19).bfloat16()
+    if INTERPRET:
+        out = torch.full((17, 19), float("nan"), device=DEV, dtype=torch.bfloat16)
+        with pytest.raises(TypeError, match="interpreter"):
+            K.matmul(a, b, out=out)
+        assert torch.isnan(out).all()
+        with pytest.raises(TypeError, match="interpreter"):
+            K.prepare_matmul(a, b, out=out)
+        a16, b16 = a.half(), b.half()  # float16 is right there
+        assert _rel(K.matmul(a16, b16), a16.double() @ b16.double()) < 1e-2
+    else:
+        assert _rel(K.matmul(a, b), a.double() @ b.double()) < 1e-2
+
+
 def test_config_table_and_heuristic():
     from lowlevel.kernels.matmul import TABLE, Config, heuristic_config, m_bucket
 

@@ -264,18 +264,24 @@ def test_find_sm_split_picks_the_fastest_median_after_a_warm_up():
 
 def test_comm_sm_candidates_keep_the_compute_waves():
     # 256 tiles on 132 SMs: 2 waves on 128 programs (k 4), 3 on 86 (k 46), 4 on 64 (k 68)
-    assert lowlevel.comm_sm_candidates(256, 132, max_comm=132) == [4, 46, 68]
-    assert lowlevel.comm_sm_candidates(256, 132) == [4, 46]  # at most half the SMs by default
+    assert lowlevel.comm_sm_candidates(256, 132, max_comm=131) == [4, 46, 68]
+    assert lowlevel.comm_sm_candidates(256, 132) == [4, 46, 66]  # at most half the SMs: 66 still 4 waves
     assert lowlevel.comm_sm_candidates(1024, 132, extra_waves=3) == [4, 18, 29, 38]
     assert lowlevel.comm_sm_candidates(384, 132, extra_waves=0) == [4]
-    assert lowlevel.comm_sm_candidates(100, 132) == [32]  # one wave needs 100 SMs; two would leave 82 > 66
+    assert lowlevel.comm_sm_candidates(100, 132) == [32, 66]  # 1 wave needs 100 SMs; 66 gives 2 waves
+    assert lowlevel.comm_sm_candidates(64, 132) == [66]  # any share up to half keeps 1 wave
     assert lowlevel.comm_sm_candidates(132, 132, max_comm=0) == []
     assert lowlevel.comm_sm_candidates(8, 132, max_comm=131, extra_waves=10**9) == [124, 128, 129, 130, 131]
-    for units in (1, 7, 131, 132, 133, 1000, 4097):
-        for k in lowlevel.comm_sm_candidates(units, 132, max_comm=131, extra_waves=4):
-            p = 132 - k
-            w = -(-units // p)
-            assert -(-units // (p - 1)) > w if p > 1 else True  # one SM fewer costs a wave
+    assert lowlevel.comm_sm_candidates(10**9, 132, extra_waves=10**9) == list(range(1, 67))  # at once
+    # brute force: each k is the largest share <= max_comm with its wave count; waves increase
+    for total in (1, 7, 132):
+        for units in (1, 7, 131, 132, 133, 1000, 4097):
+            for mc in (0, 3, total // 2, total - 1):
+                ks = lowlevel.comm_sm_candidates(units, total, max_comm=mc, extra_waves=4)
+                waves = [-(-units // (total - k)) for k in ks]
+                assert waves == sorted(set(waves)) and all(0 < k <= mc for k in ks)
+                for k, w in zip(ks, waves):
+                    assert k == mc or -(-units // (total - k - 1)) > w  # one more comm SM costs a wave
     with pytest.raises(ValueError, match="units"):
         lowlevel.comm_sm_candidates(0, 132)
     with pytest.raises(TypeError, match="total_sms"):

@@ -3,7 +3,7 @@
 Each kernel launches ``min(cap, work)`` programs that stride over the work, where the cap is
 :func:`get_num_sms` (see :func:`set_num_sms` and :func:`lowlevel.sm_limit`); changing the cap
 never recompiles. Inputs may be torch tensors or CuPy arrays; launches go to lowlevel's current
-stream (:func:`lowlevel.use_stream`).
+stream (:func:`lowlevel.use_stream`), or, for a launch prepared with ``stream=``, to that stream.
 """
 from ..sm_control import get_num_sms, set_num_sms, sm_limit
 from ._launch import PreparedLaunch, StreamLaunch

@@ -18,7 +18,9 @@ run in stream order, so they may share it, but a graph replayed on another strea
 :func:`prepare_matmul` owns its workspace). Such a race corrupts more than its own results:
 it can leave a tile counter off 0, and later split-K products on that stream then sum too
 early. :func:`clear_plan_cache` also retires the shared workspaces, so the next products get
-fresh counters.
+fresh counters (the retired ones stay allocated: graphs may point at them). Making or growing a
+workspace (the first split-K product on a stream, or a larger one) zeroes its counters on
+torch's current stream and, outside a capture, waits for that on the host.
 
 Tile shapes come from a table measured per (compute capability, SM count) for the shapes that
 matter in decoding (:data:`TABLE`, made by ``python -m lowlevel.kernels.tune``) and otherwise
@@ -58,6 +60,7 @@ from ._launch import (
     Plan,
     PreparedLaunch,
     check_device,
+    check_dot_dtype,
     check_stream,
     like_input,
     to_torch,
@@ -307,6 +310,7 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
         raise TypeError(f"a and b must have the same dtype, got {at.dtype} and {bt.dtype}")
     if at.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"matmul supports bfloat16, float16 and float32, got {at.dtype}")
+    check_dot_dtype(at.dtype, "a and b")
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
     M, K = at.shape
@@ -499,8 +503,11 @@ def prepare_matmul(a: Any, b: Any, *, out: Any, precision: str = "tf32", stream:
     that recomputes ``a @ b`` into ``out`` each time it is called (the cheapest launch path;
     the cap is read per call), on lowlevel's current stream at each call, or always on
     ``stream`` when one is given (a :class:`StreamLaunch`). A split-K product gets its own
-    workspace, held by the prepared launch. ``TypeError`` / ``ValueError`` for bad operands or
-    a ``stream`` that is no stream, before anything launches or is allocated."""
+    workspace, held by the prepared launch: do not run one prepared launch on two streams at
+    once (e.g. replayed in a graph on one stream while called on another): a race on its tile
+    counters can leave one off 0 and make its later results wrong; prepare again to recover.
+    ``TypeError`` / ``ValueError`` for bad operands or a ``stream`` that is no stream, before
+    anything launches or is allocated."""
     if out is None:
         raise ValueError("prepare_matmul needs out=")
     bound = check_stream(stream)  # before the workspace is made

@@ -79,7 +79,7 @@ from .. import _runtime as rt
 from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
-from ._launch import INTERPRET, FastLauncher, check_device, to_torch
+from ._launch import INTERPRET, FastLauncher, check_device, check_dot_dtype, to_torch
 from .matmul import tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
@@ -302,6 +302,7 @@ def _check_mm(at: torch.Tensor, bt: torch.Tensor) -> tuple[int, int, int]:
         raise TypeError(f"a and b must have the same dtype, got {at.dtype} and {bt.dtype}")
     if at.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"a must be bfloat16, float16 or float32, got {at.dtype}")
+    check_dot_dtype(at.dtype, "a")
     M, K = at.shape
     K2, N = bt.shape
     if K != K2:
