@@ -23,6 +23,7 @@ The public API is exactly the union of the submodules' ``__all__`` lists (compos
 from __future__ import annotations
 
 from . import (
+    collectives,
     cpu_gpu_event,
     cudagraph_dispatch,
     device,
@@ -45,6 +46,7 @@ from . import (
     ubatching,
 )
 from ._version import __version__ as __version__
+from .collectives import *  # noqa: F403
 from .cpu_gpu_event import *  # noqa: F403
 from .cudagraph_dispatch import *  # noqa: F403
 from .device import *  # noqa: F403
@@ -67,6 +69,6 @@ from .ubatch_slices import *  # noqa: F403
 from .ubatching import *  # noqa: F403
 
 _MODULES = (errors, device, stream, event, interop, lifetime, graphs, sm_control, parallel, cpu_gpu_event,
-            cudagraph_dispatch, graph_runner, dp, ubatch_slices, ubatch_ring, ubatch_generators, ubatching,
+            cudagraph_dispatch, graph_runner, dp, collectives, ubatch_slices, ubatch_ring, ubatch_generators, ubatching,
             ubatch_runner, timeline, trace_merge)
 __all__ = sorted({name for m in _MODULES for name in m.__all__}, key=str.lower)
