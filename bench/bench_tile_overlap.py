@@ -1,6 +1,10 @@
 """Overlap inside one batch: matmul then RMSNorm of its output (and matmul then a copy of its
-output into the peer GPU), in sequence on all SMs each vs tile overlap (producer on P SMs,
-consumer on C SMs starting on the first finished row blocks) at the best P/C split.
+output into the peer GPU), in sequence on all SMs each (the best of the producer's kernel,
+lowlevel's tuned matmul and cuBLAS, each followed by the best consumer) vs DBO with 2
+microbatches vs tile overlap (producer on P SMs, consumer on C SMs starting on the first
+finished row blocks or tiles) at the best P/C split. Each figure also carries the bound no
+overlap can beat (best sequential / the fastest matmul alone) and the producer's rounds of
+tiles on every SM (one round: every tile finishes at about the same time).
 
 Timing: each variant is captured once into a CUDA graph holding ``ITERS`` back-to-back
 launches cycling over ``ITERS`` distinct weight matrices (so the weights stream from HBM as in
@@ -10,6 +14,7 @@ overlap path enqueues two streams, four waits and two kernels per call, which ea
 dominate at these sizes. Saves a timeline picture of both (eager, one launch each)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -19,7 +24,7 @@ from .common import Report
 NEEDS_GPU = True
 ITERS = 8
 SHAPES = [(M, N, 4096) for N in (14336, 4096) for M in (16, 64, 256, 1024)]
-CONSUMER_SMS = (4, 8, 16)  # plus suggest_split's choice
+CONSUMER_SMS = (4, 8, 16, 32)  # plus suggest_split's choice
 
 
 def _graph_us(torch, lowlevel, step, reps=15):
@@ -44,6 +49,34 @@ def _graph_us(torch, lowlevel, step, reps=15):
     return statistics.median(times), min(times), max(times)
 
 
+def _dbo(torch, h, first, second):
+    """DBO with 2 microbatches of ``h`` rows: ``first(rows)`` (the matmul) on the caller's
+    stream for each half, ``second(rows)`` (the consumer) of a half on a side stream as soon as
+    that half's matmul is done, so the consumer of half 0 overlaps the matmul of half 1; every
+    kernel on all SMs. Returns ``step(i)`` for :func:`_graph_us`."""
+    side = torch.cuda.Stream()
+    halves = (slice(0, h), slice(h, None))
+
+    def step(i):
+        cur = torch.cuda.current_stream()
+        for rows in halves:
+            first(i, rows)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                second(i, rows)
+        cur.wait_stream(side)
+    return step
+
+
+def _waves(M, N, programs):
+    """(tiles, rounds) of the overlapping producer on ``programs`` programs: with one round
+    every tile finishes at about the same time and nothing can start early."""
+    TO = importlib.import_module("lowlevel.kernels.tile_overlap")  # the module (the package exports a function)
+    bm, bn = TO.producer_config(M, N, 2, programs)[:2]
+    tiles = -(-M // bm) * -(-N // bn)
+    return tiles, -(-tiles // programs)
+
+
 def _rms_case(rep, torch, lowlevel, K, TO, total, M, N, Kd):
     dt = torch.bfloat16
     a = torch.randn(M, Kd, device="cuda", dtype=dt)
@@ -52,17 +85,22 @@ def _rms_case(rep, torch, lowlevel, K, TO, total, M, N, Kd):
     out = torch.empty(M, N, device="cuda", dtype=dt)
     y = torch.empty_like(out)
 
-    def seq(i):
-        TO.producer_matmul(a, bs[i], out=out)
-        K.rms_norm(out, w, 1e-6, out=y)
-
-    def torch_seq(i):
-        torch.matmul(a, bs[i], out=out)
-        torch.nn.functional.rms_norm(out, (N,), w, 1e-6)
-
-    seq_us = _graph_us(torch, lowlevel, seq)
-    mm_us = _graph_us(torch, lowlevel, lambda i: TO.producer_matmul(a, bs[i], out=out))
-    cublas_us = _graph_us(torch, lowlevel, torch_seq)
+    # the sequential alternatives, all SMs each: the producer's kernel, lowlevel's tuned matmul,
+    # cuBLAS; then lowlevel's norm (torch's after cuBLAS); the best of them is the baseline
+    seqs = {"producer kernel + lowlevel rms_norm": lambda i: (TO.producer_matmul(a, bs[i], out=out),
+                                                             K.rms_norm(out, w, 1e-6, out=y)),
+            "lowlevel matmul + lowlevel rms_norm": lambda i: (K.matmul(a, bs[i], out=out),
+                                                             K.rms_norm(out, w, 1e-6, out=y)),
+            "cuBLAS + torch rms_norm": lambda i: (torch.matmul(a, bs[i], out=out),
+                                                  torch.nn.functional.rms_norm(out, (N,), w, 1e-6))}
+    seq_all = {k: _graph_us(torch, lowlevel, f) for k, f in seqs.items()}
+    seq_name = min(seq_all, key=lambda k: seq_all[k][0])
+    seq_us = seq_all[seq_name]
+    mm_us = min(_graph_us(torch, lowlevel, lambda i: K.matmul(a, bs[i], out=out)),
+                _graph_us(torch, lowlevel, lambda i: torch.matmul(a, bs[i], out=out)))
+    dbo_us = (_graph_us(torch, lowlevel, _dbo(torch, M // 2, lambda i, r: K.matmul(a[r], bs[i], out=out[r]),
+                                              lambda i, r: K.rms_norm(out[r], w, 1e-6, out=y[r])))
+              if M >= 2 else None)
     splits = {}
     for c in sorted({TO.suggest_split(M, N, total)[1], *CONSUMER_SMS}):
         ov = TO.tile_overlap(producer_sms=total - c, consumer_sms=c)
@@ -70,32 +108,47 @@ def _rms_case(rep, torch, lowlevel, K, TO, total, M, N, Kd):
         ov.check()
     best = min(splits, key=lambda c: splits[c][0])
     ov_us = splits[best]
+    tiles, rounds = _waves(M, N, total - best)
     rep.add(f"matmul+rms_norm bf16 M={M} N={N} K={Kd}: tile overlap P={total - best}, C={best}", ov_us[0], "us",
-            "matmul then rms_norm, all SMs each (same matmul kernel)", seq_us[0], lower_is_better=True,
+            f"best sequential run, all SMs each ({seq_name})", seq_us[0], lower_is_better=True,
             target=">= 1.2x at M <= 256",
             extra={"overlap_min_max_us": ov_us[1:], "sequential_min_max_us": seq_us[1:],
+                   "sequential_us": {k: v[0] for k, v in seq_all.items()},
                    "splits_us": {f"P={total - c},C={c}": v[0] for c, v in splits.items()},
-                   "matmul_alone_us": mm_us[0], "cublas_then_torch_rms_norm_us": cublas_us[0]})
-    print(f"M={M} N={N}: seq {seq_us[0]:.1f} us (matmul alone {mm_us[0]:.1f}, cuBLAS+torch {cublas_us[0]:.1f}),"
-          f" overlap {ov_us[0]:.1f} us at C={best}: {seq_us[0] / ov_us[0]:.3f}x; splits "
+                   "matmul_alone_us": mm_us[0], "dbo_2_microbatches_us": dbo_us[0] if dbo_us else None,
+                   "upper_bound_x": seq_us[0] / mm_us[0], "producer_tiles": tiles, "producer_rounds": rounds})
+    if dbo_us:
+        rep.add(f"matmul+rms_norm bf16 M={M} N={N} K={Kd}: DBO, 2 microbatches", dbo_us[0], "us",
+                "best sequential run", seq_us[0], lower_is_better=True)
+    print(f"M={M} N={N}: seq {seq_us[0]:.1f} us ({seq_name}; matmul alone {mm_us[0]:.1f}: bound "
+          f"{seq_us[0] / mm_us[0]:.3f}x), DBO {dbo_us[0] if dbo_us else float('nan'):.1f}, overlap {ov_us[0]:.1f} us "
+          f"at C={best}: {seq_us[0] / ov_us[0]:.3f}x; {tiles} tiles, {rounds} rounds; splits "
           + ", ".join(f"{c}:{v[0]:.1f}" for c, v in splits.items()), flush=True)
     return a, bs, w, out, y, best
 
 
-def _peer_case(rep, torch, lowlevel, TO, total, cp, M):
+def _peer_case(rep, torch, lowlevel, K, TO, total, cp, M, N):
     dt = torch.bfloat16
-    N = Kd = 4096
+    Kd = 4096
     a = torch.randn(M, Kd, device="cuda", dtype=dt)
     bs = [torch.randn(Kd, N, device="cuda", dtype=dt) / 64 for _ in range(ITERS)]
     out = torch.empty(M, N, device="cuda", dtype=dt)
     dst = torch.empty(M, N, device="cuda:1", dtype=dt)
 
-    def seq_copy(i):  # the copy engine over NVLink (cudaMemcpyAsync, kind default: a peer copy)
-        TO.producer_matmul(a, bs[i], out=out)
-        cp.cuda.runtime.memcpyAsync(dst.data_ptr(), out.data_ptr(), out.nbytes, 4,
-                                    torch.cuda.current_stream().cuda_stream)
+    def peer_copy(rows=slice(None)):  # the copy engine over NVLink (cudaMemcpyAsync, kind default)
+        o, d = out[rows], dst[rows]
+        cp.cuda.runtime.memcpyAsync(d.data_ptr(), o.data_ptr(), o.nbytes, 4, torch.cuda.current_stream().cuda_stream)
 
-    seq_us = _graph_us(torch, lowlevel, seq_copy)
+    seqs = {"producer kernel + copy engine": lambda i: (TO.producer_matmul(a, bs[i], out=out), peer_copy()),
+            "lowlevel matmul + copy engine": lambda i: (K.matmul(a, bs[i], out=out), peer_copy()),
+            "cuBLAS + copy engine": lambda i: (torch.matmul(a, bs[i], out=out), peer_copy())}
+    seq_all = {k: _graph_us(torch, lowlevel, f) for k, f in seqs.items()}
+    seq_name = min(seq_all, key=lambda k: seq_all[k][0])
+    seq_us = seq_all[seq_name]
+    mm_us = min(_graph_us(torch, lowlevel, lambda i: K.matmul(a, bs[i], out=out)),
+                _graph_us(torch, lowlevel, lambda i: torch.matmul(a, bs[i], out=out)))
+    dbo_us = _graph_us(torch, lowlevel, _dbo(torch, M // 2, lambda i, r: K.matmul(a[r], bs[i], out=out[r]),
+                                             lambda i, r: peer_copy(r)))
     splits = {}
     for c in sorted({TO.suggest_split(M, N, total)[1], *CONSUMER_SMS}):
         ov = TO.tile_overlap(producer_sms=total - c, consumer_sms=c)
@@ -104,11 +157,20 @@ def _peer_case(rep, torch, lowlevel, TO, total, cp, M):
     best = min(splits, key=lambda c: splits[c][0])
     torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), out.cpu())
-    rep.add(f"matmul+copy to peer GPU bf16 M={M} N=K=4096: tile overlap P={total - best}, C={best}",
-            splits[best][0], "us", "matmul (all SMs) then copy-engine copy into the peer", seq_us[0],
-            lower_is_better=True, extra={"splits_us": {f"P={total - c},C={c}": v[0] for c, v in splits.items()}})
-    print(f"peer M={M}: seq {seq_us[0]:.1f} us, overlap {splits[best][0]:.1f} us at C={best}: "
-          f"{seq_us[0] / splits[best][0]:.3f}x", flush=True)
+    tiles, rounds = _waves(M, N, total - best)
+    rep.add(f"matmul+copy to peer GPU bf16 M={M} N={N} K={Kd}: tile overlap P={total - best}, C={best}",
+            splits[best][0], "us", f"best sequential run ({seq_name})", seq_us[0], lower_is_better=True,
+            target=">= 1.2x at M <= 256",
+            extra={"splits_us": {f"P={total - c},C={c}": v[0] for c, v in splits.items()},
+                   "sequential_us": {k: v[0] for k, v in seq_all.items()}, "matmul_alone_us": mm_us[0],
+                   "dbo_2_microbatches_us": dbo_us[0], "upper_bound_x": seq_us[0] / mm_us[0],
+                   "producer_tiles": tiles, "producer_rounds": rounds})
+    rep.add(f"matmul+copy to peer GPU bf16 M={M} N={N} K={Kd}: DBO, 2 microbatches", dbo_us[0], "us",
+            "best sequential run", seq_us[0], lower_is_better=True)
+    print(f"peer M={M} N={N}: seq {seq_us[0]:.1f} us ({seq_name}; bound {seq_us[0] / mm_us[0]:.3f}x), DBO "
+          f"{dbo_us[0]:.1f}, overlap {splits[best][0]:.1f} us at C={best}: {seq_us[0] / splits[best][0]:.3f}x; "
+          f"{tiles} tiles, {rounds} rounds; splits " + ", ".join(f"{c}:{v[0]:.1f}" for c, v in splits.items()),
+          flush=True)
 
 
 def _partial(rep: Report) -> None:
@@ -124,7 +186,7 @@ def run(rep: Report) -> None:
 
     import lowlevel
     from lowlevel import kernels as K
-    from lowlevel.kernels import tile_overlap as TO
+    TO = importlib.import_module("lowlevel.kernels.tile_overlap")  # the module, not the function of that name
     from lowlevel.sm_control import device_sm_count
 
     total = device_sm_count()
@@ -179,6 +241,6 @@ def run(rep: Report) -> None:
                 cp.cuda.runtime.deviceEnablePeerAccess(1)
             except cp.cuda.runtime.CUDARuntimeError:
                 pass  # already enabled
-        for M in (64, 256, 1024):
-            _peer_case(rep, torch, lowlevel, TO, total, cp, M)
+        for M, N, _ in SHAPES:
+            _peer_case(rep, torch, lowlevel, K, TO, total, cp, M, N)
             _partial(rep)
