@@ -22,12 +22,12 @@ SMs as well.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _runtime as rt
 from .device import require_cuda
-from .errors import LowlevelError, check_int, describe
+from .errors import LowlevelError, check_int, check_ints, describe
 from .stream import Stream, use_stream
 
 __all__ = ["SymmetricBuffers", "all_to_all_single", "zero_sm_group"]
@@ -59,30 +59,74 @@ def _zero_policy() -> int:
     return int(policy)
 
 
-def zero_sm_group(ranks: Sequence[int] | None = None, *, device: int | None = None) -> Any:
+def _check_group(group: Any, non_member: bool = False) -> None:
+    """``group`` is ``None`` (the default group) or a ``torch.distributed.ProcessGroup`` (or, with
+    ``non_member``, what ``new_group`` returns on a rank outside the group)."""
+    import torch.distributed as dist
+
+    if non_member and type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:
+        return
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None (the default group), "
+                        f"got {describe(group)}")
+
+
+def _require_init(caller: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise LowlevelError(f"{caller} needs torch.distributed initialised (init_process_group)")
+
+
+def _check_device(device: Any) -> int | None:
+    """``device`` as a CUDA device index (``None`` kept): a non-negative int, never a bool."""
+    return None if device is None else check_int(device, "device", 0)
+
+
+def _device_index(device: int | None) -> int:
+    """The checked ``device`` (or the current device), refused past the last GPU; after ``require_cuda``."""
+    import torch
+
+    if device is None:
+        return int(torch.cuda.current_device())
+    n = torch.cuda.device_count()
+    if device >= n:
+        raise ValueError(f"device must be a CUDA device index below {n} (the GPUs visible), got {device}")
+    return device
+
+
+def zero_sm_group(ranks: Iterable[int] | None = None, *, device: int | None = None) -> Any:
     """A new NCCL process group whose communicator has the zero-CTA policy
     (``NCCL_CTA_POLICY_ZERO``): NCCL uses no CTA wherever it can (an all-to-all, all-gather,
     gather or scatter between buffers of a :class:`SymmetricBuffers` of this group, within one
     NVLink domain) and its ordinary kernels elsewhere.
 
-    ``ranks``: the global ranks of the group (default: all). ``device``: the CUDA device
-    index of this rank (default: the current device); the communicator is made at once
-    (``device_id``), as window registration needs it. Collective: every rank of the default
-    group calls it, like :func:`torch.distributed.new_group`. Raises
-    :class:`~lowlevel.LowlevelError` when torch lacks NCCL's CTA policy or the default group is
-    not initialised (:class:`~lowlevel.CudaUnavailableError` without a GPU), ``ValueError`` for
-    a bad ``device``."""
+    ``ranks``: the global ranks of the group, an iterable of distinct ints below the world size
+    (default: all). ``device``: the CUDA device index of this rank, an int (default: the current
+    device); the communicator is made at once (``device_id``), as window registration needs it.
+    Collective: every rank of the default group calls it with the same ``ranks``, like
+    :func:`torch.distributed.new_group`. Returns the ``ProcessGroup``. Raises, before any
+    collective call: ``TypeError`` for ``ranks`` not an iterable of ints or ``device`` not an
+    int (bools refused), ``ValueError`` for a negative, repeated or out-of-range rank or device;
+    :class:`~lowlevel.CudaUnavailableError` without a GPU; :class:`~lowlevel.LowlevelError` when
+    torch lacks NCCL's CTA policy or the default group is not initialised."""
     import torch
     import torch.distributed as dist
 
+    rank_list = None if ranks is None else check_ints(ranks, "ranks", 0)
+    if rank_list is not None and len(set(rank_list)) != len(rank_list):
+        raise ValueError(f"ranks must not repeat a rank, got {rank_list}")
+    device = _check_device(device)
     require_cuda()
     policy = _zero_policy()
-    if not dist.is_initialized():
-        raise LowlevelError("zero_sm_group needs torch.distributed initialised (init_process_group)")
-    dev = torch.cuda.current_device() if device is None else check_int(device, "device", 0)
+    _require_init("zero_sm_group")
+    world = dist.get_world_size()
+    if rank_list is not None and any(r >= world for r in rank_list):
+        raise ValueError(f"ranks must be global ranks below the world size {world}, got {rank_list}")
+    dev = _device_index(device)
     o = dist.ProcessGroupNCCL.Options()
     setattr(o.config, "cta_policy", policy)  # noqa: B010 (the CPU build's stubs lack the field)
-    return dist.new_group(ranks=None if ranks is None else list(ranks), backend="nccl", pg_options=o,
+    return dist.new_group(ranks=rank_list, backend="nccl", pg_options=o,
                           device_id=torch.device("cuda", dev))
 
 
@@ -91,29 +135,54 @@ class SymmetricBuffers:
     ``torch.cuda.MemPool`` over NCCL's allocator (``ncclMemAlloc``), registered as symmetric
     windows of the group's communicator (``register_mem_pool(pool, symm=True)``).
 
-    ``shapes``: one shape per tensor; ``dtype``: their dtype (a ``torch.dtype``); ``group``: an
-    NCCL group (e.g. :func:`zero_sm_group`); ``device``: this rank's CUDA device (default: the
-    current one). Collective: every rank of ``group`` makes its buffers with the same shapes in
-    the same order, as the registration is a collective call. ``.tensors`` holds the tensors
+    ``group``: an NCCL ``ProcessGroup`` (e.g. :func:`zero_sm_group`; ``None``: the default
+    group); ``shapes``: a non-empty list or tuple with one shape (a sequence of non-negative
+    ints, e.g. ``[(rows, cols)]`` for one tensor) per tensor; ``dtype``: their dtype (a
+    ``torch.dtype``); ``device``: this rank's CUDA device index (default: the current one).
+    Collective: every rank of ``group`` makes its buffers with the same shapes in the same order,
+    as the registration is a collective call. ``.tensors`` holds the tensors
     (uninitialised). The registration covers exactly these allocations: tensors allocated in
     the pool later are not windows (torch registers late segments as ordinary buffers), so
     make every buffer here. :meth:`close` (or leaving a ``with`` block) deregisters, also
-    collectively; use the tensors in collectives only before that. Raises ``TypeError`` /
-    ``ValueError`` for bad arguments, :class:`~lowlevel.CudaUnavailableError` without a GPU and
-    :class:`~lowlevel.LowlevelError` when the group's backend has no NCCL allocator, before
-    allocating anything."""
+    collectively; use the tensors in collectives only before that. Raises, before allocating
+    anything: ``TypeError`` for a ``group`` that is not a ``ProcessGroup``, a non-``torch.dtype``
+    ``dtype``, ``shapes`` or one of its shapes not a sequence, a dimension or ``device`` not an
+    int; ``ValueError`` for empty ``shapes``, a negative dimension, a tensor of 2**63 bytes or
+    more, a negative or out-of-range ``device``; :class:`~lowlevel.CudaUnavailableError` without
+    a GPU; :class:`~lowlevel.LowlevelError` when ``group`` is ``None`` and torch.distributed is
+    not initialised or the group's backend has no NCCL allocator."""
 
     def __init__(self, group: Any, shapes: Sequence[Sequence[int]], dtype: Any, *,
                  device: int | None = None) -> None:
         import torch
+        import torch.distributed as dist
 
+        _check_group(group)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
-        if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or not shapes:
-            raise ValueError(f"shapes must be a non-empty sequence of shapes, got {describe(shapes)}")
-        dims = [[check_int(d, f"shapes[{i}][{j}]", 0) for j, d in enumerate(s)] for i, s in enumerate(shapes)]
+        if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+            raise TypeError(f"shapes must be a sequence (list or tuple) of shapes, got {describe(shapes)}")
+        if not shapes:
+            raise ValueError("shapes must be a non-empty sequence of shapes, got an empty one")
+        dims: list[list[int]] = []
+        itemsize = dtype.itemsize
+        for i, shape in enumerate(shapes):
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+                hint = " (for one tensor, pass [shape])" if isinstance(shape, int) else ""
+                raise TypeError(f"shapes[{i}] must be a sequence of ints (a shape){hint}, got {describe(shape)}")
+            d = [check_int(v, f"shapes[{i}][{j}]", 0) for j, v in enumerate(shape)]
+            numel = 1
+            for v in d:
+                numel *= v
+            if numel * itemsize >= 2**63:
+                raise ValueError(f"shapes[{i}] is too large: {tuple(d)} of {dtype} is {numel * itemsize} bytes")
+            dims.append(d)
+        device = _check_device(device)
         require_cuda()
-        dev = torch.device("cuda", torch.cuda.current_device() if device is None else check_int(device, "device", 0))
+        if group is None:
+            _require_init("SymmetricBuffers(group=None)")
+            group = dist.group.WORLD
+        dev = torch.device("cuda", _device_index(device))
         try:
             backend = group._get_backend(dev)
             allocator = backend.mem_allocator
@@ -151,9 +220,16 @@ def _check(output: Any, input: Any) -> None:
     for name, t in (("output", output), ("input", input)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {describe(t)}")
-        if t.dim() < 1 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous tensor of at least one dimension, got shape "
-                             f"{tuple(t.shape)} with strides {t.stride()}")
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise ValueError(f"{name} must be a dense tensor with storage, got layout {t.layout} on {t.device}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have at least one dimension (rows to split), got a 0-dim tensor")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous tensor, got shape {tuple(t.shape)} with strides "
+                             f"{t.stride()}")
+        if t.is_conj() or t.is_neg():  # lazy views: the memory sent is not the values the tensor shows
+            raise ValueError(f"{name} must not be a lazy conjugate/negative view (is_conj={t.is_conj()}, "
+                             f"is_neg={t.is_neg()}); pass {name}.resolve_conj().resolve_neg()")
     if output.shape != input.shape or output.dtype != input.dtype or output.device != input.device:
         raise ValueError(f"output must match input in shape, dtype and device: output is {tuple(output.shape)} "
                          f"{output.dtype} on {output.device}, input is {tuple(input.shape)} {input.dtype} on "
@@ -175,19 +251,33 @@ def all_to_all_single(output: Any, input: Any, *, group: Any = None) -> Any:
     tensors from one :class:`SymmetricBuffers` of it, NCCL moves the rows with copy engines and
     uses no SM; otherwise it runs its usual kernels.
 
+    Any dtype the backend supports; ``n`` may be 0 and the other dimensions any size. Every rank
+    of ``group`` must pass the same shape and dtype: a mismatch between ranks is not detected
+    here (that would cost a second exchange) and is the backend's failure (gloo aborts the
+    process, NCCL may hang). On a rank outside ``group`` nothing is sent and ``output`` is
+    returned unwritten, as torch does.
+
     Ordering: as torch's synchronous call, on the caller's current stream. When that is the
     legacy default stream (handle 0), which the copy path refuses, the call is enqueued on a
     cached per-device stream that first waits for the caller's stream, and the caller's stream
     waits for it before this returns (a fork/join; also inside a graph capture). Returns
-    ``output``. Raises ``TypeError``/``ValueError`` naming the argument before anything is
-    enqueued (``n`` not divisible is torch's ``ValueError``/``RuntimeError``); backend errors
+    ``output``. Raises, on this rank before anything is sent: ``TypeError`` for a non-tensor
+    ``output``/``input`` or a ``group`` that is not a ``ProcessGroup`` (nor the
+    ``NON_GROUP_MEMBER`` that ``new_group`` returns to the ranks outside it); ``ValueError`` for a
+    0-dim, sparse, meta, non-contiguous or lazily conjugated/negated tensor, tensors that differ
+    in shape, dtype or device or overlap in memory, or ``n`` not divisible by ``w``;
+    :class:`~lowlevel.LowlevelError` when torch.distributed is not initialised. Backend errors
     propagate."""
     import torch.distributed as dist
 
     _check(output, input)
+    _check_group(group, non_member=True)
+    _require_init("all_to_all_single")
     world = dist.get_world_size(group)
+    if world < 1:  # this rank is not in ``group``: torch's call does nothing here
+        return output
     if output.shape[0] % world:
-        raise ValueError(f"input.shape[0] must divide into the group's {world} ranks, got {input.shape[0]}")
+        raise ValueError(f"input.shape[0] must be divisible by the group's size {world}, got {input.shape[0]}")
     if not input.is_cuda or rt.torch_get_raw(-1) != 0:
         dist.all_to_all_single(output, input, group=group)
         return output

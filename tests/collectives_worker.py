@@ -51,7 +51,7 @@ def run(rank, world, port, out_dir, backend):
         o.config.max_ctas = 8
         groups["ctas8"] = dist.new_group(backend="nccl", pg_options=o)
         groups["zero_sm"] = lowlevel.zero_sm_group()
-    shapes = [(world * 3, 5), (world * 64, 257), (world, 1)] + ([(world * 2048, 1024)] if cuda else [])
+    shapes = [(world * 3, 5), (world * 64, 257), (world, 1)] + ([(world * 2048, 1024)] if cuda else [(0, 5)])
     dtypes = [torch.float32] + ([torch.bfloat16] if cuda else [torch.float64])
     seed = 0
     for gname, group in groups.items():
@@ -142,12 +142,28 @@ def run(rank, world, port, out_dir, backend):
     }
     big = torch.empty(world * 8, 3, device=device)
     bad["overlap"] = lambda: lowlevel.all_to_all_single(big[2:2 + world * 4], big[:world * 4])
+    flat = torch.empty(world * 8, device=device)
+    bad["same_storage"] = lambda: lowlevel.all_to_all_single(flat[1:world * 4 + 1], flat[:world * 4])
+    bad["group_type"] = lambda: lowlevel.all_to_all_single(torch.empty_like(x), x, group="world")
+    bad["zero_dim"] = lambda: lowlevel.all_to_all_single(torch.empty((), device=device), torch.ones((), device=device))
+    bad["meta"] = lambda: lowlevel.all_to_all_single(torch.empty(world * 4, 3, device="meta"),
+                                                     torch.empty(world * 4, 3, device="meta"))
+    bad["sparse"] = lambda: lowlevel.all_to_all_single(torch.empty_like(x), x.to_sparse())
+    z = torch.randn(world * 4, 3, dtype=torch.complex64, device=device)
+    bad["conj"] = lambda: lowlevel.all_to_all_single(torch.empty_like(z), z.conj())
+    bad["neg"] = lambda: lowlevel.all_to_all_single(torch.empty_like(x), torch._neg_view(x))
     for name, fn in bad.items():
         try:
             fn()
             res["errors"][name] = None
         except Exception as exc:
             res["errors"][name] = f"{type(exc).__name__}: {exc}"
+    if not cuda and world > 2:  # a rank outside the group: nothing sent, output returned unwritten (as torch)
+        pair = dist.new_group([0, 1])
+        out = torch.full_like(x, float("nan"))
+        got = lowlevel.all_to_all_single(out, x, group=pair)
+        want = reference(torch, rank, 2, world * 4, 3, torch.float32, device, 7) if rank < 2 else None
+        res["outside_group"] = got is out and (bool(torch.equal(out, want)) if rank < 2 else bool(out.isnan().all()))
     out = torch.empty_like(x)
     lowlevel.all_to_all_single(out, x)
     res["after_errors_ok"] = bool(torch.equal(out, reference(torch, rank, world, world * 4, 3, torch.float32, device,
