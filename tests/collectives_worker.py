@@ -122,10 +122,12 @@ def run(rank, world, port, out_dir, backend):
     # bad arguments: every rank raises the same error before sending anything; the group still works
     x = make_input(torch, rank, world * 4, 3, torch.float32, device, 7)
     if not cuda:
-        for name, fn in {"symmetric_gloo": lambda: lowlevel.SymmetricBuffers(None, [(4, 4)], torch.float32),
-                         "zero_sm_gloo": lambda: lowlevel.zero_sm_group(),
-                         "symmetric_dtype": lambda: lowlevel.SymmetricBuffers(None, [(4, 4)], "float32"),
-                         "symmetric_shapes": lambda: lowlevel.SymmetricBuffers(None, [], torch.float32)}.items():
+        refusals = {"symmetric_gloo": lambda: lowlevel.SymmetricBuffers(None, [(4, 4)], torch.float32),
+                    "symmetric_dtype": lambda: lowlevel.SymmetricBuffers(None, [(4, 4)], "float32"),
+                    "symmetric_shapes": lambda: lowlevel.SymmetricBuffers(None, [], torch.float32)}
+        if not torch.cuda.is_available():  # with a GPU, every gloo rank here would make NCCL on cuda:0
+            refusals["zero_sm_gloo"] = lambda: lowlevel.zero_sm_group()
+        for name, fn in refusals.items():
             try:
                 fn()
                 res["errors"][name] = None

@@ -23,9 +23,12 @@ BAD = {"odd_rows": ("ValueError", "input.shape[0] must be divisible"),
        "dtype": ("ValueError", "output must match"), "not_tensor": ("TypeError", "output must be a torch.Tensor"),
        "strided": ("ValueError", "output must be a contiguous"), "in_place": ("ValueError", "must not overlap"),
        "overlap": ("ValueError", "must not overlap")}
-BAD_CPU = {"symmetric_gloo": ("CudaUnavailableError", "CUDA"), "zero_sm_gloo": ("CudaUnavailableError", "CUDA"),
-           "symmetric_dtype": ("TypeError", "dtype must be a torch.dtype"),
+BAD_CPU = {"symmetric_dtype": ("TypeError", "dtype must be a torch.dtype"),
            "symmetric_shapes": ("ValueError", "shapes must be a non-empty sequence")}
+if torch.cuda.is_available():  # the CPU tier on a GPU machine: the gloo group has no NCCL allocator
+    BAD_CPU["symmetric_gloo"] = ("LowlevelError", "no NCCL backend")
+else:
+    BAD_CPU.update(symmetric_gloo=("CudaUnavailableError", "CUDA"), zero_sm_gloo=("CudaUnavailableError", "CUDA"))
 
 
 def _check(res, cuda):
