@@ -49,17 +49,18 @@ The protocol (what makes it correct)
   when that happened. Other work on other streams may share the SMs (it only delays); two tile
   overlaps in flight at once need their consumer SMs to add up to less than the SM count.
 
-When it pays (measured on one H200, bf16, K = 4096, graphs, 2026-11-30; bench_tile_overlap)
--------------------------------------------------------------------------------------------
-Rarely, as built. Against matmul then norm on all SMs (the same matmul kernel): parity at
-M = 16, N = 4096 (17.2 vs 17.3 us), 0.89-0.95x at M <= 64, N = 14336, down to 0.35x at
-M = 1024; 1.23x at M = 256, N = 14336 only because the baseline's all-SM tile choice is a poor
-matmul there (cuBLAS plus torch's norm: 64 us; overlap: 107 us). The peer copy: 1.05x at
-M = 64, slower above. Why: an N = 4096 output is 128 tiles a wave on 132 SMs, so a producer
-below 128 programs pays a second round, and the 4 SMs left cannot keep up with the norm of
-256+ rows (about 33 GB/s per SM); up to M = 64 there is one row block, so the norm can only
-start after the last tile (the saving is the second launch's gap, a few us); and
-:func:`producer_config`'s cost model ignores how slow thin tiles are at large M.
+When it pays (H200, bf16, K = 4096, graphs, 2026-11-30, session 6; bench_tile_overlap)
+--------------------------------------------------------------------------------------
+Rarely, as built. Against the best sequential run (the fastest of this producer, lowlevel's
+tuned matmul and cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024} and
+N in {4096, 14336}: the norm 0.30x - 0.89x; the copy into the peer GPU 1.08x - 1.18x at
+M <= 64, 0.60x - 0.76x above. No overlap can beat (best sequential) / (fastest matmul alone):
+1.09x - 1.28x for the norm (under 1.2x at N = 14336 and at M = 256, N = 4096), 1.38x - 1.92x
+for the peer copy. Why it falls short of that bound: at M <= 64 the producer runs one round of
+tiles, which all finish together, so the consumer starts at the end; the producer's tiles are
+slower than the tuned matmul's, and a producer below the tile count pays a second round; a few
+consumer SMs cannot keep up with the norm or the NVLink stores of 256+ rows. Narrower tiles
+(more, earlier rounds) were tried and were slower still (weights re-read per row block).
 
 Under ``TRITON_INTERPRET=1`` (no GPU) the interpreter runs the programs of one launch one
 after the other and the consumer launch after the producer launch, so the consumer always finds
