@@ -53,7 +53,7 @@ When it pays (H200, bf16, K = 4096, graphs, 2026-11-30, session 6; bench_tile_ov
 --------------------------------------------------------------------------------------
 Rarely, as built. Against the best sequential run (the fastest of this producer, lowlevel's
 tuned matmul and cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024} and
-N in {4096, 14336}: the norm 0.30x - 0.89x; the copy into the peer GPU 1.08x - 1.18x at
+N in {4096, 14336}: the norm 0.30x - 0.92x; the copy into the peer GPU 1.08x - 1.18x at
 M <= 64, 0.60x - 0.76x above. No overlap can beat (best sequential) / (fastest matmul alone):
 1.09x - 1.28x for the norm (under 1.2x at N = 14336 and at M = 256, N = 4096), 1.38x - 1.92x
 for the peer copy. Why it falls short of that bound: at M <= 64 the producer runs one round of
