@@ -175,9 +175,8 @@ def case_record_current(ll: Any) -> Callable[[], Any]:
     return lambda: e.record()
 
 
-def case_fork_join_primitive(ll: Any) -> Callable[[], Any]:
-    s, e0, e1 = _stream(ll, 0), _event(ll, 11), _event(ll, 12)
-
+def _fork_join(ll: Any, s: Any, e0: Any, e1: Any) -> Callable[[], Any]:
+    """A fork/join by hand: record, switch to ``s`` and wait, record there, wait back."""
     def f() -> None:
         e0.record()
         with ll.use_stream(s):
@@ -185,6 +184,10 @@ def case_fork_join_primitive(ll: Any) -> Callable[[], Any]:
             e1.record()
         e1.wait()
     return f
+
+
+def case_fork_join_primitive(ll: Any) -> Callable[[], Any]:
+    return _fork_join(ll, _stream(ll, 0), _event(ll, 11), _event(ll, 12))
 
 
 def _noop() -> None:
@@ -242,15 +245,7 @@ def _real_stream_cases() -> dict[str, Callable[[Any], Callable[[], Any]]]:
         return lambda: e.record()
 
     def fj(ll: Any) -> Callable[[], Any]:
-        s, e0, e1 = ll.Stream(), ll.Event(), ll.Event()
-
-        def f() -> None:
-            e0.record()
-            with ll.use_stream(s):
-                e0.wait()
-                e1.record()
-            e1.wait()
-        return f
+        return _fork_join(ll, ll.Stream(), ll.Event(), ll.Event())
 
     def eip(n: int) -> Callable[[Any], Callable[[], Any]]:
         def make(ll: Any) -> Callable[[], Any]:
