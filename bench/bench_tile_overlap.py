@@ -68,11 +68,11 @@ def _dbo(torch, h, first, second):
     return step
 
 
-def _waves(M, N, programs):
+def _waves(M, N, Kd, programs):
     """(tiles, rounds) of the overlapping producer on ``programs`` programs: with one round
     every tile finishes at about the same time and nothing can start early."""
     TO = importlib.import_module("lowlevel.kernels.tile_overlap")  # the module (the package exports a function)
-    bm, bn = TO.producer_config(M, N, 2, programs)[:2]
+    bm, bn = TO.producer_config(M, N, 2, programs, Kd)[:2]
     tiles = -(-M // bm) * -(-N // bn)
     return tiles, -(-tiles // programs)
 
@@ -102,13 +102,13 @@ def _rms_case(rep, torch, lowlevel, K, TO, total, M, N, Kd):
                                               lambda i, r: K.rms_norm(out[r], w, 1e-6, out=y[r])))
               if M >= 2 else None)
     splits = {}
-    for c in sorted({TO.suggest_split(M, N, total)[1], *CONSUMER_SMS}):
+    for c in sorted({TO.suggest_split(M, N, total, K=Kd)[1], *CONSUMER_SMS}):
         ov = TO.tile_overlap(producer_sms=total - c, consumer_sms=c)
         splits[c] = _graph_us(torch, lowlevel, lambda i, ov=ov: ov.matmul_rms_norm(a, bs[i], w, out=out, y=y))
         ov.check()
     best = min(splits, key=lambda c: splits[c][0])
     ov_us = splits[best]
-    tiles, rounds = _waves(M, N, total - best)
+    tiles, rounds = _waves(M, N, Kd, total - best)
     rep.add(f"matmul+rms_norm bf16 M={M} N={N} K={Kd}: tile overlap P={total - best}, C={best}", ov_us[0], "us",
             f"best sequential run, all SMs each ({seq_name})", seq_us[0], lower_is_better=True,
             target=">= 1.2x at M <= 256",
@@ -150,14 +150,14 @@ def _peer_case(rep, torch, lowlevel, K, TO, total, cp, M, N):
     dbo_us = _graph_us(torch, lowlevel, _dbo(torch, M // 2, lambda i, r: K.matmul(a[r], bs[i], out=out[r]),
                                              lambda i, r: peer_copy(r)))
     splits = {}
-    for c in sorted({TO.suggest_split(M, N, total)[1], *CONSUMER_SMS}):
+    for c in sorted({TO.suggest_split(M, N, total, K=Kd)[1], *CONSUMER_SMS}):
         ov = TO.tile_overlap(producer_sms=total - c, consumer_sms=c)
         splits[c] = _graph_us(torch, lowlevel, lambda i, ov=ov: ov.matmul_copy(a, bs[i], out=out, dst=dst))
         ov.check()
     best = min(splits, key=lambda c: splits[c][0])
     torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), out.cpu())
-    tiles, rounds = _waves(M, N, total - best)
+    tiles, rounds = _waves(M, N, Kd, total - best)
     rep.add(f"matmul+copy to peer GPU bf16 M={M} N={N} K={Kd}: tile overlap P={total - best}, C={best}",
             splits[best][0], "us", f"best sequential run ({seq_name})", seq_us[0], lower_is_better=True,
             target=">= 1.2x at M <= 256",

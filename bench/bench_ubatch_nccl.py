@@ -23,18 +23,23 @@ boundary costs the matmul a whole wave): compute gets ``total - k`` SMs
 (``ProcessGroupNCCL.Options().config.max_ctas``), switched by ``SMControlContextManager``.
 Configurations (one worker run, one NCCL start-up): the main one (all-reduce, ``H = 4096``),
 and for each comm stage the ``H`` among :data:`H_BALANCE` whose
-comm stage alone takes closest to its matmul alone (both measured in the run: matmul FLOPs grow
+comm stage alone takes closest to its matmul alone (both measured in the run as *device*
+time, 5 calls in one graph: the best sequential run is often a graph, and eager wall times
+carry the host's launch cost, which differs between the two all-to-alls; matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``; for the all-to-all, the two closest within
-:data:`BAND`; and the all-to-all at ``H_LONG x T_LONG``, twice the tokens, stages twice as
+:data:`BAND`; and the all-to-all at the :data:`LONG` shapes, 2x and 4x the tokens, stages as
 long) -- the issue's target (>= 1.4x) is for stages of about equal length.
-Also: the all-reduce run captured as one FULL graph (NCCL inside) and
-replayed on both ranks, checked against the sequential result; both ranks' timelines merged
+Also: the overlapped run captured as one FULL graph (NCCL inside) and
+replayed on both ranks, checked against the sequential result; the two stages run side by side
+on independent streams (:func:`side_by_side`: what each costs the other, hence the most any
+2-stage pipeline of them can gain); both ranks' timelines merged
 into one Perfetto trace and one Gantt PNG per configuration under the results folder.
 Every time is the slower rank's (all-reduced with MAX per call), so both ranks take the same
 decisions. Skipped (with the reason) when fewer than 2 GPUs exist.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,7 +56,7 @@ from .common import Report, Timing
 NEEDS_GPU = True
 LAYERS = 6
 H_MAIN, T_MAIN = 4096, 4096
-H_LONG, T_LONG = 2048, 8192  # the all-to-all also at twice the tokens: stages twice as long
+LONG = ((8192, 2048), (16384, 1536))  # (T, H): the all-to-all also at 2x and 4x the tokens, stages as long
 H_BALANCE = (1024, 2048, 2560, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 BAND = 1.25  # "about the same time alone": comm / matmul within [1 / BAND, BAND]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +65,7 @@ CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each
 MAX_WAVE_CTAS = 48  # ... beside the wave-aligned ones of lowlevel.comm_sm_candidates, up to this
 COMMS = ("allreduce", "alltoall", "alltoall_zero_sm")
 A2A = ("alltoall", "alltoall_zero_sm")  # two implementations of one exchange: the same result
-SPAWN_TIMEOUT_S = 240  # the full run takes ~40-80 s (start-up included); this only bounds a hang
+SPAWN_TIMEOUT_S = 420  # the full run takes ~60-150 s (start-up included); this only bounds a hang
 
 
 class Clock:
@@ -130,7 +135,7 @@ class Model:
     comm stage (one of :data:`COMMS`) on a switchable NCCL communicator, runners."""
 
     def __init__(self, rank: int, world: int, H: int, T: int, layers: int, groups: dict[int, Any],
-                 comm: str = "allreduce", zero_group: Any = None) -> None:
+                 comm: str = "allreduce", zero_group: Any = None, ubatches: int = 2) -> None:
         import torch
         import torch.distributed as dist
 
@@ -145,6 +150,7 @@ class Model:
             raise ValueError(f"alltoall needs T divisible by the world size {world}, got T={T}")
         self.torch, self.dist, self.K, self.lowlevel, self.ub = torch, dist, K, lowlevel, ub
         self.rank, self.world, self.H, self.T, self.layers, self.kind = rank, world, H, T, layers, comm
+        self.ubatches = ubatches
         self.total = device_sm_count()
         g = torch.Generator(device="cuda").manual_seed(1234 + H)
         self.w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
@@ -152,21 +158,20 @@ class Model:
         self.x = self.xs[rank]
         self.zero_group, self.symmetric = zero_group, None
         if comm == "alltoall_zero_sm":  # every buffer an all-to-all touches in the zero-CTA group's windows
-            self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * 4, torch.bfloat16)
+            self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * (2 * ubatches), torch.bfloat16)
             t = self.symmetric.tensors
-            self.bufs = [(t[0], t[1]), (t[2], t[3])]
+            self.bufs = [(t[2 * i], t[2 * i + 1]) for i in range(ubatches)]
         else:
             self.bufs = [(torch.empty(T, H, device="cuda", dtype=torch.bfloat16),
-                          torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+                          torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(ubatches)]
         self.groups = groups
         self.comm = [groups[0]]
-        self.slices = [lowlevel.UBatchSlice(slice(0, 1), slice(0, T)),
-                       lowlevel.UBatchSlice(slice(1, 2), slice(T, 2 * T))]
+        self.slices = [lowlevel.UBatchSlice(slice(i, i + 1), slice(i * T, (i + 1) * T)) for i in range(ubatches)]
 
     def make_x(self, r: int) -> Any:
         torch = self.torch
         g = torch.Generator(device="cuda").manual_seed(100 + r)
-        return torch.randn(2 * self.T, self.H, device="cuda", dtype=torch.bfloat16, generator=g)
+        return torch.randn(self.ubatches * self.T, self.H, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def set_comm_sms(self, n: int) -> None:
         self.comm[0] = self.groups.get(n, self.groups[0])
@@ -217,7 +222,8 @@ class Model:
 
     def runner(self, mode: str, k: int) -> Any:
         fn = self.layer_gen if mode == "generators" else self.ub.thread_fn_from_generator(self.layer_gen)
-        return self.lowlevel.UBatchRunner(fn, mode=mode, sm_control=self.control(k), timeout_s=60)
+        return self.lowlevel.UBatchRunner(fn, mode=mode, sm_control=self.control(k), num_ubatches=self.ubatches,
+                                          timeout_s=60)
 
     def reference(self) -> Any:
         """float32 reference of this rank's output with bf16 rounding where the model rounds,
@@ -227,7 +233,7 @@ class Model:
         torch, T, n = self.torch, self.T, self.world
         w = self.w.float()
         outs = []
-        for i in range(2):
+        for i in range(self.ubatches):
             xs = [x[i * T:(i + 1) * T].float() for x in self.xs]
             for _ in range(self.layers):
                 ys = [(x @ w).bfloat16().float() for x in xs]
@@ -252,12 +258,33 @@ def _max_diff(a: Any, b: Any) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def graph_samples(torch: Any, clock: Clock, fn: Callable[[], Any], n: int = 5, reps: int = 7) -> list[float]:
+    """ms per call of ``fn`` as device time: ``n`` back-to-back calls captured into one CUDA
+    graph (NCCL inside), ``reps`` replays after a warm-up (each the slower rank's), divided by
+    ``n``. No host launch cost, as in the sequential run's FULL graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # lazy set-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    out = [ms / n for ms in clock.samples(g.replay, reps=reps)]
+    torch.cuda.synchronize()
+    del g
+    return out
+
+
 def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Sequence[int],
                   zero_group: Any) -> dict[int, dict[str, Any]]:
     """Per ``H`` in ``hs``: ms samples of one microbatch's stages alone, each on all SMs and the
-    default communicator (mean of 5 back-to-back calls per sample): the matmul of ``T x H`` by
-    ``H x H``, the in-place all-reduce and the all-to-all of ``T x H`` bf16; and the ratio of
-    each comm stage's median to the matmul's."""
+    default communicator: the matmul of ``T x H`` by ``H x H``, the in-place all-reduce and the
+    all-to-all of ``T x H`` bf16 (both implementations). ``samples_ms``: device time (5 calls
+    in one graph, :func:`graph_samples`); ``eager_samples_ms``: wall time of 5 eager calls
+    (host launch cost included: a copy-engine all-to-all call costs the host more than NCCL's
+    kernel). ``ratio``: each comm stage's median device time over the matmul's, 1 = balanced."""
     import lowlevel
 
     out: dict[int, dict[str, Any]] = {}
@@ -271,16 +298,66 @@ def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Seque
         with lowlevel.SymmetricBuffers(zero_group, [(T, H), (T, H)], torch.bfloat16) as zs:
             xs, os_ = zs.tensors
             xs.copy_(x)
-            s = {"matmul": clock.samples(lambda: K.matmul(x, w, out=h), reps=7, n=5),
-                 "allreduce": clock.samples(lambda: dist.all_reduce(z), reps=7, n=5),
-                 "alltoall": clock.samples(lambda: dist.all_to_all_single(o, x), reps=7, n=5),
-                 "alltoall_zero_sm": clock.samples(lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group),
-                                                   reps=7, n=5)}
+            fns = {"matmul": lambda: K.matmul(x, w, out=h), "allreduce": lambda: dist.all_reduce(z),
+                   "alltoall": lambda: dist.all_to_all_single(o, x),
+                   "alltoall_zero_sm": lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group)}
+            eager = {k: clock.samples(f, reps=7, n=5) for k, f in fns.items()}
+            dev = {k: graph_samples(torch, clock, f) for k, f in fns.items()}
             torch.cuda.synchronize()
-        med = {k: statistics.median(v) for k, v in s.items()}
-        out[H] = {"samples_ms": s, "ms": med,
+        med = {k: statistics.median(v) for k, v in dev.items()}
+        out[H] = {"samples_ms": dev, "ms": med, "eager_samples_ms": eager,
+                  "eager_ms": {k: statistics.median(v) for k, v in eager.items()},
                   "ratio": {c: med[c] / med["matmul"] for c in COMMS}}  # comm / compute, 1 = balanced
     return out
+
+
+def side_by_side(m: Model, clock: Clock, k: int, n: int = 10) -> dict[str, Any]:
+    """The two stages of ``m`` run at once on two streams, independent (``n`` matmuls of one
+    microbatch on one stream, ``n`` comm calls on the other; compute capped at ``total - k``
+    SMs and the comm on the ``k``-CTA communicator, ``k = 0``: all SMs and the default one):
+    µs per call of each stream (CUDA events), alone and side by side (medians of 5, after a
+    warm-up). What running beside each other costs each stage; ``pipeline_bound_x`` = (matmul +
+    comm alone) / the slower stage side by side: the most a 2-stage pipeline can gain."""
+    torch = m.torch
+    a, b = m.bufs[0]
+    x = m.x[:m.T]
+    mm = lambda: m.K.matmul(x, m.w, out=a)  # noqa: E731
+    if m.kind == "allreduce":
+        comm = lambda: m.dist.all_reduce(b, group=m.comm[0])  # noqa: E731
+    elif m.kind == "alltoall":
+        comm = lambda: m.dist.all_to_all_single(b, a, group=m.comm[0])  # noqa: E731
+    else:
+        comm = lambda: m.lowlevel.all_to_all_single(b, a, group=m.zero_group)  # noqa: E731
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def once(pairs: list[tuple[Any, Callable[[], Any]]]) -> list[float]:
+        torch.cuda.synchronize()
+        m.dist.barrier(device_ids=[m.rank])
+        evs = []
+        for s, fn in pairs:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                e0.record()
+                for _ in range(n):
+                    fn()
+                e1.record()
+            evs.append((e0, e1))
+        torch.cuda.synchronize()
+        return [e0.elapsed_time(e1) * 1e3 / n for e0, e1 in evs]
+
+    def med(pairs: list[tuple[Any, Callable[[], Any]]]) -> list[float]:
+        once(pairs)
+        runs = [once(pairs) for _ in range(5)]
+        return [statistics.median(r[i] for r in runs) for i in range(len(pairs))]
+
+    ctl = m.control(k)
+    with ctl if ctl is not None else contextlib.nullcontext():
+        mm_alone, = med([(s1, mm)])
+        comm_alone, = med([(s2, comm)])
+        mm_both, comm_both = med([(s1, mm), (s2, comm)])
+    return {"k": k, "matmul_alone_us": mm_alone, "comm_alone_us": comm_alone, "matmul_beside_us": mm_both,
+            "comm_beside_us": comm_both, "pipeline_bound_x": (mm_alone + comm_alone) / max(mm_both, comm_both)}
 
 
 def pick_balanced(alone: dict[int, dict[str, Any]], comm: str) -> int:
@@ -424,6 +501,8 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
             res["graph_timed_error"] = f"{type(exc).__name__}: {exc}"
         g.clear()
         g.close()
+    # what running beside each other costs each stage: the ceiling of any 2-stage pipeline
+    res["side_by_side"] = [side_by_side(m, clock, k) for k in sorted({0, best})]
     # one timeline per rank, aligned on a small all-reduce
     rb = get("generators", best)
     tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", rb.comm_stream: f"comm (NCCL {m.kind})"})
@@ -463,7 +542,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     from lowlevel.sm_control import device_sm_count
 
     hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
-    shapes = {(T, h) for h in {H, *hl}} | ({(T_LONG, H_LONG)} if hl else set())
+    shapes = {(T, h) for h in {H, *hl}} | (set(LONG) if hl else set())
     ctas = sorted(set(CTAS).union(*(wave_ctas(t, h, device_sm_count()) for t, h in shapes))) if full else [16]
     groups, ctas_error = make_groups(dist, ctas)
     import lowlevel
@@ -487,11 +566,13 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
             for h in balanced_hs(alone, comm):
                 plan.append((f"{comm}_H{h}", h, T, comm, True))
         # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
-        long = measure_alone(torch, dist, clock, K, T_LONG, [H_LONG], zero_group)
-        res["alone_long"] = long
-        for comm in A2A:
-            within = abs(math.log(long[H_LONG]["ratio"][comm])) <= math.log(BAND)
-            plan.append((f"{comm}_H{H_LONG}_T{T_LONG}", H_LONG, T_LONG, comm, within))
+        res["alone_long"] = {}
+        for t_long, h_long in LONG:
+            long = measure_alone(torch, dist, clock, K, t_long, [h_long], zero_group)
+            res["alone_long"][t_long] = long
+            for comm in A2A:
+                within = abs(math.log(long[h_long]["ratio"][comm])) <= math.log(BAND)
+                plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within))
     for name, Hc, Tc, comm, balanced in plan:
         m = Model(rank, world, Hc, Tc, layers, groups, comm, zero_group)
         cfg: dict[str, Any] = {"name": name, "H": Hc, "T": Tc, "layers": layers, "comm": comm, "balanced": balanced}
@@ -589,7 +670,8 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
     target = ">= 1.4x" if cfg["balanced"] else ""
     extra = {"config": cfg["name"], "sweep_ms": cfg["sweep_ms"], "best_comm_ctas": best,
              "seq_ms": {c: float(v) for c, v in seq_all.items()}, "best_seq": best_c,
-             "alone_ms": alone["ms"] if alone else None, "alone_ratio_comm_over_matmul":
+             "alone_ms": alone["ms"] if alone else None, "alone_eager_ms": alone.get("eager_ms") if alone else None,
+             "alone_ratio_comm_over_matmul":
              alone["ratio"][cfg["comm"]] if alone else None,
              "max_abs_diff": cfg["max_abs_diff"], "seq_vs_reference_rel": cfg["seq_vs_reference_rel"],
              "graph_error": cfg.get("graph_error"), "graph_timed_error": cfg.get("graph_timed_error"),
@@ -617,6 +699,17 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
                     target=target, extra={"graph_max_abs_diff": cfg.get("graph_timed_max_abs_diff")})
     if any(cfg["seq_graph_error"].values()):
         rep.add(f"2 GPUs, {lab}: sequential FULL graph failed", 0.0, "-", extra={"error": cfg["seq_graph_error"]})
+    for sb in cfg.get("side_by_side", []):
+        if cfg["comm"] == "alltoall_zero_sm":
+            split = "matmul on all SMs, comm on copy engines"
+        elif sb["k"]:
+            split = f"matmul on all SMs but {sb['k']}, comm on {sb['k']} CTAs"
+        else:
+            split = "no SM split"
+        rep.add(f"2 GPUs, {lab}: stages side by side ({split}): slower stage per call", max(
+            sb["matmul_beside_us"], sb["comm_beside_us"]), "us", "matmul + comm alone, per call",
+            sb["matmul_alone_us"] + sb["comm_alone_us"], lower_is_better=True,
+            extra={**sb, "note": "ratio = pipeline_bound_x: the most any 2-stage pipeline of these stages can gain"})
     st = cfg["timeline_stats"]
     rep.add(f"2 GPUs, {lab}: timeline achieved speedup", st["achieved_speedup"], "x",
             "ideal (total busy / busiest stream)", st["ideal_speedup"], lower_is_better=False)
@@ -646,24 +739,27 @@ def run(rep: Report) -> None:
     rep.files.append(raw)
     r0 = res[0]
     alone = {int(h): v for h, v in r0.get("alone", {}).items()}
-    alone_long = {int(h): v for h, v in r0.get("alone_long", {}).items()}
+    alone_long = {(int(t), int(h)): v for t, by_h in r0.get("alone_long", {}).items() for h, v in by_h.items()}
     for cfg in r0["configs"]:
         tr = traces[cfg["name"]]
         png = plot_merged(tr, tr.replace("_trace.json", ".png"),
                           f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
                           f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
         rep.files += [tr, png]
-        report_config(rep, cfg, (alone if cfg["T"] == T_MAIN else alone_long).get(cfg["H"]), {"trace": tr, "png": png})
+        report_config(rep, cfg, alone.get(cfg["H"]) if cfg["T"] == T_MAIN else alone_long.get((cfg["T"], cfg["H"])),
+                      {"trace": tr, "png": png})
     for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
         for comm in COMMS:
             what = {"allreduce": "NCCL in-place all-reduce", "alltoall": "NCCL all-to-all (T/2 rows to each rank)",
                     "alltoall_zero_sm": "NCCL all-to-all, zero-CTA policy (copy engines)"}[comm]
-            rep.add(f"2 GPUs, stages alone, H={h}, T={T_MAIN}: {what} (ratio 1 = balanced)",
+            rep.add(f"2 GPUs, stages alone (device time), H={h}, T={T_MAIN}: {what} (ratio 1 = balanced)",
                     _t(v["samples_ms"][comm]), "ms", "matmul alone (all SMs)", _t(v["samples_ms"]["matmul"]),
-                    extra={"balanced": r0["balanced_H"][comm] == h})
+                    extra={"balanced": r0["balanced_H"][comm] == h,
+                           "eager_ms": {k: v["eager_ms"][k] for k in ("matmul", comm)}})
     if alone:
         rep.figures[0].extra["stage_balance"] = {
             "alone_ms": {h: v["ms"] for h, v in alone.items()},
+            "alone_eager_ms": {h: v["eager_ms"] for h, v in alone.items()},
             "ratio_comm_over_matmul": {h: v["ratio"] for h, v in alone.items()},
             "balanced_H": r0["balanced_H"], "ctas_error": r0["ctas_error"],
             "teardown_ok": [r["teardown_ok"] for r in res]}

@@ -218,3 +218,45 @@ def test_copy_into_the_peer_gpu():
         torch.cuda.synchronize(0)
         assert torch.equal(dst.cpu(), out.cpu())
     ov.check()
+
+
+def test_producer_takes_the_tuned_tiles_when_one_round_fits():
+    from lowlevel.kernels.matmul import config_for
+
+    t = device_sm_count()
+    cfg = config_for(16, 4096, 4096, 2)
+    tiles = -(-16 // cfg.block_m) * -(-4096 // cfg.block_n)
+    if cfg.split_k > 1 or tiles > t - 4:
+        pytest.skip(f"this device's tuned tiles for 16 x 4096 x 4096 do not fit one round ({cfg})")
+    assert TO.producer_config(16, 4096, 2, tiles, 4096) == (cfg.block_m, cfg.block_n, cfg.block_k,
+                                                            cfg.num_warps, cfg.num_stages)
+    assert TO.suggest_split(16, 4096, K=4096) == (tiles, t - tiles)
+    # one program short of the tile count: two rounds of tuned tiles would be slow, the cost rule decides
+    assert TO.producer_config(16, 4096, 2, tiles - 1, 4096) == TO.producer_config(16, 4096, 2, tiles - 1)
+    # without K the rule is the cost model's, as before
+    assert TO.suggest_split(16, 4096, t) == TO.suggest_split(16, 4096, t, K=None)
+
+
+@pytest.mark.parametrize("mnk", [(16, 4096, 4096), (64, 14336, 4096), (200, 4096, 4096), (256, 14336, 4096)],
+                         ids=str)
+def test_tuned_tiles_at_the_suggested_split(mnk):
+    """Decode shapes at suggest_split's split (the tuned tiles, one round), 200 rows: a ragged
+    last row block; both consumers against float64, poisoned outputs, the last rows checked."""
+    M, N, K = mnk
+    p, c = TO.suggest_split(M, N, K=K)
+    ov = _ov(p, c)
+    a, b, w = _rand(M, K), _rand(K, N), _rand(N)
+    for _ in range(2):
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        y = torch.full_like(out, float("nan"))
+        dst = torch.full_like(out, float("nan"))
+        ov.matmul_rms_norm(a, b, w, out=out, y=y)
+        out2, _ = ov.matmul_copy(a, b, dst=dst)
+        torch.cuda.synchronize()
+        ov.check()
+        ref = a.double() @ b.double()
+        assert _rel(out, ref) < 1e-2 and _rel(out[-3:], ref[-3:]) < 1e-2
+        assert _rel(y, _rms_ref(out, w)) < 1e-2 and _rel(y[-1:], _rms_ref(out[-1:], w)) < 1e-2
+        assert torch.equal(dst, out2) and _rel(out2, ref) < 1e-2
+        a, b = _rand(M, K), _rand(K, N)  # fresh data for the second launch
+    assert ov.launches == 4

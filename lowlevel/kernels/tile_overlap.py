@@ -49,18 +49,25 @@ The protocol (what makes it correct)
   when that happened. Other work on other streams may share the SMs (it only delays); two tile
   overlaps in flight at once need their consumer SMs to add up to less than the SM count.
 
-When it pays (H200, bf16, K = 4096, graphs, 2026-11-30, session 6; bench_tile_overlap)
+When it pays (H200, bf16, K = 4096, graphs, 2026-11-30, session 7; bench_tile_overlap)
 --------------------------------------------------------------------------------------
-Rarely, as built. Against the best sequential run (the fastest of this producer, lowlevel's
-tuned matmul and cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024} and
-N in {4096, 14336}: the norm 0.30x - 0.92x; the copy into the peer GPU 1.08x - 1.18x at
-M <= 64, 0.60x - 0.76x above. No overlap can beat (best sequential) / (fastest matmul alone):
-1.09x - 1.28x for the norm (under 1.2x at N = 14336 and at M = 256, N = 4096), 1.38x - 1.92x
-for the peer copy. Why it falls short of that bound: at M <= 64 the producer runs one round of
-tiles, which all finish together, so the consumer starts at the end; the producer's tiles are
-slower than the tuned matmul's, and a producer below the tile count pays a second round; a few
-consumer SMs cannot keep up with the norm or the NVLink stores of 256+ rows. Narrower tiles
-(more, earlier rounds) were tried and were slower still (weights re-read per row block).
+Against the best sequential run (the fastest of this producer, lowlevel's tuned matmul and
+cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}:
+
+* the copy into the peer GPU: 1.37x (M = 16) and 1.23x (M = 64) at N = 4096; 1.15x and 1.19x
+  at N = 14336; 0.77x - 1.00x at M = 256; 0.61x - 0.71x at M = 1024;
+* the norm: 0.50x - 0.94x. No overlap can beat (best sequential) / (fastest matmul alone),
+  1.13x - 1.33x for the norm (under 1.2x at N = 14336 and at M = 256), 1.38x - 1.88x for the
+  peer copy.
+
+Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``):
+one round of them is the tuned matmul, and the SMs it leaves idle (68 at M <= 64, N = 4096)
+all go to the consumer, whose stores over NVLink start as tiles finish instead of after a
+copy-engine launch. Why it falls short elsewhere: at these decode sizes the tuned matmul is one
+round of tiles that all finish at about the same time, so the consumer can only shorten the
+tail; at M = 256 the tuned tiles fill every SM, and a producer with fewer programs pays a second
+round (narrower tiles, tried in session 6, re-read the weights and are slower still); a few
+consumer SMs cannot keep up with the norm or the NVLink stores of 256+ rows.
 
 Under ``TRITON_INTERPRET=1`` (no GPU) the interpreter runs the programs of one launch one
 after the other and the consumer launch after the producer launch, so the consumer always finds
@@ -81,7 +88,7 @@ from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, check_dot_dtype, to_torch
-from .matmul import tile_dot
+from .matmul import config_for, tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
            "suggest_split", "tile_overlap"]
@@ -95,10 +102,11 @@ DEFAULT_MAX_SPINS = 1 << 26
 @triton.jit(do_not_specialize=["num_progs"])
 def _producer_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tiles_ptr, M, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      PUBLISH: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """C = A @ B, tiles in row-block-major order, program p takes tiles p, p + P, ...
-    PUBLISH: 0 nothing, 1 a counter per row block, 2 a flag per tile (release, after the stores)."""
+    EVEN_K: K is a multiple of BLOCK_K (no K mask). PUBLISH: 0 nothing, 1 a counter per row
+    block, 2 a flag per tile (release, after the stores)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
@@ -109,7 +117,7 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tiles_ptr, M, N, K,
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tile_dot(a_ptr, b_ptr, offs_m, offs_n, tl.arange(0, BLOCK_K), M, N, 0, K,
                        stride_am, stride_ak, stride_bk, stride_bn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION)
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
         if PUBLISH == 1:
@@ -236,16 +244,38 @@ def _cost(M: int, N: int, bn: int, programs: int) -> tuple[int, int]:
     return rounds * bn, rounds
 
 
-def producer_config(M: int, N: int, itemsize: int, programs: int) -> tuple[int, int, int, int, int]:
+def _tuned(M: int, N: int, K: int | None, itemsize: int, programs: int) -> tuple[int, int, int, int, int] | None:
+    """The tiles of :func:`~lowlevel.kernels.matmul.config_for` (the measured table, else its
+    heuristic) when they need no K split and fit in one round on ``programs`` programs, as
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); else None. One round of the tuned tiles
+    is as fast as lowlevel's matmul, and every SM it leaves idle can go to the consumer."""
+    if K is None or INTERPRET or K <= 0:
+        return None
+    cfg = config_for(M, N, K, itemsize)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if cfg.split_k > 1 or tiles > programs:
+        return None
+    return (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+
+
+def producer_config(M: int, N: int, itemsize: int, programs: int,
+                    K: int | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the producer for an (M, N) output
-    computed by ``programs`` programs. The row block follows M (small blocks at decode sizes,
-    so that the consumer can start early). The column block minimises the makespan
-    ``ceil(tiles / programs) * BLOCK_N`` (the rounds of tiles the busiest program runs, each
-    costing its width in weight columns), wider on ties: a budget just under a tile count
-    would otherwise pay a whole second round for a few tiles. The sequential alternative gets
-    the same rule with every SM."""
+    computed by ``programs`` programs (``K``: the inner dimension, when known).
+
+    With ``K``, on a GPU, lowlevel's tuned matmul tiles when they run unsplit in one round on
+    ``programs`` programs (decode shapes on the H200: M <= 256 at N = 4096 and 14336): the
+    producer is then as fast as :func:`lowlevel.kernels.matmul`. Otherwise the row block
+    follows M (small blocks at decode sizes, so that the consumer can start early) and the
+    column block minimises the makespan ``ceil(tiles / programs) * BLOCK_N`` (the rounds of
+    tiles the busiest program runs, each costing its width in weight columns), wider on ties:
+    a budget just under a tile count would otherwise pay a whole second round for a few tiles.
+    The sequential alternative gets the same rule with every SM."""
     if INTERPRET:
         return (16, 16, 16, 1, 1)
+    tuned = _tuned(M, N, K, itemsize, programs)
+    if tuned is not None:
+        return tuned
     bm = _block_m(M)
     bn = min(_BN, key=lambda c: (_cost(M, N, c, programs)[0], -c))
     if itemsize == 2 and bm <= 64 and bn <= 64:
@@ -258,13 +288,20 @@ def producer_config(M: int, N: int, itemsize: int, programs: int) -> tuple[int, 
     return (bm, bn, bk, warps, stages)
 
 
-def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4) -> tuple[int, int]:
+def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4,
+                  K: int | None = None, itemsize: int = 2) -> tuple[int, int]:
     """A (producer_sms, consumer_sms) split for an (M, N) output on ``sms`` SMs (default: the
-    device's): the fewest producer programs that keep the all-SM makespan of
+    device's). With ``K`` (on a GPU) and lowlevel's tuned tiles fitting in one round beside
+    ``min_consumer_sms`` (:func:`producer_config`): one producer per tile, the rest to the
+    consumer. Otherwise the fewest producer programs that keep the all-SM makespan of
     :func:`producer_config`'s cost model (so the matmul loses nothing to the split), the rest
     to the consumer, at least ``min_consumer_sms``. A starting point for a sweep, not a
     measurement."""
     total = device_sm_count() if sms is None else check_int(sms, "sms", 2)
+    tuned = _tuned(M, N, K, itemsize, total - min_consumer_sms)
+    if tuned is not None:
+        producers = triton.cdiv(M, tuned[0]) * triton.cdiv(N, tuned[1])
+        return producers, total - producers
     best_cost = min(_cost(M, N, c, total)[0] for c in _BN)
     producers = total - min_consumer_sms
     for c in _BN:
@@ -440,7 +477,8 @@ class TileOverlap:
         grid = min(self.producer_sms, tiles)
         args = (at, bt, ct, flags, flags, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
                 ct.stride(0), ct.stride(1), grid)
-        cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PUBLISH": publish, "INPUT_PRECISION": precision}
+        cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "PUBLISH": publish,
+               "INPUT_PRECISION": precision}
         return lambda: _produce(grid, args, cex, warps, stages)
 
     # -- operations ----------------------------------------------------------------------------
@@ -469,7 +507,7 @@ class TileOverlap:
         check_device("matmul_rms_norm", at, bt, wt, ct, yt)
         if M == 0 or N == 0:
             return ct, yt
-        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         rb, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
         with self._lock:
@@ -504,7 +542,7 @@ class TileOverlap:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
         if M == 0 or N == 0:
             return ct, dt
-        cfg = producer_config(M, N, at.element_size(), self.producer_sms)
+        cfg = producer_config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         with self._lock:
@@ -533,12 +571,12 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     programs = total if programs is None else check_int(programs, "programs", 1)
     if M == 0 or N == 0:
         return ct
-    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), programs)
+    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), programs, K)
     grid = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
     args = (at, bt, ct, ct, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
             ct.stride(0), ct.stride(1), grid)
-    _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PUBLISH": 0, "INPUT_PRECISION": prec},
-             warps, stages)
+    _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "PUBLISH": 0,
+                          "INPUT_PRECISION": prec}, warps, stages)
     return ct
 
 
