@@ -56,8 +56,8 @@ cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in 
 
 * the copy into the peer GPU: 1.37x (M = 16) and 1.23x (M = 64) at N = 4096; 1.15x and 1.19x
   at N = 14336; 0.77x - 1.00x at M = 256; 0.61x - 0.71x at M = 1024;
-* the norm: 0.50x - 0.94x. No overlap can beat (best sequential) / (fastest matmul alone),
-  1.13x - 1.33x for the norm (under 1.2x at N = 14336 and at M = 256), 1.38x - 1.88x for the
+* the norm: 0.31x - 0.94x. No overlap can beat (best sequential) / (fastest matmul alone),
+  1.10x - 1.33x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.88x for the
   peer copy.
 
 Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``):
