@@ -246,7 +246,7 @@ def stream_handle(stream: Any) -> int:
     cls = type(stream)
     if cls is int:
         if not 0 <= stream < 1 << 64:
-            raise ValueError(f"stream: a stream handle is a non-negative int below 2**64, got {stream}")
+            raise ValueError(f"stream: a stream handle is an int in [0, 2**64), got {stream}")
         return stream
     get = _handle_getters.get(cls)
     if get is None:
@@ -283,15 +283,17 @@ def _protocol_handle(stream: Any) -> int:
     h = v[1]
     if isinstance(h, bool) or not isinstance(h, int):
         raise TypeError(f"stream: __cuda_stream__()'s handle must be an int, got {type(h).__name__} {h!r}")
-    if not 0 <= h < 1 << 64:
-        raise ValueError(f"stream: a stream handle is an int in [0, 2**64), got {h}")
-    return h
+    return _in_range(h)
 
 
 def _int_handle(stream: Any) -> int:
-    h = operator.index(stream)  # NumPy integers and other __index__ types
+    return _in_range(operator.index(stream))  # NumPy integers and other __index__ types
+
+
+def _in_range(h: int) -> int:
+    """``h`` if it can be a stream handle (an int in [0, 2**64)), else ValueError."""
     if not 0 <= h < 1 << 64:
-        raise ValueError(f"stream: a stream handle is a non-negative int below 2**64, got {h}")
+        raise ValueError(f"stream: a stream handle is an int in [0, 2**64), got {h}")
     return h
 
 

@@ -284,6 +284,11 @@ class FastLauncher:
         e.launch(grid, 1, 1, rt.current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
+def with_grid(args: Sequence[Any], grid_at: int, grid: int) -> tuple[Any, ...]:
+    """``args`` with the program count ``grid`` at index ``grid_at``."""
+    return (*args[:grid_at], grid, *args[grid_at + 1:])
+
+
 class Plan:
     """One validated launch: the work in tiles, the arguments (``args[grid_at]`` is the program
     count, filled in at launch), the constexprs and options, and the value to return."""
@@ -299,8 +304,8 @@ class Plan:
         """Launch now with ``min(cap, tiles)`` programs; return the result."""
         if self.tiles:
             grid = max(1, min(get_num_sms(), self.tiles))
-            args = self.args[:self.grid_at] + (grid,) + self.args[self.grid_at + 1:]
-            self.launcher(grid, args, self.constexprs, self.num_warps, self.num_stages)
+            self.launcher(grid, with_grid(self.args, self.grid_at, grid), self.constexprs, self.num_warps,
+                          self.num_stages)
         return self.result
 
     def prepare(self, stream: Any = None) -> PreparedLaunch:
@@ -389,7 +394,7 @@ class PreparedLaunch:
             self._regrid(grid)
         entry = self._entry
         if entry is None:  # the interpreter, or Triton's own launch path
-            self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
+            self._launcher(grid, with_grid(self._keep, self._grid_at, grid),
                            self._constexprs, *self._opts)
         else:
             # lowlevel's current stream, as rt.current_handle() finds it
@@ -464,7 +469,7 @@ class StreamLaunch(PreparedLaunch):
 
         grid = max(1, min(_capped(self._total), self._tiles))
         with use_stream(self._stream):
-            self._launcher(grid, (*self._keep[:self._grid_at], grid, *self._keep[self._grid_at + 1:]),
+            self._launcher(grid, with_grid(self._keep, self._grid_at, grid),
                            self._constexprs, *self._opts)
 
     def _first_launch(self, launcher: FastLauncher, grid: int, args: list[Any], constexprs: dict[str, Any],

@@ -64,10 +64,11 @@ from ._launch import (
     check_stream,
     like_input,
     to_torch,
+    with_grid,
 )
 
-__all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "clear_plan_cache", "config_for", "heuristic_config", "matmul",
-           "prepare_matmul", "tile_dot"]
+__all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "check_operands", "clear_plan_cache", "config_for",
+           "heuristic_config", "matmul", "prepare_matmul", "tile_dot"]
 
 
 @triton.jit
@@ -299,17 +300,19 @@ def _workspace(device: torch.device, numel: int, tiles: int, own: bool) -> tuple
     return cur
 
 
-def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, own_ws: bool = False,
-          wide: bool | None = None) -> Plan:
-    """The launch of ``a @ b``; ``cfg`` and ``wide`` (64-bit offsets) override the choice (tests, tuning)."""
-    at, a_cp = to_torch(a, "a")
-    bt, _ = to_torch(b, "b")
+def check_operands(at: torch.Tensor, bt: torch.Tensor, precision: str,
+                   what: str = "matmul") -> tuple[int, int, int, str]:
+    """``(M, N, K, input_precision)`` of ``at @ bt`` (torch tensors (M, K) and (K, N)), the last
+    the kernels' ``INPUT_PRECISION`` (``precision`` for fp32, else "ieee"). ``ValueError`` /
+    ``TypeError`` naming the operands when ``what`` cannot multiply them: not 2-D, dtypes that
+    differ or are not bf16 / fp16 / fp32 (or that the device's tensor cores lack), a
+    ``precision`` other than "tf32" / "ieee", inner dimensions that differ."""
     if at.dim() != 2 or bt.dim() != 2:
-        raise ValueError(f"matmul takes 2-D inputs, got shapes {tuple(at.shape)} and {tuple(bt.shape)}")
+        raise ValueError(f"{what} takes 2-D a and b, got shapes {tuple(at.shape)} and {tuple(bt.shape)}")
     if at.dtype != bt.dtype:
         raise TypeError(f"a and b must have the same dtype, got {at.dtype} and {bt.dtype}")
     if at.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"matmul supports bfloat16, float16 and float32, got {at.dtype}")
+        raise TypeError(f"{what} supports bfloat16, float16 and float32, got {at.dtype}")
     check_dot_dtype(at.dtype, "a and b")
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
@@ -317,6 +320,15 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
     K2, N = bt.shape
     if K != K2:
         raise ValueError(f"inner dimensions differ: a is {tuple(at.shape)}, b is {tuple(bt.shape)}")
+    return M, N, K, precision if at.dtype == torch.float32 else "ieee"
+
+
+def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, own_ws: bool = False,
+          wide: bool | None = None) -> Plan:
+    """The launch of ``a @ b``; ``cfg`` and ``wide`` (64-bit offsets) override the choice (tests, tuning)."""
+    at, a_cp = to_torch(a, "a")
+    bt, _ = to_torch(b, "b")
+    M, N, K, input_precision = check_operands(at, bt, precision)
     if out is None:
         ct = torch.empty((M, N), dtype=at.dtype, device=at.device)
         result = like_input(ct, a_cp)
@@ -339,7 +351,7 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
                    M * N * n_split if split else 0) >= 1 << 31
     cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": cfg.group_m, "SPLIT_K": split,
            "EVEN_K": K % bk == 0, "WIDE": wide, "FLATTEN": cfg.flatten,
-           "INPUT_PRECISION": precision if at.dtype == torch.float32 else "ieee"}
+           "INPUT_PRECISION": input_precision}
     if not split:  # no workspace: c stands in for the two unused pointers
         args = (at, bt, ct, ct, ct, M, N, K, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
                 ct.stride(0), ct.stride(1), 0)
@@ -380,7 +392,7 @@ class _Step:
 
     def __init__(self, p: Plan, grid: int, n_ptr: int) -> None:
         launcher = p.launcher
-        args = p.args[:p.grid_at] + (grid,) + p.args[p.grid_at + 1:]
+        args = with_grid(p.args, p.grid_at, grid)
         self.launcher, self.grid, self.ints, self.cex = launcher, grid, args[n_ptr:], p.constexprs
         self.warps, self.stages = p.num_warps, p.num_stages
         self.tail = args[n_ptr:] + tuple(p.constexprs.values())
