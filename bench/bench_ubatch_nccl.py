@@ -97,23 +97,13 @@ class Clock:
         return [self.step_ms(fn, n) for _ in range(reps)]
 
 
-def matmul_units(T: int, H: int) -> int:
-    """Work units (tiles x K slices) of ``lowlevel.kernels.matmul`` on a (T, H) x (H, H) bf16
-    product: a cap of P SMs runs them in ``ceil(units / P)`` waves."""
-    from lowlevel.kernels.matmul import config_for
-
-    cfg = config_for(T, H, H, 2)
-    per_slice = -(-H // cfg.split_k)
-    k_split = -(-per_slice // cfg.block_k) * cfg.block_k
-    return -(-T // cfg.block_m) * -(-H // cfg.block_n) * -(-H // k_split)
-
-
 def wave_ctas(T: int, H: int, total: int) -> list[int]:
     """The comm shares :func:`lowlevel.comm_sm_candidates` proposes for this matmul (at most
     :data:`MAX_WAVE_CTAS`)."""
     import lowlevel
+    from lowlevel.kernels.matmul import work_units
 
-    return lowlevel.comm_sm_candidates(matmul_units(T, H), total, max_comm=MAX_WAVE_CTAS)
+    return lowlevel.comm_sm_candidates(work_units(T, H, H), total, max_comm=MAX_WAVE_CTAS)
 
 
 def make_groups(dist: Any, ctas: Sequence[int]) -> tuple[dict[int, Any], str | None]:

@@ -527,3 +527,19 @@ def test_matmul_bad_input_on_a_warm_cache_raises_before_launching(fresh_plans):
         K.matmul(a.numpy() if DEV == "cpu" else a.cpu().numpy(), b)
     assert torch.isnan(out).all()  # nothing launched into it
     assert len(mm._PLANS) == n  # and nothing was cached
+
+
+def test_work_units_counts_what_the_launch_runs():
+    """work_units() (what the 2-GPU bench and comm_sm_candidates size SM caps by) equals the
+    work units of the launch matmul plans, with and without a K split (on the GPU, 64 x 4096 x
+    14336 splits K in two on an H200; short K gets fewer slices)."""
+    from lowlevel.kernels.matmul import plan, work_units
+
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    shapes = [(17, 33, 70), (3, 40, 130), (64, 48, 16)]
+    if DEV == "cuda":
+        shapes += [(16, 4096, 4096), (64, 4096, 14336), (256, 4096, 14336), (1000, 512, 256), (5, 4096, 40)]
+    for M, N, Kd in shapes:
+        a, b = _rand(M, Kd, dtype=dt), _rand(Kd, N, dtype=dt)
+        p = plan(a, b, None, "ieee")
+        assert work_units(M, N, Kd, a.element_size()) == p.tiles, (M, N, Kd)

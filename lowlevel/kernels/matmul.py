@@ -68,7 +68,7 @@ from ._launch import (
 )
 
 __all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "check_operands", "clear_plan_cache", "config_for",
-           "heuristic_config", "matmul", "prepare_matmul", "tile_dot"]
+           "heuristic_config", "matmul", "prepare_matmul", "tile_dot", "work_units"]
 
 
 @triton.jit
@@ -323,6 +323,24 @@ def check_operands(at: torch.Tensor, bt: torch.Tensor, precision: str,
     return M, N, K, precision if at.dtype == torch.float32 else "ieee"
 
 
+def _tiling(M: int, N: int, K: int, cfg: Config) -> tuple[int, int, int]:
+    """(output tiles, K elements a slice, K slices) of an (M, K) x (K, N) product under ``cfg``:
+    slices of whole K steps, fewer than ``cfg.split_k`` when K is short (K == 0: none, the
+    tiles store zeros)."""
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) if M and N else 0
+    k_split = triton.cdiv(triton.cdiv(K, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k if K else 0
+    return tiles, k_split, (triton.cdiv(K, k_split) if K else 0)
+
+
+def work_units(M: int, N: int, K: int, itemsize: int = 2, device: int | None = None) -> int:
+    """Work units of :func:`matmul` on an (M, K) x (K, N) product of ``itemsize``-byte elements
+    on ``device`` (default: the current one): output tiles, times K slices where it splits K. A
+    cap of P SMs runs them in ``ceil(units / P)`` waves (:func:`lowlevel.comm_sm_candidates`
+    proposes the caps that cost no extra wave); the same count as ``prepare_matmul(...).tiles``."""
+    tiles, _, n_split = _tiling(M, N, K, config_for(M, N, K, itemsize, device))
+    return tiles * n_split if n_split > 1 else tiles
+
+
 def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, own_ws: bool = False,
           wide: bool | None = None) -> Plan:
     """The launch of ``a @ b``; ``cfg`` and ``wide`` (64-bit offsets) override the choice (tests, tuning)."""
@@ -341,10 +359,7 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
     if cfg is None:
         cfg = config_for(M, N, K, at.element_size(), at.device.index if at.is_cuda else None)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) if M and N else 0
-    # K slices of whole K steps; fewer when K is short (K == 0: no split, the tiles store zeros)
-    k_split = triton.cdiv(triton.cdiv(K, max(1, cfg.split_k)), bk) * bk if K else 0
-    n_split = triton.cdiv(K, k_split) if K else 0
+    tiles, k_split, n_split = _tiling(M, N, K, cfg)
     split = n_split > 1 and tiles > 0
     if wide is None:
         wide = max(_extent(at), _extent(bt), _extent(ct),
