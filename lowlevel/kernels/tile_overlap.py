@@ -563,7 +563,9 @@ class TileOverlap:
         ``a`` (M, K), ``b`` (K, N) as in :meth:`matmul_rms_norm`; ``dst`` and ``out`` (M, N) of
         their dtype, any strides (``out`` new if None). ``dst`` may live on another GPU that
         this one has peer access to (``torch.cuda`` / CuPy ``deviceEnablePeerAccess``): the
-        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``."""
+        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``.
+        ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before anything is
+        launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         M, N, K = _check_mm(at, bt)
@@ -595,7 +597,10 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
                     precision: str = "tf32") -> Any:
     """``a @ b`` into ``out`` with the producer's kernel and tile shapes but publishing nothing,
     on at most ``programs`` programs (default: every SM) on the current stream: the matmul half
-    of the sequential alternative that tile overlap is measured against. Returns ``out``."""
+    of the sequential alternative that tile overlap is measured against. ``a``, ``b``, ``out``
+    and ``precision`` as in :meth:`TileOverlap.matmul_copy`; ``programs`` a positive int.
+    Returns ``out``. ``ValueError``/``TypeError`` for bad arguments, before anything is
+    launched."""
     at, _ = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
     M, N, K = _check_mm(at, bt)
