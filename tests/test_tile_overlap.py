@@ -169,3 +169,66 @@ def test_suggest_split_and_config_rule():
         assert min(TO._cost(M, N, bn, p)[0] for bn in TO._BN) == min(TO._cost(M, N, bn, 132)[0] for bn in TO._BN)
     with pytest.raises(ValueError, match="sms"):
         TO.suggest_split(16, 16, 1)
+
+
+_BAD_INTS = [(True, TypeError), (np.bool_(False), TypeError), (16.0, TypeError), ("16", TypeError),
+             ([16], TypeError), (0, ValueError), (-4, ValueError)]
+_PC = {"M": 16, "N": 4096, "itemsize": 2, "programs": 128, "K": 4096}
+_SS = {"M": 16, "N": 4096, "sms": 132, "min_consumer_sms": 4, "K": 4096, "itemsize": 2}
+
+
+def _bad_cases(valid):
+    for arg in valid:
+        for value, exc in _BAD_INTS:
+            if arg == "K" and value == 0:
+                continue  # an empty inner dimension is a valid K
+            yield arg, value, exc
+        if arg != "K":
+            yield arg, None, TypeError
+
+
+@pytest.mark.parametrize("arg,value,exc", list(_bad_cases(_PC)), ids=str)
+def test_producer_config_refuses_bad_arguments(arg, value, exc):
+    with pytest.raises(exc, match=rf"^{arg} must be"):
+        TO.producer_config(**{**_PC, arg: value})
+
+
+@pytest.mark.parametrize("arg,value,exc", list(_bad_cases(_SS)), ids=str)
+def test_suggest_split_refuses_bad_arguments(arg, value, exc):
+    if arg == "sms" and value is None:
+        return  # None: the device's SM count
+    with pytest.raises(exc, match=rf"^{arg} must be"):
+        TO.suggest_split(**{**_SS, arg: value})
+
+
+def test_config_arguments_itemsize_and_budget():
+    for f in (lambda s: TO.producer_config(16, 4096, s, 128), lambda s: TO.suggest_split(16, 4096, 132, itemsize=s)):
+        for size in (1, 3, 8):
+            with pytest.raises(ValueError, match="itemsize must be 2 .* or 4"):
+                f(size)
+    # the consumer's minimum must leave the producer an SM: no split that breaks min_consumer_sms
+    with pytest.raises(ValueError, match=r"sms must be at least min_consumer_sms \+ 1 = 9"):
+        TO.suggest_split(16, 4096, 8, min_consumer_sms=8)
+    assert TO.suggest_split(16, 4096, 8, min_consumer_sms=7) == (1, 7)
+    # valid input: NumPy integers are integers, results are plain ints, K=0 and None agree
+    got = TO.suggest_split(np.int64(16), np.int32(4096), np.int64(132), min_consumer_sms=np.int64(4),
+                           K=np.int64(4096), itemsize=np.int64(2))
+    assert got == TO.suggest_split(16, 4096, 132, K=4096) and all(type(v) is int for v in got)
+    assert TO.suggest_split(16, 4096, 132, K=0) == TO.suggest_split(16, 4096, 132)
+    cfg = TO.producer_config(np.int64(16), 4096, 4, np.int32(100), K=np.int64(0))
+    assert cfg == TO.producer_config(16, 4096, 4, 100) and all(type(v) is int for v in cfg)
+
+
+def test_function_form_validates_budgets_before_its_cache():
+    """True == 1 and 1.0 == 1 as dict keys: a cached TileOverlap must not let them through."""
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    TO.matmul_then_rms_norm(a, b, w, producer_sms=1, consumer_sms=1)
+    for bad in (True, 1.0):
+        with pytest.raises(TypeError, match="producer_sms must be a positive int"):
+            TO.matmul_then_rms_norm(a, b, w, producer_sms=bad, consumer_sms=1)
+        with pytest.raises(TypeError, match="consumer_sms must be a positive int"):
+            TO.matmul_then_rms_norm(a, b, w, producer_sms=1, consumer_sms=bad)
+    with pytest.raises(TypeError, match="producer_sms must be a positive int"):
+        TO.matmul_then_rms_norm(a, b, w, producer_sms=[1], consumer_sms=1)
+    out, y = TO.matmul_then_rms_norm(a, b, w, producer_sms=np.int64(1), consumer_sms=np.int32(1), precision="ieee")
+    assert _rel(out, a.double() @ b.double()) < 1e-5 and _rel(y, _rms_ref(out, w)) < 1e-5

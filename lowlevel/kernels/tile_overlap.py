@@ -258,10 +258,28 @@ def _tuned(M: int, N: int, K: int | None, itemsize: int, programs: int) -> tuple
     return (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
 
 
+def _check_shape_args(M: Any, N: Any, K: Any, itemsize: Any) -> tuple[int, int, int | None, int]:
+    """(M, N, K, itemsize) as plain ints, or ``TypeError``/``ValueError`` naming the argument."""
+    M = check_int(M, "M", 1)
+    N = check_int(N, "N", 1)
+    if K is not None:
+        K = check_int(K, "K", 0)
+    itemsize = check_int(itemsize, "itemsize")
+    if itemsize not in (2, 4):
+        raise ValueError(f"itemsize must be 2 (bfloat16, float16) or 4 (float32) bytes, got {itemsize}")
+    return M, N, K, itemsize
+
+
 def producer_config(M: int, N: int, itemsize: int, programs: int,
                     K: int | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the producer for an (M, N) output
     computed by ``programs`` programs (``K``: the inner dimension, when known).
+
+    ``M``, ``N``, ``programs``: positive ints; ``itemsize``: bytes per element, 2 (bf16, fp16)
+    or 4 (fp32); ``K``: None or a non-negative int (0: an empty inner dimension, which gets the
+    rule without ``K``). Integers are anything :func:`operator.index` accepts (NumPy integers
+    included), never bool: ``TypeError`` for another type, ``ValueError`` for a value out of
+    range, naming the argument.
 
     With ``K``, on a GPU, lowlevel's tuned matmul tiles when they run unsplit in one round on
     ``programs`` programs (decode shapes on the H200: M <= 256 at N = 4096 and 14336): the
@@ -270,7 +288,14 @@ def producer_config(M: int, N: int, itemsize: int, programs: int,
     column block minimises the makespan ``ceil(tiles / programs) * BLOCK_N`` (the rounds of
     tiles the busiest program runs, each costing its width in weight columns), wider on ties:
     a budget just under a tile count would otherwise pay a whole second round for a few tiles.
-    The sequential alternative gets the same rule with every SM."""
+    The sequential alternative gets the same rule with every SM. Under ``TRITON_INTERPRET=1``
+    always ``(16, 16, 16, 1, 1)``."""
+    M, N, K, itemsize = _check_shape_args(M, N, K, itemsize)
+    return _config(M, N, itemsize, check_int(programs, "programs", 1), K)
+
+
+def _config(M: int, N: int, itemsize: int, programs: int, K: int | None) -> tuple[int, int, int, int, int]:
+    """:func:`producer_config` without the checks (the launch path's arguments are valid)."""
     if INTERPRET:
         return (16, 16, 16, 1, 1)
     tuned = _tuned(M, N, K, itemsize, programs)
@@ -291,13 +316,23 @@ def producer_config(M: int, N: int, itemsize: int, programs: int,
 def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4,
                   K: int | None = None, itemsize: int = 2) -> tuple[int, int]:
     """A (producer_sms, consumer_sms) split for an (M, N) output on ``sms`` SMs (default: the
-    device's). With ``K`` (on a GPU) and lowlevel's tuned tiles fitting in one round beside
-    ``min_consumer_sms`` (:func:`producer_config`): one producer per tile, the rest to the
-    consumer. Otherwise the fewest producer programs that keep the all-SM makespan of
-    :func:`producer_config`'s cost model (so the matmul loses nothing to the split), the rest
-    to the consumer, at least ``min_consumer_sms``. A starting point for a sweep, not a
-    measurement."""
+    device's), ``producer_sms + consumer_sms == sms``. With ``K`` (on a GPU) and lowlevel's
+    tuned tiles fitting in one round beside ``min_consumer_sms`` (:func:`producer_config`): one
+    producer per tile, the rest to the consumer. Otherwise the fewest producer programs that
+    keep the all-SM makespan of :func:`producer_config`'s cost model (so the matmul loses
+    nothing to the split), the rest to the consumer, at least ``min_consumer_sms``. A starting
+    point for a sweep, not a measurement.
+
+    ``M``, ``N``, ``K`` and ``itemsize`` as in :func:`producer_config`; ``min_consumer_sms`` a
+    positive int; ``sms`` an int of at least ``min_consumer_sms + 1`` (one producer). Wrong
+    types raise ``TypeError``, values out of range ``ValueError``, naming the argument."""
+    M, N, K, itemsize = _check_shape_args(M, N, K, itemsize)
+    min_consumer_sms = check_int(min_consumer_sms, "min_consumer_sms", 1)
     total = device_sm_count() if sms is None else check_int(sms, "sms", 2)
+    if total <= min_consumer_sms:
+        where = " (the device's SM count)" if sms is None else ""
+        raise ValueError(f"sms must be at least min_consumer_sms + 1 = {min_consumer_sms + 1} (one SM for the "
+                         f"producer), got {total}{where}")
     tuned = _tuned(M, N, K, itemsize, total - min_consumer_sms)
     if tuned is not None:
         producers = triton.cdiv(M, tuned[0]) * triton.cdiv(N, tuned[1])
@@ -507,7 +542,7 @@ class TileOverlap:
         check_device("matmul_rms_norm", at, bt, wt, ct, yt)
         if M == 0 or N == 0:
             return ct, yt
-        cfg = producer_config(M, N, at.element_size(), self.producer_sms, K)
+        cfg = _config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         rb, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
         with self._lock:
@@ -528,7 +563,9 @@ class TileOverlap:
         ``a`` (M, K), ``b`` (K, N) as in :meth:`matmul_rms_norm`; ``dst`` and ``out`` (M, N) of
         their dtype, any strides (``out`` new if None). ``dst`` may live on another GPU that
         this one has peer access to (``torch.cuda`` / CuPy ``deviceEnablePeerAccess``): the
-        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``."""
+        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``.
+        ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before anything is
+        launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         M, N, K = _check_mm(at, bt)
@@ -542,7 +579,7 @@ class TileOverlap:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
         if M == 0 or N == 0:
             return ct, dt
-        cfg = producer_config(M, N, at.element_size(), self.producer_sms, K)
+        cfg = _config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         with self._lock:
@@ -560,7 +597,10 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
                     precision: str = "tf32") -> Any:
     """``a @ b`` into ``out`` with the producer's kernel and tile shapes but publishing nothing,
     on at most ``programs`` programs (default: every SM) on the current stream: the matmul half
-    of the sequential alternative that tile overlap is measured against. Returns ``out``."""
+    of the sequential alternative that tile overlap is measured against. ``a``, ``b``, ``out``
+    and ``precision`` as in :meth:`TileOverlap.matmul_copy`; ``programs`` a positive int.
+    Returns ``out``. ``ValueError``/``TypeError`` for bad arguments, before anything is
+    launched."""
     at, _ = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
     M, N, K = _check_mm(at, bt)
@@ -571,7 +611,7 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     programs = total if programs is None else check_int(programs, "programs", 1)
     if M == 0 or N == 0:
         return ct
-    bm, bn, bk, warps, stages = producer_config(M, N, at.element_size(), programs, K)
+    bm, bn, bk, warps, stages = _config(M, N, at.element_size(), programs, K)
     grid = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
     args = (at, bt, ct, ct, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
             ct.stride(0), ct.stride(1), grid)
@@ -595,6 +635,8 @@ def matmul_then_rms_norm(a: Any, b: Any, weight: Any, eps: float = 1e-6, *, out:
     producer_sms, consumer_sms): calls with the same budgets share its flags, so they must be
     ordered (one caller stream); concurrent callers make their own :func:`tile_overlap`."""
     at, _ = to_torch(a, "a")
+    producer_sms = check_int(producer_sms, "producer_sms", 1)  # before the cache: True == 1 and 1.0 == 1 as keys
+    consumer_sms = check_int(consumer_sms, "consumer_sms", 1)
     key = (at.device, producer_sms, consumer_sms)
     ov = _cached.get(key)
     if ov is None:
