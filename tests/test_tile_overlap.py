@@ -232,3 +232,26 @@ def test_function_form_validates_budgets_before_its_cache():
         TO.matmul_then_rms_norm(a, b, w, producer_sms=[1], consumer_sms=1)
     out, y = TO.matmul_then_rms_norm(a, b, w, producer_sms=np.int64(1), consumer_sms=np.int32(1), precision="ieee")
     assert _rel(out, a.double() @ b.double()) < 1e-5 and _rel(y, _rms_ref(out, w)) < 1e-5
+
+
+def test_operands_past_32_bit_offsets_are_refused(monkeypatch):
+    """The kernels compute 32-bit offsets: an operand spanning 2**31 elements or more is
+    refused by name before anything is allocated or launched (the limit lowered here, so that
+    small tensors cross it; a strided view spans more than it holds)."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=2)
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    monkeypatch.setattr(TO, "OFFSET_LIMIT", 60)
+    with pytest.raises(ValueError, match=r"^b spans 60 elements.*32-bit"):
+        ov.matmul_rms_norm(_rand(8, 6)[:, :6], _rand(6, 10), w)  # a spans 48, b 60
+    monkeypatch.setattr(TO, "OFFSET_LIMIT", 200)
+    wide = _rand(8, 40)[:, :10]  # 10 columns a row, rows 40 apart: spans 7 * 40 + 10 = 290
+    with pytest.raises(ValueError, match=r"^dst spans 290 elements"):
+        ov.matmul_copy(a, b, dst=wide)
+    with pytest.raises(ValueError, match=r"^out spans 290 elements"):
+        TO.producer_matmul(a, b, out=wide)
+    with pytest.raises(ValueError, match=r"^y spans"):
+        ov.matmul_rms_norm(a, b, w, y=torch.empty(8, 30, device=DEV)[:, :10])  # 7 * 30 + 10 = 220
+    assert ov._flags is None and ov.launches == 0
+    monkeypatch.setattr(TO, "OFFSET_LIMIT", 1 << 31)
+    out, y = ov.matmul_rms_norm(a, b, w)  # the same operands below the real limit run
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)

@@ -284,6 +284,12 @@ class FastLauncher:
         e.launch(grid, 1, 1, rt.current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
+def extent(t: Any) -> int:
+    """Elements between the first and one past the last element of the torch tensor ``t``: the
+    largest offset a kernel computes into it, plus one (2**31 or more needs 64-bit offsets)."""
+    return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
 def with_grid(args: Sequence[Any], grid_at: int, grid: int) -> tuple[Any, ...]:
     """``args`` with the program count ``grid`` at index ``grid_at``."""
     return (*args[:grid_at], grid, *args[grid_at + 1:])

@@ -62,6 +62,7 @@ from ._launch import (
     check_device,
     check_dot_dtype,
     check_stream,
+    extent,
     like_input,
     to_torch,
     with_grid,
@@ -263,11 +264,6 @@ def config_for(M: int, N: int, K: int, itemsize: int, device: int | None = None)
     return heuristic_config(M, N, K, itemsize, sms)
 
 
-def _extent(t: Any) -> int:
-    """Elements between the first and one past the last element of ``t``."""
-    return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
-
-
 _WS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown workspaces: a captured graph may still use them
 
@@ -362,7 +358,7 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
     tiles, k_split, n_split = _tiling(M, N, K, cfg)
     split = n_split > 1 and tiles > 0
     if wide is None:
-        wide = max(_extent(at), _extent(bt), _extent(ct),
+        wide = max(extent(at), extent(bt), extent(ct),
                    M * N * n_split if split else 0) >= 1 << 31
     cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": cfg.group_m, "SPLIT_K": split,
            "EVEN_K": K % bk == 0, "WIDE": wide, "FLATTEN": cfg.flatten,

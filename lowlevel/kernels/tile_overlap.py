@@ -69,6 +69,9 @@ tail; at M = 256 the tuned tiles fill every SM, and a producer with fewer progra
 round (narrower tiles, tried in session 6, re-read the weights and are slower still); a few
 consumer SMs cannot keep up with the norm or the NVLink stores of 256+ rows.
 
+The kernels compute 32-bit offsets: an operand spanning 2**31 elements or more
+(:data:`OFFSET_LIMIT`) is refused with ``ValueError`` before anything runs.
+
 Under ``TRITON_INTERPRET=1`` (no GPU) the interpreter runs the programs of one launch one
 after the other and the consumer launch after the producer launch, so the consumer always finds
 every flag already published: the flag arithmetic, the ticket and the reset are exercised, the
@@ -87,10 +90,10 @@ from .. import _runtime as rt
 from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
-from ._launch import INTERPRET, FastLauncher, check_device, check_dot_dtype, to_torch
-from .matmul import config_for, tile_dot
+from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
+from .matmul import check_operands, config_for, tile_dot
 
-__all__ = ["DEFAULT_MAX_SPINS", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
+__all__ = ["DEFAULT_MAX_SPINS", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config", "producer_matmul",
            "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
@@ -362,25 +365,25 @@ def _rms_consumer_config(N: int, bm: int) -> tuple[int, int, bool, int]:
     return 2048, min(4, bm), False, 8
 
 
-def _precision(dtype: torch.dtype, precision: str) -> str:
-    if precision not in ("tf32", "ieee"):
-        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
-    return precision if dtype == torch.float32 else "ieee"
+OFFSET_LIMIT = 1 << 31
+"""Elements an operand of tile overlap may span: its kernels compute 32-bit offsets."""
 
 
-def _check_mm(at: torch.Tensor, bt: torch.Tensor) -> tuple[int, int, int]:
-    if at.dim() != 2 or bt.dim() != 2:
-        raise ValueError(f"a and b must be 2-D, got shapes {tuple(at.shape)} and {tuple(bt.shape)}")
-    if at.dtype != bt.dtype:
-        raise TypeError(f"a and b must have the same dtype, got {at.dtype} and {bt.dtype}")
-    if at.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"a must be bfloat16, float16 or float32, got {at.dtype}")
-    check_dot_dtype(at.dtype, "a")
-    M, K = at.shape
-    K2, N = bt.shape
-    if K != K2:
-        raise ValueError(f"inner dimensions differ: a is {tuple(at.shape)}, b is {tuple(bt.shape)}")
-    return M, N, K
+def _check_mm(at: torch.Tensor, bt: torch.Tensor, precision: str) -> tuple[int, int, int, str]:
+    """:func:`~lowlevel.kernels.matmul.check_operands` for tile overlap, and the 32-bit offset
+    limit for ``a`` and ``b``."""
+    shape = check_operands(at, bt, precision, "tile overlap")
+    _check_extent(a=at, b=bt)
+    return shape
+
+
+def _check_extent(**named: torch.Tensor) -> None:
+    for name, t in named.items():
+        n = extent(t)
+        if n >= OFFSET_LIMIT:
+            raise ValueError(f"{name} spans {n} elements: tile overlap's kernels compute 32-bit offsets, so an "
+                             f"operand must span fewer than 2**31 (lowlevel.kernels.matmul switches to 64-bit "
+                             f"offsets)")
 
 
 def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguous_rows: bool) -> torch.Tensor:
@@ -532,13 +535,13 @@ class TileOverlap:
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         wt, _ = to_torch(weight, "weight")
-        M, N, K = _check_mm(at, bt)
+        M, N, K, prec = _check_mm(at, bt, precision)
         if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
             raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
         eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
-        prec = _precision(at.dtype, precision)
         ct = _out(out, "out", (M, N), at, True)
         yt = _out(y, "y", (M, N), at, True)
+        _check_extent(out=ct, y=yt)
         check_device("matmul_rms_norm", at, bt, wt, ct, yt)
         if M == 0 or N == 0:
             return ct, yt
@@ -568,12 +571,12 @@ class TileOverlap:
         launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
-        M, N, K = _check_mm(at, bt)
-        prec = _precision(at.dtype, precision)
+        M, N, K, prec = _check_mm(at, bt, precision)
         ct = _out(out, "out", (M, N), at, False)
         dt, _ = to_torch(dst, "dst")
         if tuple(dt.shape) != (M, N) or dt.dtype != at.dtype:
             raise ValueError(f"dst must be {(M, N)} {at.dtype}, got {tuple(dt.shape)} {dt.dtype}")
+        _check_extent(out=ct, dst=dt)
         check_device("matmul_copy", at, bt, ct)
         if not INTERPRET and not dt.is_cuda:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
@@ -603,9 +606,9 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     launched."""
     at, _ = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
-    M, N, K = _check_mm(at, bt)
-    prec = _precision(at.dtype, precision)
+    M, N, K, prec = _check_mm(at, bt, precision)
     ct = _out(out, "out", (M, N), at, False)
+    _check_extent(out=ct)
     check_device("producer_matmul", at, bt, ct)
     total = device_sm_count(at.device.index if at.device.type == "cuda" else None)
     programs = total if programs is None else check_int(programs, "programs", 1)
