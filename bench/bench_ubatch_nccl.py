@@ -125,7 +125,7 @@ class Model:
     comm stage (one of :data:`COMMS`) on a switchable NCCL communicator, runners."""
 
     def __init__(self, rank: int, world: int, H: int, T: int, layers: int, groups: dict[int, Any],
-                 comm: str = "allreduce", zero_group: Any = None, ubatches: int = 2) -> None:
+                 comm: str = "allreduce", zero_group: Any = None) -> None:
         import torch
         import torch.distributed as dist
 
@@ -140,7 +140,6 @@ class Model:
             raise ValueError(f"alltoall needs T divisible by the world size {world}, got T={T}")
         self.torch, self.dist, self.K, self.lowlevel, self.ub = torch, dist, K, lowlevel, ub
         self.rank, self.world, self.H, self.T, self.layers, self.kind = rank, world, H, T, layers, comm
-        self.ubatches = ubatches
         self.total = device_sm_count()
         g = torch.Generator(device="cuda").manual_seed(1234 + H)
         self.w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
@@ -148,22 +147,23 @@ class Model:
         self.x = self.xs[rank]
         self.zero_group, self.symmetric = zero_group, None
         if comm == "alltoall_zero_sm":  # every buffer an all-to-all touches in the zero-CTA group's windows
-            self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * (2 * ubatches), torch.bfloat16)
+            self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * 4, torch.bfloat16)
             t = self.symmetric.tensors
-            self.bufs = [(t[2 * i], t[2 * i + 1]) for i in range(ubatches)]
+            self.bufs = [(t[0], t[1]), (t[2], t[3])]
         else:
             self.bufs = [(torch.empty(T, H, device="cuda", dtype=torch.bfloat16),
-                          torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(ubatches)]
+                          torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
         self.groups = groups
         self.comm = [groups[0]]
-        self.slices = [lowlevel.UBatchSlice(slice(i, i + 1), slice(i * T, (i + 1) * T)) for i in range(ubatches)]
+        self.slices = [lowlevel.UBatchSlice(slice(0, 1), slice(0, T)),
+                       lowlevel.UBatchSlice(slice(1, 2), slice(T, 2 * T))]
         self.sleep_cycles = 0  # > 0: the compute stage is a sleep kernel of that many cycles (no memory traffic)
         self.marks: list[tuple[str, Any]] | None = None  # not None: a timing event after every stage
 
     def make_x(self, r: int) -> Any:
         torch = self.torch
         g = torch.Generator(device="cuda").manual_seed(100 + r)
-        return torch.randn(self.ubatches * self.T, self.H, device="cuda", dtype=torch.bfloat16, generator=g)
+        return torch.randn(2 * self.T, self.H, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def set_comm_sms(self, n: int) -> None:
         self.comm[0] = self.groups.get(n, self.groups[0])
@@ -226,8 +226,7 @@ class Model:
 
     def runner(self, mode: str, k: int) -> Any:
         fn = self.layer_gen if mode == "generators" else self.ub.thread_fn_from_generator(self.layer_gen)
-        return self.lowlevel.UBatchRunner(fn, mode=mode, sm_control=self.control(k), num_ubatches=self.ubatches,
-                                          timeout_s=60)
+        return self.lowlevel.UBatchRunner(fn, mode=mode, sm_control=self.control(k), timeout_s=60)
 
     def reference(self) -> Any:
         """float32 reference of this rank's output with bf16 rounding where the model rounds,
@@ -237,7 +236,7 @@ class Model:
         torch, T, n = self.torch, self.T, self.world
         w = self.w.float()
         outs = []
-        for i in range(self.ubatches):
+        for i in range(2):
             xs = [x[i * T:(i + 1) * T].float() for x in self.xs]
             for _ in range(self.layers):
                 ys = [(x @ w).bfloat16().float() for x in xs]
