@@ -214,3 +214,40 @@ def test_cpu_modules_run_and_gpu_ones_are_listed(tmp_path):
     report = _read(tmp_path / "REPORT.md")
     assert " – " in report and "p20" in report
     assert not os.path.exists(os.path.join(ROOT, "bench", "REPORT.md.tmp"))
+
+
+class _FakeEvent:
+    """A timing event at ``t`` µs (elapsed_time in ms, as CUDA events)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) / 1e3
+
+
+@pytest.mark.parametrize("c,a", [(100.0, 150.0), (130.0, 70.0), (90.0, 90.0)])
+def test_stage_times_recovers_stage_lengths_from_the_events(c, a):
+    """bench_ubatch_nccl.stage_times: from the events after each stage of a 2-microbatch
+    pipeline (compute stream c0 c1 c0' c1' ..., comm stream a0 a1 a0' ...; compute i of layer L
+    waits for comm i of layer L-1, comm i for compute i), each stage's own length, whichever
+    stream is the bottleneck; marks before the last ``start`` (a warm-up) are ignored."""
+    import random
+
+    from bench.bench_ubatch_nccl import stage_times
+
+    layers, rng = 4, random.Random(7)
+    t, ce, ae, want_c, want_a = {}, 0.0, 0.0, [], []
+    for layer in range(layers):
+        for i in range(2):
+            dc, da = c + rng.uniform(-5, 5), a + rng.uniform(-5, 5)
+            ce = max(ce, t.get(f"a{i}.{layer - 1}", 0.0)) + dc
+            t[f"c{i}.{layer}"] = ce
+            ae = max(ae, ce) + da
+            t[f"a{i}.{layer}"] = ae
+            want_c.append(dc)
+            want_a.append(da)
+    marks = [("start", _FakeEvent(-500.0)), ("c0.0", _FakeEvent(-400.0)), ("start", _FakeEvent(1000.0))]
+    marks += [(n, _FakeEvent(1000.0 + v)) for n, v in t.items()]
+    cs, as_ = stage_times(marks, layers)
+    assert cs == pytest.approx(want_c) and as_ == pytest.approx(want_a)
