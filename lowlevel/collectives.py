@@ -21,7 +21,7 @@ SMs as well.
 
 What it buys (two NVLink-linked H200s, bf16, 2026-11-30; ``bench_ubatch_nccl``)
 ------------------------------------------------------------------------------
-Alone it is as fast as NCCL's kernels (16384 x 1536: 117 against 112 µs). Overlapped with a
+Alone it is as fast as NCCL's kernels (16384 x 1536: 117 against 118 µs). Overlapped with a
 matmul it keeps the matmul on every SM, but it does not run for free: copy engines share HBM,
 L2 and NVLink with the matmul. Inside the overlapped graph the all-to-all takes 134 µs beside
 the matmul and 112 µs beside a sleep kernel of the same length, and the matmul itself grows
