@@ -25,7 +25,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .common import Report
+from .common import Report, free_port
 
 NEEDS_GPU = False  # the gloo figures run anywhere; the NCCL ones need 2 GPUs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,19 +328,11 @@ def _same_plan(a: Any, b: Any) -> bool:
     return a[0] == b[0] and a[1].tolist() == b[1].tolist() and a[2] == b[2]
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(backend: str, world: int = 2, n: int = 150, trials: int = 11, timeout: float = 300) -> dict[str, Any]:
     """Spawn ``world`` ranks and return rank 0's figures (µs per step: median, p20, p80)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
-        port = _port()
+        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **NO_NVLS)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         code = ("import sys; from bench.bench_dp import worker; "

@@ -44,14 +44,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .common import Report, Timing
+from .common import Report, Timing, free_port, run_ranks
 
 NEEDS_GPU = True
 LAYERS = 6
@@ -615,43 +614,14 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
           hs: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Run 2 ranks of :func:`worker`; their JSON results (AssertionError if one died or hung).
     ``hs``: the hidden sizes whose stage balance a ``full`` run measures (none: no balance)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", UB_DUMP_S=str(max(timeout - 10, 5)), **NO_NVLS)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import sys; from bench.bench_ubatch_nccl import worker; "
             "worker(*[int(a) if a.isdigit() else a for a in sys.argv[1:]])")
     hs_arg = ",".join(str(int(h)) for h in hs) or "-"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), "2", str(port), out_dir, str(H), str(T),
-                               str(layers), str(int(full)), hs_arg], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(2)]
-    outs = []
-    deadline = time.monotonic() + timeout
-    try:
-        for r, p in enumerate(procs):
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            outs.append(out.decode(errors="replace"))
-            assert p.returncode == 0, f"rank {r} exited with {p.returncode}: {outs[-1][-3000:]}"
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        tails = [f"--- rank {i} ---\n" + p.communicate()[0].decode(errors="replace")[-4000:]
-                 for i, p in enumerate(procs)]
-        raise AssertionError("a rank hung\n" + "\n".join(tails)) from None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    res = []
-    for r in range(2):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        assert os.path.exists(path), f"rank {r} wrote no results: {outs[r][-3000:] if r < len(outs) else ''}"
-        with open(path) as f:
-            res.append(json.load(f))
-    return res
+    port = free_port()
+    return run_ranks([[sys.executable, "-c", code, str(r), "2", str(port), out_dir, str(H), str(T), str(layers),
+                       str(int(full)), hs_arg] for r in range(2)], out_dir, env=env, timeout=timeout, cwd=ROOT)
 
 
 def _t(samples: list[float]) -> Timing:

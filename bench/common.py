@@ -6,10 +6,14 @@ percentiles of its trials; :meth:`Report.add` copies that spread into the figure
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -214,3 +218,59 @@ def wall_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int | None = None,
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(times, 1)
+
+
+# --- processes, one a rank -----------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``init_method="tcp://..."``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(argvs: Sequence[Sequence[str]], out_dir: str, *, env: dict[str, str], timeout: float,
+              cwd: str | None = None, what: str = "") -> list[dict[str, Any]]:
+    """Start one process per command of ``argvs`` (rank ``r`` runs ``argvs[r]``), wait for all
+    of them within ``timeout`` s in total, and return each rank's results: the JSON it wrote to
+    ``out_dir/rank{r}.json``. ``AssertionError`` when a rank hangs (then every rank is
+    killed), exits non-zero or writes no results, naming the rank and ``what``, with the tail of
+    every rank's output (a peer's state often explains a death)."""
+    procs = [subprocess.Popen(list(a), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for a in argvs]
+    outs: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+
+    def tails() -> str:
+        for i, q in enumerate(procs):
+            if i not in outs:
+                try:
+                    out = q.communicate(timeout=max(deadline - time.monotonic(), 10))[0]
+                except subprocess.TimeoutExpired:
+                    q.kill()
+                    out = q.communicate()[0]
+                outs[i] = out.decode(errors="replace")
+        return "\n".join(f"--- rank {i} (exit {q.returncode}) ---\n{outs[i][-4000:]}" for i, q in enumerate(procs))
+
+    try:
+        for r, p in enumerate(procs):
+            try:
+                outs[r] = p.communicate(timeout=max(deadline - time.monotonic(), 1))[0].decode(errors="replace")
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise AssertionError(f"rank {r} hung{what}\n" + tails()) from None
+            if p.returncode != 0:
+                raise AssertionError(f"rank {r} died with {p.returncode}{what}\n" + tails())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for r in range(len(procs)):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        if not os.path.exists(path):
+            raise AssertionError(f"rank {r} wrote no results{what}\n" + outs[r][-3000:])
+        with open(path) as f:
+            results.append(json.load(f))
+    return results

@@ -10,10 +10,7 @@ and replayed into a poisoned output.
 """
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,31 +173,15 @@ def run(rank, world, port, out_dir, backend):
 
 def spawn(world, out_dir, backend, timeout=240):
     """Run ``world`` ranks; their results (AssertionError naming the rank that failed or hung)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.common import free_port, run_ranks
+
     env = dict(os.environ, OMP_NUM_THREADS="1", **NO_NVLS)
     env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__)) + os.pathsep + ROOT + os.pathsep + \
         env.get("PYTHONPATH", "")
     code = "import sys, collectives_worker as w; w.run(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), " \
            "sys.argv[4], sys.argv[5])"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port), str(out_dir), backend],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for r, p in enumerate(procs):
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            outs.append(out.decode(errors="replace"))
-            assert p.returncode == 0, f"rank {r} exited with {p.returncode}: {outs[-1][-3000:]}"
-    except subprocess.TimeoutExpired:
-        raise AssertionError("a rank hung") from None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    res = []
-    for r in range(world):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-            res.append(json.load(f))
-    return res
+    port = free_port()
+    return run_ranks([[sys.executable, "-c", code, str(r), str(world), str(port), str(out_dir), backend]
+                      for r in range(world)], str(out_dir), env=env, timeout=timeout, what=f" ({backend})")

@@ -204,22 +204,17 @@ def run(rank, world, port, out_dir, steps, mode, backend="gloo"):
         os._exit(0)  # the group is in an unknown state after a timeout: leave without teardown
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
     """Run ``world`` worker processes; returns their JSON results, or raises AssertionError
-    naming a rank that hung or died (with its output)."""
-    import subprocess
+    naming a rank that hung or died (with every rank's output)."""
     import sys
+    import uuid
 
     here = os.path.dirname(os.path.abspath(__file__))
-    import uuid
+    root = os.path.dirname(here)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.common import run_ranks
 
     port = os.path.join(str(out_dir), f"rendezvous-{uuid.uuid4().hex}")  # a FileStore path, not a port
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import dp_worker; "
@@ -227,32 +222,6 @@ def spawn(world, out_dir, steps, mode="plan", backend="gloo", timeout=240):
             "sys.argv[7], sys.argv[8])")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DP_WORKER_DUMP_S=str(max(timeout - 10, 5)),
                **NO_NVLS)
-    procs = [subprocess.Popen([sys.executable, "-c", code, here, str(r), str(world), str(port), str(out_dir),
-                               str(steps), mode, backend], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + timeout
-    for r, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            tails = [f"--- rank {i} ---\n" + q.communicate()[0].decode(errors="replace")[-4000:]
-                     for i, q in enumerate(procs)]
-            raise AssertionError(f"rank {r} hung ({mode}, {backend})\n" + "\n".join(tails)) from None
-        if p.returncode != 0:  # the others' output too: a peer's state often explains the death
-            tails = [f"--- rank {r} ---\n" + out.decode(errors="replace")[-4000:]]
-            for i, q in enumerate(procs):
-                if i != r:
-                    try:
-                        q_out = q.communicate(timeout=max(deadline - time.monotonic(), 10))[0]
-                    except subprocess.TimeoutExpired:
-                        q.kill()
-                        q_out = q.communicate()[0]
-                    tails.append(f"--- rank {i} (exit {q.returncode}) ---\n" + q_out.decode(errors="replace")[-4000:])
-            raise AssertionError(f"rank {r} died with {p.returncode} ({mode}, {backend})\n" + "\n".join(tails))
-    results = []
-    for r in range(world):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return run_ranks([[sys.executable, "-c", code, here, str(r), str(world), str(port), str(out_dir), str(steps),
+                       mode, backend] for r in range(world)], str(out_dir), env=env, timeout=timeout,
+                     what=f" ({mode}, {backend})")

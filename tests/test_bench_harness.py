@@ -251,3 +251,31 @@ def test_stage_times_recovers_stage_lengths_from_the_events(c, a):
     marks += [(n, _FakeEvent(1000.0 + v)) for n, v in t.items()]
     cs, as_ = stage_times(marks, layers)
     assert cs == pytest.approx(want_c) and as_ == pytest.approx(want_a)
+
+
+def test_run_ranks_results_and_each_failure_named(tmp_path):
+    """bench.common.run_ranks (the multi-process launcher of the 2-GPU bench and the gloo / NCCL
+    test workers): every rank's JSON in rank order; a rank that dies, hangs or writes nothing
+    is named, with every rank's output, and nothing is left running."""
+    from bench.common import run_ranks
+
+    def cmd(body):
+        return [sys.executable, "-c", "import json, sys, time, os; r = int(sys.argv[1]); " + body]
+
+    write = "json.dump({'rank': r, 'x': r * 7}, open(os.path.join(sys.argv[2], f'rank{r}.json'), 'w'))"
+    d = str(tmp_path)
+    env = dict(os.environ)
+    res = run_ranks([cmd(write) + [str(r), d] for r in range(3)], d, env=env, timeout=60)
+    assert res == [{"rank": r, "x": r * 7} for r in range(3)]
+    for r in range(3):
+        os.remove(os.path.join(d, f"rank{r}.json"))
+    dies = "print('peer state', r); sys.exit(3 if r == 1 else 0)"
+    with pytest.raises(AssertionError, match=r"(?s)rank 1 died with 3 \(case\).*peer state 0.*peer state 1"):
+        run_ranks([cmd(dies) + [str(r)] for r in range(2)], d, env=env, timeout=60, what=" (case)")
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"(?s)rank 0 hung.*rank 1 \(exit"):
+        run_ranks([cmd("print('waiting', flush=True); time.sleep(60)") + [str(r)] for r in range(2)], d, env=env,
+                  timeout=2)
+    assert time.monotonic() - t0 < 30  # killed, not waited for
+    with pytest.raises(AssertionError, match=r"rank 0 wrote no results"):
+        run_ranks([cmd("print('no file')") + [str(r)] for r in range(2)], d, env=env, timeout=60)
