@@ -76,23 +76,34 @@ def _fns(n, none_slots, raise_at, log):
     return make("default"), [None if i in none_slots else make(f"a{i}") for i in range(n)]
 
 
-def _fork_join(monkeypatch, native, n, none_slots, raise_at, first):
+def _one_path(monkeypatch, native, spy, real, make_call):
+    """``make_call(native, log)()`` under the fake runtime, with ``par.<spy>`` (the entry of the
+    checked path, really ``real``) noting when it runs: (its result, or ("raised", message) for
+    a Boom, and the log). Asserts that torch's current stream was restored and that the fast
+    path ran for lowlevel's own Stream/Event types (``native``), the checked one otherwise."""
     log: list = []
     current = _fake_runtime(monkeypatch, log)
-    scls, ecls = (lowlevel.Stream, lowlevel.Event) if native else (SubStream, SubEvent)
-    streams = [_stream(scls, f"s{i}", 100 + i, log) for i in range(n)]
-    start, done = _event(ecls, 10), [_event(ecls, 20 + i) for i in range(n)]
-    default_fn, aux_fns = _fns(n, none_slots, raise_at, log)
     checked = []
-    monkeypatch.setattr(par, "_check_slots", lambda *a: (checked.append(1), _CHECK_SLOTS(*a)))
+    monkeypatch.setattr(par, spy, lambda *a: (checked.append(1), real(*a))[1])
+    call = make_call(native, log)
     try:
-        out = lowlevel.execute_in_parallel(default_fn, aux_fns, start, done, streams, True,
-                                           enqueue_default_first=first)
+        out = call()
     except Boom as e:
         out = ("raised", str(e))
     assert current[0] == (1, 0, 1), "torch's current stream was not restored"
     assert bool(checked) is not native, "the fast path was not taken" if native else "the checked path was not taken"
     return out, log
+
+
+def _fork_join(monkeypatch, native, n, none_slots, raise_at, first):
+    def make(native, log):
+        scls, ecls = (lowlevel.Stream, lowlevel.Event) if native else (SubStream, SubEvent)
+        streams = [_stream(scls, f"s{i}", 100 + i, log) for i in range(n)]
+        start, done = _event(ecls, 10), [_event(ecls, 20 + i) for i in range(n)]
+        default_fn, aux_fns = _fns(n, none_slots, raise_at, log)
+        return lambda: lowlevel.execute_in_parallel(default_fn, aux_fns, start, done, streams, True,
+                                                    enqueue_default_first=first)
+    return _one_path(monkeypatch, native, "_check_slots", _CHECK_SLOTS, make)
 
 
 @pytest.mark.parametrize("n,none_slots", [(0, ()), (1, ()), (1, (0,)), (2, ()), (2, (1,)), (3, (1,)),
@@ -128,13 +139,8 @@ def test_fork_join_fast_path_refuses_what_the_checked_path_refuses(monkeypatch):
 
 @pytest.mark.parametrize("raise_at", [None, "fn0", "fn1"])
 def test_pair_fast_path_enqueues_what_the_checked_path_does(monkeypatch, raise_at):
-    runs = []
-    for native in (False, True):
-        log: list = []
-        current = _fake_runtime(monkeypatch, log)
+    def make(native, log):
         scls, ecls = (lowlevel.Stream, lowlevel.Event) if native else (SubStream, SubEvent)
-        checked = []
-        monkeypatch.setattr(par, "_maybe_checked", lambda *a: (checked.append(1), _MAYBE_CHECKED(*a))[1])
 
         def fn(name):
             def f():
@@ -143,14 +149,9 @@ def test_pair_fast_path_enqueues_what_the_checked_path_does(monkeypatch, raise_a
                     raise Boom(name)
                 return name
             return f
-        try:
-            out = lowlevel.maybe_execute_in_parallel(fn("fn0"), fn("fn1"), _event(ecls, 10), _event(ecls, 11),
-                                                     _stream(scls, "aux", 100, log))
-        except Boom as e:
-            out = ("raised", str(e))
-        assert current[0] == (1, 0, 1)
-        assert bool(checked) is not native
-        runs.append((out, log))
+        return lambda: lowlevel.maybe_execute_in_parallel(fn("fn0"), fn("fn1"), _event(ecls, 10), _event(ecls, 11),
+                                                          _stream(scls, "aux", 100, log))
+    runs = [_one_path(monkeypatch, native, "_maybe_checked", _MAYBE_CHECKED, make) for native in (False, True)]
     assert runs[0] == runs[1]
     if raise_at is None:
         assert runs[1][1] == [("record", 10, 1), ("run", "fn0"), ("cupy", "aux"), ("torch", (100, 0, 1)),
@@ -161,25 +162,19 @@ def test_pair_fast_path_enqueues_what_the_checked_path_does(monkeypatch, raise_a
 @pytest.mark.parametrize("n,none_slots", [(1, ()), (2, (0,)), (3, ())])
 @pytest.mark.parametrize("raise_at", [None, "default", "a2"])
 def test_runner_fast_path_enqueues_what_the_checked_path_does(monkeypatch, n, none_slots, raise_at):
-    runs = []
-    for native in (False, True):
-        log: list = []
-        current = _fake_runtime(monkeypatch, log)
+    runners = []
+
+    def make(native, log):
         r = lowlevel.ParallelRunner.__new__(lowlevel.ParallelRunner)
         r.streams = [_stream(lowlevel.Stream if native else SubStream, f"s{i}", 100 + i, log) for i in range(n)]
         r.num_aux, r._start, r._done = n, _event(lowlevel.Event, 10), [_event(lowlevel.Event, 20 + i) for i in range(n)]
         r._capture_events = []
-        checked = []
-        monkeypatch.setattr(par, "_fork_join", lambda *a: (checked.append(1), _FORK_JOIN(*a))[1])
+        runners.append(r)
         default_fn, aux_fns = _fns(n, none_slots, raise_at, log)
-        try:
-            out = r(default_fn, aux_fns)
-        except Boom as e:
-            out = ("raised", str(e))
-        assert current[0] == (1, 0, 1)
-        assert bool(checked) is not native
-        runs.append((out, log))
+        return lambda: r(default_fn, aux_fns)
+    runs = [_one_path(monkeypatch, native, "_fork_join", _FORK_JOIN, make) for native in (False, True)]
     assert runs[0] == runs[1]
+    r = runners[-1]
     with pytest.raises(ValueError, match="aux streams"):
         r(lambda: 0, [lambda: 1] * (n + 1))
     with pytest.raises(TypeError, match=r"aux_fns\[0\]"):
