@@ -36,11 +36,13 @@ def _flags_clear(ov):
     assert int(ov._flags.abs().sum()) == 0, "a launch left flags behind"
     assert int(ov._ctrl[0]) == 0, "a launch left its ticket count behind"
     assert int(ov._ctrl[2]) == 0, "a consumer gave up waiting"
+    assert int(ov._ctrl[3]) == 0, "a launch left its work queue behind"
 
 
 CAPS = [(1, 1), (3, 2), (5, 3), (1, 7)]
 SHAPES = [(37, 45, 29), (16, 16, 16), (1, 50, 7), (33, 1, 40), (70, 33, 18), (21, 100, 9)]
-# ragged last tiles included; N > 64 takes the consumer's two-pass path under the interpreter
+# ragged last tiles included; N > 64 (more than 4 tiles of 16 columns) makes the norm read its partial sums
+# in several passes under the interpreter
 
 
 @pytest.mark.parametrize("caps", CAPS, ids=str)
@@ -147,14 +149,14 @@ def test_consumer_without_producer_gives_up_and_reports():
     max_spins polls, marks the error word, and still leaves the state clean."""
     ov = TO.tile_overlap(producer_sms=2, consumer_sms=3, max_spins=5)
     M, N = 20, 24
-    flags, ctrl = ov._state(8, torch.device(DEV))
+    flags, ctrl, part = ov._state(8, torch.device(DEV), 2 * M)
     c, w, y = _rand(M, N), _rand(N), torch.empty(M, N, device=DEV)
     grid = 3
-    TO._rms(grid, (c, w, y, flags, ctrl, M, N, N, N, 1e-6, 2, 2, grid, 5),
-            {"BLOCK_M": 16, "ROWS": 4, "BLOCK_C": 16, "SINGLE": False, "RESET_BLOCK": TO._RESET}, 1, 1)
+    TO._rms(grid, (c, w, y, flags, part, ctrl, M, N, N, N, 1e-6, 2, 2, 5, grid),
+            {"BLOCK_M": 16, "BLOCK_C": 16, "PART_T": 4, "RESET_BLOCK": TO._RESET}, 1, 1)
     with pytest.raises(lowlevel.LowlevelError, match="gave up"):
         ov.check()
-    assert int(ctrl[0]) == 0 and ov.launches == 1
+    assert int(ctrl[0]) == 0 and int(ctrl[3]) == 0 and ov.launches == 1  # ticket and work queue back at 0
 
 
 def test_suggest_split_and_config_rule():

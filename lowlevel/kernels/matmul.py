@@ -99,6 +99,17 @@ def tile_dot(a_ptr, b_ptr, offs_m, offs_n, offs_k, M, N, k_lo, k_len,
     return acc
 
 
+@triton.jit
+def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile number ``tile`` in grouped order: GROUP_M tile-rows walked down a
+    column of tiles before moving right, so programs running at the same time share columns of
+    B in L2 (GROUP_M = 1: row-major, one row of tiles after the other)."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
+
+
 @triton.jit(do_not_specialize=["num_progs"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, k_split,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
@@ -109,7 +120,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, k_split,
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    tiles_per_group = GROUP_M * num_pid_n
     if SPLIT_K:
         n_split = tl.cdiv(K, k_split)
         units = num_tiles * n_split
@@ -127,12 +137,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, k_split,
             s = 0
             k_lo = 0
             k_len = K
-        # grouped order: walk GROUP_M tile-rows down a column of tiles before moving right
-        group = tile // tiles_per_group
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % tiles_per_group) % group_rows
-        pid_n = (tile % tiles_per_group) // group_rows
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)

@@ -15,14 +15,19 @@ The protocol (what makes it correct)
 * **Publish (release).** After storing tile ``(pid_m, pid_n)`` a producer program waits at a
   CTA barrier (every thread's stores are issued) and one thread then does
   ``atomic_add(rows[pid_m], 1, sem="release", scope="gpu")`` (``matmul_rms_norm``: one counter
-  per block of ``BLOCK_M`` rows) or ``atomic_xchg(tiles[t], 1, sem="release")``
+  per block of ``BLOCK_M`` rows; before it, the tile's per-row sums of squares of the values as
+  stored go to ``part[pid_n, row]``) or ``atomic_xchg(tiles[t], 1, sem="release")``
   (``matmul_copy``: one flag per tile). CUTLASS's semaphore is the same pattern.
-* **Wait (acquire).** A consumer program spins on ``atomic_add(ptr, 0, sem="acquire",
-  scope="gpu")`` until the counter reaches the row block's tile count (or the flag is set),
-  passes a CTA barrier, and reads the tile with L1-bypassing loads (``.cg``). Consumer programs
-  take their work items (groups of rows, or tiles) in the order the producer finishes them
-  (row-block-major, the producer's own tile order), so waiting in order is waiting in
-  completion order up to the producer's round robin.
+* **Wait (acquire).** A consumer program polls the counter with volatile loads until it
+  reaches the row block's tile count (or the flag is set), reads it once more with
+  ``atomic_add(ptr, 0, sem="acquire", scope="gpu")``, passes a CTA barrier, and reads with
+  L1-bypassing loads (``.cg``). The copy's programs take tiles in the producer's order. The
+  norm's work items (a row block by a tile's width of columns) come from a queue
+  (``atomic_add`` on a counter, row-block-major: the order row blocks finish); an item sums
+  its rows' partial sums (no pass over the whole row) and scales its own columns. Where the
+  consumer has fewer programs than items, a producer program done with its tiles takes items
+  from the same queue, so the norm's tail runs on every SM (GPU only: the interpreter runs
+  programs one after the other, and a helper would wait for tiles of a program not yet run).
 * **Fresh state per launch, without a reset kernel (the epoch).** The counters start every
   launch at 0: when a consumer program is done it takes a ticket
   (``atomic_add(ctrl[0], 1, sem="acq_rel")``); the program that draws the last ticket knows that
@@ -91,55 +96,70 @@ from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
-from .matmul import check_operands, config_for, tile_dot
+from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config",
            "producer_matmul", "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
-"""Acquire polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
+"""Polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
 
 
 # --- kernels ------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["num_progs"])
-def _producer_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tiles_ptr, M, N, K,
-                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, num_progs,
+@triton.jit(do_not_specialize=["num_progs", "eps", "max_spins", "tickets"])
+def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctrl_ptr, M, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_ym, eps,
+                     num_progs, max_spins, tickets,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     PUBLISH: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """C = A @ B, tiles in row-block-major order, program p takes tiles p, p + P, ...
-    EVEN_K: K is a multiple of BLOCK_K (no K mask). PUBLISH: 0 nothing, 1 a counter per row
-    block, 2 a flag per tile (release, after the stores)."""
+                     GROUP_M: tl.constexpr, PUBLISH: tl.constexpr, HELP: tl.constexpr, BLOCK_C: tl.constexpr,
+                     PART_T: tl.constexpr, RESET_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """C = A @ B, program p takes tiles p, p + P, ... in grouped order (GROUP_M 1: row-block-major).
+    EVEN_K: K is a multiple of BLOCK_K (no K mask). PUBLISH: 0 nothing; 1 (the norm) each
+    row's sum of squares of the tile as stored into ``part[pid_n, row]``, then a counter per
+    row block; 2 (the copy) a flag per tile; release, after the stores. HELP (with PUBLISH 1):
+    a program done with its tiles then takes norm items from the consumer's queue, so the
+    norm's tail runs on every SM, and takes a ticket of the launch (``tickets`` in all)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
+    num_rb = tl.cdiv(M, BLOCK_M)
+    num_tiles = num_rb * num_pid_n
     for tile in range(pid, num_tiles, num_progs):
-        pid_m = tile // num_pid_n
-        pid_n = tile % num_pid_n
+        pid_m, pid_n = grouped_tile(tile, num_rb, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tile_dot(a_ptr, b_ptr, offs_m, offs_n, tl.arange(0, BLOCK_K), M, N, 0, K,
                        stride_am, stride_ak, stride_bk, stride_bn,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
+        c = acc.to(c_ptr.dtype.element_ty)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
         if PUBLISH == 1:
+            v = c.to(tl.float32)  # the values as stored, which the norm of the stored output reads
+            tl.store(part_ptr + pid_n * M + offs_m, tl.sum(v * v, axis=1), mask=offs_m < M)
             tl.debug_barrier()  # every thread's stores of the tile are issued before the release
-            tl.atomic_add(rows_ptr + pid_m, 1, sem="release", scope="gpu")
+            tl.atomic_add(flags_ptr + pid_m, 1, sem="release", scope="gpu")
         elif PUBLISH == 2:
             tl.debug_barrier()
-            tl.atomic_xchg(tiles_ptr + tile, 1, sem="release", scope="gpu")
+            tl.atomic_xchg(flags_ptr + tile, 1, sem="release", scope="gpu")
+    if HELP:
+        _norm_items(c_ptr, w_ptr, y_ptr, flags_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                    num_pid_n, num_rb, max_spins, BLOCK_M, BLOCK_C, PART_T)
+        _finish(ctrl_ptr, flags_ptr, num_rb, tickets, RESET_BLOCK)
 
 
 @triton.jit
 def _wait_at_least(ptr, target, ctrl_ptr, max_spins):
-    """Spin (acquire, gpu scope) until ``*ptr >= target``; after ``max_spins`` polls set the
-    error word ``ctrl[2]`` and return (the caller then reads unfinished data: see check())."""
-    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    """Spin until ``*ptr >= target``, then acquire (gpu scope); after ``max_spins`` polls set the
+    error word ``ctrl[2]`` and return (the caller then reads unfinished data: see check()).
+    The polls are volatile loads (L2, no read-modify-write): many programs may poll one
+    counter while the producer's release goes to it."""
+    seen = tl.load(ptr, volatile=True)
     spins = tl.full((), 0, tl.int32)
     while (seen < target) & (spins < max_spins):
-        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        seen = tl.load(ptr, volatile=True)
         spins += 1
+    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")  # orders the reads below after the release
     if seen < target:
         tl.atomic_or(ctrl_ptr + 2, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()  # the acquire by one thread orders the loads of all threads after it
@@ -147,7 +167,8 @@ def _wait_at_least(ptr, target, ctrl_ptr, max_spins):
 
 @triton.jit
 def _finish(ctrl_ptr, flags_ptr, n_flags, num_progs, RESET_BLOCK: tl.constexpr):
-    """The launch's last consumer program returns the flags and the ticket to 0, bumps the epoch."""
+    """The launch's last program to take a ticket (of ``num_progs``) returns the flags, the
+    ticket and the work queue to 0 and bumps the epoch."""
     tl.debug_barrier()
     ticket = tl.atomic_add(ctrl_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == num_progs - 1:
@@ -155,68 +176,79 @@ def _finish(ctrl_ptr, flags_ptr, n_flags, num_progs, RESET_BLOCK: tl.constexpr):
             offs = i + tl.arange(0, RESET_BLOCK)
             tl.store(flags_ptr + offs, tl.zeros((RESET_BLOCK,), dtype=tl.int32), mask=offs < n_flags)
         tl.atomic_xchg(ctrl_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(ctrl_ptr + 3, 0, sem="relaxed", scope="gpu")  # the norm's work queue
         tl.atomic_add(ctrl_ptr + 1, 1, sem="release", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["num_progs", "eps", "max_spins"])
-def _rms_consumer_kernel(c_ptr, w_ptr, y_ptr, rows_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
-                         tiles_n, num_rb, num_progs, max_spins,
-                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                         SINGLE: tl.constexpr, RESET_BLOCK: tl.constexpr):
-    """y = c / sqrt(mean(c^2) + eps) * w per row; ROWS rows per item, each item waits for its
-    row block's counter to reach tiles_n (ROWS divides BLOCK_M)."""
-    pid = tl.program_id(0)
-    items = tl.cdiv(M, ROWS)
-    if SINGLE:  # a whole row fits in BLOCK_C: one load, one store per item
-        cols = tl.arange(0, BLOCK_C)
-        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        for it in range(pid, items, num_progs):
-            r0 = it * ROWS
-            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
-            rows = r0 + tl.arange(0, ROWS)
-            m = (rows[:, None] < M) & (cols[None, :] < N)
-            x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-            inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-            y = x * inv[:, None] * w[None, :]
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
-    else:  # long rows: sum of squares over column chunks, then a second pass that scales
-        for it in range(pid, items, num_progs):
-            r0 = it * ROWS
-            _wait_at_least(rows_ptr + r0 // BLOCK_M, tiles_n, ctrl_ptr, max_spins)
-            rows = r0 + tl.arange(0, ROWS)
-            rmask = rows < M
-            acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-            for c0 in range(0, N, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                m = rmask[:, None] & (cols[None, :] < N)
-                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
-                            cache_modifier=".cg").to(tl.float32)
-                acc += x * x
-            inv = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
-            for c0 in range(0, N, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                m = rmask[:, None] & (cols[None, :] < N)
-                x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
-                            cache_modifier=".cg").to(tl.float32)
-                w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-                y = x * inv[:, None] * w[None, :]
-                tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
-    _finish(ctrl_ptr, rows_ptr, num_rb, num_progs, RESET_BLOCK)
+@triton.jit
+def _norm_item(item, c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+               tiles_n, chunks, max_spins,
+               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PART_T: tl.constexpr):
+    """RMSNorm of one work item, BLOCK_M rows x BLOCK_C columns of ``c`` into ``y``, once every
+    tile of its row block is published: the row's sum of squares is the sum of the producer's
+    per-tile partials, so the item reads its own columns only."""
+    pid_m = item // chunks
+    _wait_at_least(rows_ptr + pid_m, tiles_n, ctrl_ptr, max_spins)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, tiles_n, PART_T):  # one pass where PART_T covers every tile (the usual case)
+        t = t0 + tl.arange(0, PART_T)
+        p = tl.load(part_ptr + t[:, None] * M + rows[None, :], mask=(t[:, None] < tiles_n) & rmask[None, :],
+                    other=0.0, cache_modifier=".cg")  # written by other SMs: bypass L1
+        ss += tl.sum(p, axis=0)
+    inv = 1.0 / tl.sqrt(ss / N + eps)
+    cols = (item % chunks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = rmask[:, None] & (cols[None, :] < N)
+    x = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :], mask=m, other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * inv[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _norm_items(c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                tiles_n, num_rb, max_spins,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PART_T: tl.constexpr):
+    """Draw work items from the launch's queue (``ctrl[3]``, items in row-block-major order, the
+    order the producer finishes them) until none is left."""
+    chunks = tl.cdiv(N, BLOCK_C)
+    items = num_rb * chunks
+    item = tl.atomic_add(ctrl_ptr + 3, 1, sem="relaxed", scope="gpu")
+    while item < items:
+        _norm_item(item, c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                   tiles_n, chunks, max_spins, BLOCK_M, BLOCK_C, PART_T)
+        item = tl.atomic_add(ctrl_ptr + 3, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["eps", "max_spins", "tickets"])
+def _rms_consumer_kernel(c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                         tiles_n, num_rb, max_spins, tickets,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PART_T: tl.constexpr,
+                         RESET_BLOCK: tl.constexpr):
+    """y = c / sqrt(mean(c^2) + eps) * w per row, in items of BLOCK_M rows x BLOCK_C columns
+    drawn from the launch's queue; an item waits for its row block's counter to reach tiles_n."""
+    _norm_items(c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                tiles_n, num_rb, max_spins, BLOCK_M, BLOCK_C, PART_T)
+    _finish(ctrl_ptr, rows_ptr, num_rb, tickets, RESET_BLOCK)
 
 
 @triton.jit(do_not_specialize=["num_progs", "max_spins"])
 def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn,
                           num_progs, max_spins,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESET_BLOCK: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                          RESET_BLOCK: tl.constexpr):
     """d[tile] = c[tile] for each tile as soon as its flag is set (tiles in the producer's order)."""
     pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
+    num_tiles = num_pid_m * num_pid_n
     for tile in range(pid, num_tiles, num_progs):
         _wait_at_least(tiles_ptr + tile, 1, ctrl_ptr, max_spins)
-        offs_m = (tile // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = (tile % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         x = tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=m,
                     cache_modifier=".cg")
@@ -224,8 +256,8 @@ def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, st
     _finish(ctrl_ptr, tiles_ptr, num_tiles, num_progs, RESET_BLOCK)
 
 
-_produce = FastLauncher(_producer_kernel, ("num_progs",))
-_rms = FastLauncher(_rms_consumer_kernel, ("num_progs", "eps", "max_spins"))
+_produce = FastLauncher(_producer_kernel, ("eps", "num_progs", "max_spins", "tickets"))
+_rms = FastLauncher(_rms_consumer_kernel, ("eps", "max_spins", "tickets"))
 _copy = FastLauncher(_copy_consumer_kernel, ("num_progs", "max_spins"))
 
 _RESET = 16 if INTERPRET else 1024
@@ -247,10 +279,11 @@ def _cost(M: int, N: int, bn: int, programs: int) -> tuple[int, int]:
     return rounds * bn, rounds
 
 
-def _tuned(M: int, N: int, K: int | None, itemsize: int, programs: int) -> tuple[int, int, int, int, int] | None:
+def _tuned(M: int, N: int, K: int | None, itemsize: int,
+           programs: int) -> tuple[int, int, int, int, int, int] | None:
     """The tiles of :func:`~lowlevel.kernels.matmul.config_for` (the measured table, else its
     heuristic) when they need no K split and fit in one round on ``programs`` programs, as
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); else None. One round of the tuned tiles
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M); else None. One round of the tuned tiles
     is as fast as lowlevel's matmul, and every SM it leaves idle can go to the consumer."""
     if K is None or INTERPRET or K <= 0:
         return None
@@ -258,7 +291,7 @@ def _tuned(M: int, N: int, K: int | None, itemsize: int, programs: int) -> tuple
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if cfg.split_k > 1 or tiles > programs:
         return None
-    return (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
 
 
 def _check_shape_args(M: Any, N: Any, K: Any, itemsize: Any) -> tuple[int, int, int | None, int]:
@@ -294,13 +327,17 @@ def producer_config(M: int, N: int, itemsize: int, programs: int,
     The sequential alternative gets the same rule with every SM. Under ``TRITON_INTERPRET=1``
     always ``(16, 16, 16, 1, 1)``."""
     M, N, K, itemsize = _check_shape_args(M, N, K, itemsize)
-    return _config(M, N, itemsize, check_int(programs, "programs", 1), K)
+    return _config(M, N, itemsize, check_int(programs, "programs", 1), K)[:5]
 
 
-def _config(M: int, N: int, itemsize: int, programs: int, K: int | None) -> tuple[int, int, int, int, int]:
-    """:func:`producer_config` without the checks (the launch path's arguments are valid)."""
+def _config(M: int, N: int, itemsize: int, programs: int, K: int | None) -> tuple[int, int, int, int, int, int]:
+    """:func:`producer_config` without the checks (the launch path's arguments are valid), and
+    the tile order's GROUP_M last: the tuned matmul's where its tiles are used (one round, in
+    which the order decides which programs share columns of B in L2: at M = 256, N = 4096 on
+    the H200 the row-major order made the same tiles 22 µs against 16.5), else 1 (row-block-major:
+    rows finish in order, which the norm's consumer waits in)."""
     if INTERPRET:
-        return (16, 16, 16, 1, 1)
+        return (16, 16, 16, 1, 1, 1)
     tuned = _tuned(M, N, K, itemsize, programs)
     if tuned is not None:
         return tuned
@@ -313,7 +350,7 @@ def _config(M: int, N: int, itemsize: int, programs: int, K: int | None) -> tupl
     while stages > 2 and stages * (bm * bk + bk * bn) * itemsize > 160 * 1024:
         stages -= 1  # the pipeline's shared memory stays within 160 KiB (the epilogue needs room too)
     warps = 8 if bm * bn >= 128 * 128 else 4
-    return (bm, bn, bk, warps, stages)
+    return (bm, bn, bk, warps, stages, 1)
 
 
 def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: int = 4,
@@ -351,18 +388,16 @@ def suggest_split(M: int, N: int, sms: int | None = None, *, min_consumer_sms: i
     return producers, total - producers
 
 
-def _rms_consumer_config(N: int, bm: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_C, ROWS, single pass, num_warps) of the RMSNorm consumer: whole rows in registers
-    up to 16384 columns (one load and one store per item: the consumer's items are latency
-    bound), column chunks of 2048 beyond."""
+def _rms_consumer_config(N: int, bm: int, bn: int, tiles_n: int) -> tuple[int, int, int]:
+    """(BLOCK_C, PART_T, num_warps) of the norm's work items: ``bm`` rows (the producer's row
+    block) by ``BLOCK_C`` columns, the producer's tile width where that is at most 8192
+    elements (so items come one per tile, in the order tiles finish), narrower beyond;
+    ``PART_T`` partial sums read at once (every tile's where they fit in 16384 values)."""
     if INTERPRET:
-        single = N <= 64  # both paths run under the interpreter's small shapes
-        return (triton.next_power_of_2(N) if single else 16), (4 if single else 2), single, 1
-    block = triton.next_power_of_2(N)
-    if block <= 16384:
-        rows = max(1, min(4, 16384 // block, bm))
-        return block, rows, True, min(16, max(4, rows * block // 1024))
-    return 2048, min(4, bm), False, 8
+        return 16, 4, 1  # small tiles, and a partial sum read in several passes where tiles_n > 4
+    block_c = max(16, min(bn, 8192 // bm))
+    part_t = min(triton.next_power_of_2(tiles_n), max(1, 16384 // bm))
+    return block_c, part_t, 4 if bm * block_c <= 4096 else 8
 
 
 OFFSET_LIMIT = 1 << 31
@@ -395,6 +430,22 @@ def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguo
     if contiguous_rows and shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"the rows of {name} must be contiguous ({name}.stride(1) == 1)")
     return t
+
+
+def _launch_producer(at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, grid: int,
+                     cfg: tuple[int, int, int, int, int, int], K: int, precision: str, publish: int = 0,
+                     flags: torch.Tensor | None = None, norm: tuple[Any, ...] | None = None) -> None:
+    """Launch the producer kernel on the current stream. ``flags``: the row counters
+    (``publish`` 1) or tile flags (2); ``norm`` (``publish`` 1): ``(part, weight, y, ctrl, eps,
+    max_spins, tickets, BLOCK_C, PART_T, HELP)``."""
+    bm, bn, bk, warps, stages, group_m = cfg
+    f = ct if flags is None else flags
+    part, wt, yt, ctrl, eps, spins, tickets, block_c, part_t, help_ = norm or (f, f, ct, f, 1.0, 1, 1, 16, 1, False)
+    args = (at, bt, ct, f, part, wt, yt, ctrl, ct.shape[0], ct.shape[1], K, at.stride(0), at.stride(1),
+            bt.stride(0), bt.stride(1), ct.stride(0), ct.stride(1), yt.stride(0), eps, grid, spins, tickets)
+    _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GROUP_M": group_m,
+                          "PUBLISH": publish, "HELP": help_, "BLOCK_C": block_c, "PART_T": part_t,
+                          "RESET_BLOCK": _RESET, "INPUT_PRECISION": precision}, warps, stages)
 
 
 # --- the Python API -----------------------------------------------------------------------------
@@ -430,7 +481,8 @@ class TileOverlap:
         self.device = device
         self._streams: tuple[Stream, Stream] | None = None
         self._flags: torch.Tensor | None = None  # [0, cap): counters / tile flags
-        self._ctrl: torch.Tensor | None = None   # [ticket, completed launches, error, -]
+        self._ctrl: torch.Tensor | None = None   # [ticket, completed launches, error, norm work queue]
+        self._part: torch.Tensor | None = None   # the norm's partial sums of squares, [tiles_n, M] fp32
         self._retired: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -451,22 +503,37 @@ class TileOverlap:
         (and under Triton's interpreter, where both run on the caller's stream, in order)."""
         return self._streams
 
-    def _state(self, n_flags: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        f, ctrl = self._flags, self._ctrl
-        if f is not None and f.numel() >= n_flags and f.device == dev and ctrl is not None:
-            return f, ctrl
+    def _state(self, n_flags: int, dev: torch.device,
+               n_part: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(flags, ctrl, partial sums) with at least ``n_flags`` flags and ``n_part`` partial
+        sums (None when 0), grown outside a capture only; ``LowlevelError`` during a capture
+        that needs more (nothing changes then)."""
+        f, ctrl, part = self._flags, self._ctrl, self._part
+        fits = (f is not None and f.numel() >= n_flags and f.device == dev and ctrl is not None
+                and (n_part == 0 or (part is not None and part.numel() >= n_part and part.device == dev)))
+        if fits:
+            assert f is not None and ctrl is not None
+            return f, ctrl, part if n_part else None
         if not INTERPRET and rt.is_capturing(rt.current_handle()):
             have = 0 if f is None else f.numel()
+            have_p = 0 if part is None else part.numel()
             raise LowlevelError(
-                f"TileOverlap needs {n_flags} flags and has {have}: make one launch of this shape (or larger) "
-                "before capturing a graph, so that the flag state exists outside the graph's memory")
-        if f is not None:
-            self._retired.append(f)  # launches in flight may still use it: keep it alive
-        self._flags = f = torch.zeros(max(n_flags, 2 * (0 if f is None else f.numel()), 256), dtype=torch.int32,
-                                      device=dev)
+                f"TileOverlap needs {n_flags} flags and {n_part} partial sums and has {have} and {have_p}: make one "
+                "launch of this shape (or larger) before capturing a graph, so that the flag state exists outside "
+                "the graph's memory")
+        if f is None or f.numel() < n_flags or f.device != dev:
+            if f is not None:
+                self._retired.append(f)  # launches in flight may still use it: keep it alive
+            self._flags = f = torch.zeros(max(n_flags, 2 * (0 if f is None else f.numel()), 256),
+                                          dtype=torch.int32, device=dev)
         if ctrl is None or ctrl.device != dev:
             self._ctrl = ctrl = torch.zeros(4, dtype=torch.int32, device=dev)
-        return f, ctrl
+        if n_part and (part is None or part.numel() < n_part or part.device != dev):
+            if part is not None:
+                self._retired.append(part)
+            self._part = part = torch.zeros(max(n_part, 2 * (0 if part is None else part.numel())),
+                                            dtype=torch.float32, device=dev)
+        return f, ctrl, part if n_part else None
 
     @property
     def launches(self) -> int:
@@ -508,17 +575,6 @@ class TileOverlap:
         rt.order(ps.ptr, cur)
         rt.order(cs.ptr, cur)
 
-    def _produce_args(self, at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, flags: torch.Tensor,
-                      M: int, N: int, K: int, cfg: tuple[int, ...], publish: int, precision: str) -> Any:
-        bm, bn, bk, warps, stages = cfg
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        grid = min(self.producer_sms, tiles)
-        args = (at, bt, ct, flags, flags, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
-                ct.stride(0), ct.stride(1), grid)
-        cex = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "PUBLISH": publish,
-               "INPUT_PRECISION": precision}
-        return lambda: _produce(grid, args, cex, warps, stages)
-
     # -- operations ----------------------------------------------------------------------------
     def matmul_rms_norm(self, a: Any, b: Any, weight: Any, eps: float = 1e-6, *, out: Any = None, y: Any = None,
                         precision: str = "tf32") -> tuple[Any, Any]:
@@ -548,16 +604,23 @@ class TileOverlap:
         cfg = _config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         rb, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
+        grid = min(self.producer_sms, rb * tiles_n)
+        block_c, part_t, cwarps = _rms_consumer_config(N, bm, bn, tiles_n)
+        cgrid = min(self.consumer_sms, rb * triton.cdiv(N, block_c))
+        # producers take items only where the consumer has fewer programs than items (else they
+        # would add their tickets to the launch's tail for nothing), never under the
+        # interpreter (it runs programs one by one: a helper would wait forever)
+        help_ = not INTERPRET and cgrid < rb * triton.cdiv(N, block_c)
+        tickets = cgrid + (grid if help_ else 0)
+        eps = float(eps)
         with self._lock:
-            flags, ctrl = self._state(rb, at.device)
-            block_c, rows_per, single, cwarps = _rms_consumer_config(N, bm)
-            items = triton.cdiv(M, rows_per)
-            cgrid = min(self.consumer_sms, items)
-            cargs = (ct, wt, yt, flags, ctrl, M, N, ct.stride(0), yt.stride(0), float(eps), tiles_n, rb, cgrid,
-                     self.max_spins)
-            ccex = {"BLOCK_M": bm, "ROWS": rows_per, "BLOCK_C": block_c, "SINGLE": single, "RESET_BLOCK": _RESET}
-            produce = self._produce_args(at, bt, ct, flags, M, N, K, cfg, 1, prec)
-            self._fork_join(produce, lambda: _rms(cgrid, cargs, ccex, cwarps, 1), at.device)
+            flags, ctrl, part = self._state(rb, at.device, tiles_n * M)
+            norm = (part, wt, yt, ctrl, eps, self.max_spins, tickets, block_c, part_t, help_)
+            cargs = (ct, wt, yt, flags, part, ctrl, M, N, ct.stride(0), yt.stride(0), eps, tiles_n, rb,
+                     self.max_spins, tickets)
+            ccex = {"BLOCK_M": bm, "BLOCK_C": block_c, "PART_T": part_t, "RESET_BLOCK": _RESET}
+            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 1, flags, norm),
+                            lambda: _rms(cgrid, cargs, ccex, cwarps, 1), at.device)
         return ct, yt
 
     def matmul_copy(self, a: Any, b: Any, *, dst: Any, out: Any = None, precision: str = "tf32") -> tuple[Any, Any]:
@@ -585,14 +648,15 @@ class TileOverlap:
         cfg = _config(M, N, at.element_size(), self.producer_sms, K)
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        grid = min(self.producer_sms, n_tiles)
         with self._lock:
-            flags, ctrl = self._state(n_tiles, at.device)
+            flags, ctrl, _ = self._state(n_tiles, at.device)
             cgrid = min(self.consumer_sms, n_tiles)
             cargs = (ct, dt, flags, ctrl, M, N, ct.stride(0), ct.stride(1), dt.stride(0), dt.stride(1), cgrid,
                      self.max_spins)
-            ccex = {"BLOCK_M": bm, "BLOCK_N": bn, "RESET_BLOCK": _RESET}
-            produce = self._produce_args(at, bt, ct, flags, M, N, K, cfg, 2, prec)
-            self._fork_join(produce, lambda: _copy(cgrid, cargs, ccex, 1 if INTERPRET else 4, 1), at.device)
+            ccex = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": cfg[5], "RESET_BLOCK": _RESET}
+            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 2, flags),
+                            lambda: _copy(cgrid, cargs, ccex, 1 if INTERPRET else 4, 1), at.device)
         return ct, dt
 
 
@@ -614,12 +678,8 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     programs = total if programs is None else check_int(programs, "programs", 1)
     if M == 0 or N == 0:
         return ct
-    bm, bn, bk, warps, stages = _config(M, N, at.element_size(), programs, K)
-    grid = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    args = (at, bt, ct, ct, ct, M, N, K, at.stride(0), at.stride(1), bt.stride(0), bt.stride(1),
-            ct.stride(0), ct.stride(1), grid)
-    _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "PUBLISH": 0,
-                          "INPUT_PRECISION": prec}, warps, stages)
+    cfg = _config(M, N, at.element_size(), programs, K)
+    _launch_producer(at, bt, ct, min(programs, triton.cdiv(M, cfg[0]) * triton.cdiv(N, cfg[1])), cfg, K, prec)
     return ct
 
 
