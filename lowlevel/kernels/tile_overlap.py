@@ -109,7 +109,7 @@ DEFAULT_MAX_SPINS = 1 << 26
 
 @triton.jit(do_not_specialize=["num_progs", "eps", "max_spins", "tickets"])
 def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctrl_ptr, M, N, K,
-                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_ym, eps,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_ym, stride_yn, eps,
                      num_progs, max_spins, tickets,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUP_M: tl.constexpr, PUBLISH: tl.constexpr, HELP: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -117,9 +117,10 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctr
     """C = A @ B, program p takes tiles p, p + P, ... in grouped order (GROUP_M 1: row-block-major).
     EVEN_K: K is a multiple of BLOCK_K (no K mask). PUBLISH: 0 nothing; 1 (the norm) each
     row's sum of squares of the tile as stored into ``part[pid_n, row]``, then a counter per
-    row block; 2 (the copy) a flag per tile; release, after the stores. HELP (with PUBLISH 1):
-    a program done with its tiles then takes norm items from the consumer's queue, so the
-    norm's tail runs on every SM, and takes a ticket of the launch (``tickets`` in all)."""
+    row block; 2 (the copy) a flag per tile; release, after the stores. HELP: a program done
+    with its tiles then takes work items (norm items, or tiles to copy into ``y``) from the
+    consumer's queue, so the consumer's tail runs on every SM, and takes a ticket of the launch
+    (``tickets`` in all)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_rb = tl.cdiv(M, BLOCK_M)
@@ -143,9 +144,14 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctr
             tl.debug_barrier()
             tl.atomic_xchg(flags_ptr + tile, 1, sem="release", scope="gpu")
     if HELP:
-        _norm_items(c_ptr, w_ptr, y_ptr, flags_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
-                    num_pid_n, num_rb, max_spins, BLOCK_M, BLOCK_C, PART_T)
-        _finish(ctrl_ptr, flags_ptr, num_rb, tickets, RESET_BLOCK)
+        if PUBLISH == 1:
+            _norm_items(c_ptr, w_ptr, y_ptr, flags_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
+                        num_pid_n, num_rb, max_spins, BLOCK_M, BLOCK_C, PART_T)
+            _finish(ctrl_ptr, flags_ptr, num_rb, tickets, RESET_BLOCK)
+        else:
+            _copy_items(c_ptr, y_ptr, flags_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_ym, stride_yn,
+                        max_spins, BLOCK_M, BLOCK_N, GROUP_M)
+            _finish(ctrl_ptr, flags_ptr, num_tiles, tickets, RESET_BLOCK)
 
 
 @triton.jit
@@ -234,17 +240,16 @@ def _rms_consumer_kernel(c_ptr, w_ptr, y_ptr, rows_ptr, part_ptr, ctrl_ptr, M, N
     _finish(ctrl_ptr, rows_ptr, num_rb, tickets, RESET_BLOCK)
 
 
-@triton.jit(do_not_specialize=["num_progs", "max_spins"])
-def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn,
-                          num_progs, max_spins,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                          RESET_BLOCK: tl.constexpr):
-    """d[tile] = c[tile] for each tile as soon as its flag is set (tiles in the producer's order)."""
-    pid = tl.program_id(0)
+@triton.jit
+def _copy_items(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn, max_spins,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """d[tile] = c[tile] for tiles drawn from the launch's queue (``ctrl[3]``, the producer's
+    order), each as soon as its flag is set, until none is left."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    for tile in range(pid, num_tiles, num_progs):
+    tile = tl.atomic_add(ctrl_ptr + 3, 1, sem="relaxed", scope="gpu")
+    while tile < num_tiles:
         _wait_at_least(tiles_ptr + tile, 1, ctrl_ptr, max_spins)
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,12 +258,23 @@ def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, st
         x = tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=m,
                     cache_modifier=".cg")
         tl.store(d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, x, mask=m)
-    _finish(ctrl_ptr, tiles_ptr, num_tiles, num_progs, RESET_BLOCK)
+        tile = tl.atomic_add(ctrl_ptr + 3, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["max_spins", "tickets"])
+def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn,
+                          max_spins, tickets,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                          RESET_BLOCK: tl.constexpr):
+    """d[tile] = c[tile] for each tile as soon as its flag is set (tiles in the producer's order)."""
+    _copy_items(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn, max_spins,
+                BLOCK_M, BLOCK_N, GROUP_M)
+    _finish(ctrl_ptr, tiles_ptr, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tickets, RESET_BLOCK)
 
 
 _produce = FastLauncher(_producer_kernel, ("eps", "num_progs", "max_spins", "tickets"))
 _rms = FastLauncher(_rms_consumer_kernel, ("eps", "max_spins", "tickets"))
-_copy = FastLauncher(_copy_consumer_kernel, ("num_progs", "max_spins"))
+_copy = FastLauncher(_copy_consumer_kernel, ("max_spins", "tickets"))
 
 _RESET = 16 if INTERPRET else 1024
 
@@ -434,15 +450,18 @@ def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguo
 
 def _launch_producer(at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, grid: int,
                      cfg: tuple[int, int, int, int, int, int], K: int, precision: str, publish: int = 0,
-                     flags: torch.Tensor | None = None, norm: tuple[Any, ...] | None = None) -> None:
+                     flags: torch.Tensor | None = None, consumer: tuple[Any, ...] | None = None) -> None:
     """Launch the producer kernel on the current stream. ``flags``: the row counters
-    (``publish`` 1) or tile flags (2); ``norm`` (``publish`` 1): ``(part, weight, y, ctrl, eps,
-    max_spins, tickets, BLOCK_C, PART_T, HELP)``."""
+    (``publish`` 1) or tile flags (2); ``consumer``: ``(part, weight, y, ctrl, eps, max_spins,
+    tickets, BLOCK_C, PART_T, HELP)``, what a helping producer needs (``y``: the norm's output,
+    or the copy's destination; the copy passes dummies for the norm's own)."""
     bm, bn, bk, warps, stages, group_m = cfg
     f = ct if flags is None else flags
-    part, wt, yt, ctrl, eps, spins, tickets, block_c, part_t, help_ = norm or (f, f, ct, f, 1.0, 1, 1, 16, 1, False)
+    part, wt, yt, ctrl, eps, spins, tickets, block_c, part_t, help_ = consumer or (f, f, ct, f, 1.0, 1, 1, 16, 1,
+                                                                                   False)
     args = (at, bt, ct, f, part, wt, yt, ctrl, ct.shape[0], ct.shape[1], K, at.stride(0), at.stride(1),
-            bt.stride(0), bt.stride(1), ct.stride(0), ct.stride(1), yt.stride(0), eps, grid, spins, tickets)
+            bt.stride(0), bt.stride(1), ct.stride(0), ct.stride(1), yt.stride(0), yt.stride(1), eps, grid, spins,
+            tickets)
     _produce(grid, args, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GROUP_M": group_m,
                           "PUBLISH": publish, "HELP": help_, "BLOCK_C": block_c, "PART_T": part_t,
                           "RESET_BLOCK": _RESET, "INPUT_PRECISION": precision}, warps, stages)
@@ -615,11 +634,11 @@ class TileOverlap:
         eps = float(eps)
         with self._lock:
             flags, ctrl, part = self._state(rb, at.device, tiles_n * M)
-            norm = (part, wt, yt, ctrl, eps, self.max_spins, tickets, block_c, part_t, help_)
+            consumer = (part, wt, yt, ctrl, eps, self.max_spins, tickets, block_c, part_t, help_)
             cargs = (ct, wt, yt, flags, part, ctrl, M, N, ct.stride(0), yt.stride(0), eps, tiles_n, rb,
                      self.max_spins, tickets)
             ccex = {"BLOCK_M": bm, "BLOCK_C": block_c, "PART_T": part_t, "RESET_BLOCK": _RESET}
-            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 1, flags, norm),
+            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 1, flags, consumer),
                             lambda: _rms(cgrid, cargs, ccex, cwarps, 1), at.device)
         return ct, yt
 
@@ -649,13 +668,16 @@ class TileOverlap:
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         grid = min(self.producer_sms, n_tiles)
+        cgrid = min(self.consumer_sms, n_tiles)
+        help_ = not INTERPRET and cgrid < n_tiles  # as in matmul_rms_norm
+        tickets = cgrid + (grid if help_ else 0)
         with self._lock:
             flags, ctrl, _ = self._state(n_tiles, at.device)
-            cgrid = min(self.consumer_sms, n_tiles)
-            cargs = (ct, dt, flags, ctrl, M, N, ct.stride(0), ct.stride(1), dt.stride(0), dt.stride(1), cgrid,
-                     self.max_spins)
+            consumer = (flags, flags, dt, ctrl, 1.0, self.max_spins, tickets, 16, 1, help_)
+            cargs = (ct, dt, flags, ctrl, M, N, ct.stride(0), ct.stride(1), dt.stride(0), dt.stride(1),
+                     self.max_spins, tickets)
             ccex = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": cfg[5], "RESET_BLOCK": _RESET}
-            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 2, flags),
+            self._fork_join(lambda: _launch_producer(at, bt, ct, grid, cfg, K, prec, 2, flags, consumer),
                             lambda: _copy(cgrid, cargs, ccex, 1 if INTERPRET else 4, 1), at.device)
         return ct, dt
 
