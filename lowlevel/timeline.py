@@ -100,6 +100,29 @@ class _LiveSpan:
             self.tl._pending.append((self.name, self.h, self.ev0, ev1))
 
 
+def _stats(spans: list[Any]) -> dict[str, Any]:
+    """:meth:`Timeline.stats` of ``spans``."""
+    if not spans:
+        return {"wall_ms": 0.0, "busy_ms": {}, "total_busy_ms": 0.0, "achieved_speedup": 0.0,
+                "ideal_speedup": 0.0}
+    busy: dict[str, float] = {}
+    for track in {s.track for s in spans}:
+        iv = sorted((s.start_ms, s.end_ms) for s in spans if s.track == track)
+        total, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+        for a, b in iv[1:]:
+            if a > cur_e:
+                total += cur_e - cur_s
+                cur_s, cur_e = a, b
+            else:
+                cur_e = max(cur_e, b)
+        busy[track] = total + cur_e - cur_s
+    wall = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
+    tot = sum(busy.values())
+    return {"wall_ms": wall, "busy_ms": busy, "total_busy_ms": tot,
+            "achieved_speedup": tot / wall if wall else 0.0,
+            "ideal_speedup": tot / max(busy.values()) if tot else 0.0}
+
+
 class Timeline:
     """Spans per stream, resolved after a synchronize. ``labels`` maps stream handles (or
     Streams) to track names; unnamed streams get ``stream 0x...``."""
@@ -178,26 +201,7 @@ class Timeline:
     def stats(self) -> dict[str, Any]:
         """Busy time per track (union of its spans), wall time (first start to last end), and
         the achieved speedup (total busy time / wall) beside the ideal (total busy / busiest)."""
-        spans = self.resolve()
-        if not spans:
-            return {"wall_ms": 0.0, "busy_ms": {}, "total_busy_ms": 0.0, "achieved_speedup": 0.0,
-                    "ideal_speedup": 0.0}
-        busy: dict[str, float] = {}
-        for track in {s.track for s in spans}:
-            iv = sorted((s.start_ms, s.end_ms) for s in spans if s.track == track)
-            total, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
-            for a, b in iv[1:]:
-                if a > cur_e:
-                    total += cur_e - cur_s
-                    cur_s, cur_e = a, b
-                else:
-                    cur_e = max(cur_e, b)
-            busy[track] = total + cur_e - cur_s
-        wall = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
-        tot = sum(busy.values())
-        return {"wall_ms": wall, "busy_ms": busy, "total_busy_ms": tot,
-                "achieved_speedup": tot / wall if wall else 0.0,
-                "ideal_speedup": tot / max(busy.values()) if tot else 0.0}
+        return _stats(self.resolve())
 
     def overlap_ms(self, track_a: str, track_b: str) -> float:
         """Milliseconds during which both tracks had a span running. A track is named as
@@ -236,33 +240,49 @@ class Timeline:
                 json.dump(trace, f)
         return trace
 
-    def plot(self, path: str, title: str = "timeline") -> str:
+    def plot(self, path: str, title: str = "timeline", *, window_ms: tuple[float, float] | None = None) -> str:
         """Draw a Gantt chart (one row per stream) to a PNG at ``path`` (a str or os.PathLike;
-        ``title`` a str: ``TypeError`` otherwise)."""
+        ``title`` a str: ``TypeError`` otherwise). ``window_ms``: ``(start, end)`` in ms on the
+        timeline's clock (as :meth:`resolve` gives it), ``start < end``: only the spans that
+        overlap it are drawn, on that range, and the title's figures cover those spans
+        (``TypeError``/``ValueError`` naming ``window_ms`` otherwise)."""
         check_path(path, "path")
         if not isinstance(title, str):
             raise TypeError(f"title must be a str, got {describe(title)}")
+        lo = hi = 0.0
+        if window_ms is not None:
+            if not isinstance(window_ms, (tuple, list)) or len(window_ms) != 2:
+                raise TypeError(f"window_ms must be a (start, end) pair of ms, got {describe(window_ms)}")
+            lo = check_real(window_ms[0], "window_ms[0]")
+            hi = check_real(window_ms[1], "window_ms[1]")
+            if not lo < hi:
+                raise ValueError(f"window_ms must have start < end, got ({lo}, {hi})")
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         spans = self.resolve()
+        if window_ms is not None:
+            spans = [s for s in spans if s.end_ms > lo and s.start_ms < hi]
         tracks = sorted({s.track for s in spans})
         names = sorted({s.name for s in spans})
         cmap = plt.get_cmap("tab20")
         color = {n: cmap(i % 20) for i, n in enumerate(names)}
         fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * len(tracks)))
+        view_ms = hi - lo if window_ms is not None else max([1e-9] + [x.end_ms for x in spans])  # labels fit
         for row, t in enumerate(tracks):
             for s in spans:
                 if s.track == t:
                     ax.barh(row, s.duration_ms, left=s.start_ms, color=color[s.name], edgecolor="black", linewidth=0.4)
-                    if s.duration_ms > 0.04 * max(1e-9, max(x.end_ms for x in spans)):
+                    if s.duration_ms > 0.04 * view_ms:
                         ax.text(s.start_ms + s.duration_ms / 2, row, s.name, ha="center", va="center", fontsize=7)
         ax.set_yticks(range(len(tracks)))
         ax.set_yticklabels(tracks)
         ax.set_xlabel("ms")
-        st = self.stats()
+        if window_ms is not None:
+            ax.set_xlim(lo, hi)
+        st = _stats(spans)
         ax.set_title(f"{title}: wall {st['wall_ms']:.2f} ms, achieved speedup {st['achieved_speedup']:.2f}x "
                      f"(ideal {st['ideal_speedup']:.2f}x)")
         ax.grid(axis="x", alpha=0.3)

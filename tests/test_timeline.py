@@ -102,3 +102,17 @@ def test_runtimes_record_into_an_active_timeline():
     spans = tl.resolve()
     assert {s.name for s in spans} == {"default", "aux0"}
     assert tl.overlap_ms("aux", next(s.track for s in spans if s.name == "default")) > 2.0
+
+
+def test_plot_window(tmp_path):
+    pytest.importorskip("matplotlib")
+    tl = lowlevel.Timeline()
+    tl.add("a", "x", 0.0, 1.0)
+    tl.add("b", "y", 10.0, 12.0)
+    path = tl.plot(str(tmp_path / "w.png"), window_ms=(9.0, 13.0))
+    assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
+    for bad, exc in (((3.0, 3.0), ValueError), ((5.0, 1.0), ValueError), ((0.0, float("nan")), ValueError),
+                     (5.0, TypeError), ((1.0,), TypeError), (("a", 1.0), TypeError), ((True, 2.0), TypeError)):
+        with pytest.raises(exc, match="window_ms"):
+            tl.plot(str(tmp_path / "bad.png"), window_ms=bad)
+    assert not os.path.exists(tmp_path / "bad.png")

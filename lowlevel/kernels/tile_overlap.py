@@ -29,50 +29,61 @@ The protocol (what makes it correct)
   from the same queue, so the norm's tail runs on every SM (GPU only: the interpreter runs
   programs one after the other, and a helper would wait for tiles of a program not yet run).
 * **Fresh state per launch, without a reset kernel (the epoch).** The counters start every
-  launch at 0: when a consumer program is done it takes a ticket
-  (``atomic_add(ctrl[0], 1, sem="acq_rel")``); the program that draws the last ticket knows that
-  every consumer program has finished waiting, hence that every tile was published (each
+  launch at 0: when a consumer program (or a helping producer program) is done it takes a
+  ticket (``atomic_add(ctrl[0], 1, sem="acq_rel")``); the program that draws the last ticket
+  knows that every one of them has finished waiting, hence that every tile was published (each
   counter reached its target, so no producer atomic of this launch is still to come), and it
-  writes the counters and the ticket back to 0 and bumps ``ctrl[1]``, the device-side count of
-  completed launches (the epoch). The next launch is ordered after this one by its stream (or by
-  the graph: replay ``k + 1`` starts after replay ``k`` has ended), so it starts from zeros. No
-  host value changes between launches, so a graph captured once replays any number of times and
-  each replay is independent; a different shape between two launches needs nothing either
-  (targets are per launch, counters are back at zero). ``ctrl[1]`` after ``n`` launches is
-  ``n`` (:attr:`TileOverlap.launches` reads it), which is how the tests see every replay finish.
-  Rule: launches of one :class:`TileOverlap` must be ordered (one caller stream at a time, one
-  replay at a time); give concurrent callers their own object.
+  writes the counters, the ticket and the work queue back to 0 and bumps ``ctrl[1]``, the
+  device-side count of completed launches (the epoch). The next launch is ordered after this
+  one by its stream (or by the graph: replay ``k + 1`` starts after replay ``k`` has ended), so
+  it starts from zeros. No host value changes between launches, so a graph captured once
+  replays any number of times and each replay is independent; a different shape between two
+  launches needs nothing either (targets are per launch, counters are back at zero).
+  ``ctrl[1]`` after ``n`` launches is ``n`` (:attr:`TileOverlap.launches` reads it), which is
+  how the tests see every replay finish. Rule: launches of one :class:`TileOverlap` must be
+  ordered (one caller stream at a time, one replay at a time); give concurrent callers their
+  own object.
 * **No deadlock, by construction.** A consumer program only spins while a tile it needs is
-  unpublished; the producer's programs never wait for anything. Consumers hold at most ``C``
-  SMs (one program per SM at most: each uses at most one SM's worth of resources) and
-  ``P + C <= SMs`` is enforced (``ValueError`` otherwise), so the producer's ``P`` programs
-  always find SMs and finish. The producer is enqueued before the consumer, so where CUDA runs
-  the two streams (or graph branches) one after the other, it runs producer then consumer (no
-  overlap, still correct), never a consumer waiting for a producer queued behind it. As a
-  last guard, a consumer that spins more than ``max_spins`` times sets ``ctrl[2]`` and gives up
-  instead of hanging the GPU; :meth:`TileOverlap.check` raises :class:`~lowlevel.LowlevelError`
-  when that happened. Other work on other streams may share the SMs (it only delays); two tile
-  overlaps in flight at once need their consumer SMs to add up to less than the SM count.
+  unpublished; a producer program publishes all its own tiles before it waits for anything
+  (as a helper, for tiles of other producer programs). Consumers hold at most ``C`` SMs (one
+  program per SM at most: each uses at most one SM's worth of resources) and ``P + C <= SMs``
+  is enforced (``ValueError`` otherwise), so every producer program finds an SM, is resident
+  beside all the others, and publishes its tiles. The producer is enqueued before the
+  consumer, so where CUDA runs the two streams (or graph branches) one after the other, it
+  runs producer then consumer (no overlap, still correct: the helping producers then do every
+  item and the consumer finds the queue empty), never a consumer waiting for a producer
+  queued behind it. As a last guard, a program that spins more than ``max_spins`` times sets
+  ``ctrl[2]`` and gives up instead of hanging the GPU; :meth:`TileOverlap.check` raises
+  :class:`~lowlevel.LowlevelError` when that happened. Other work on other streams may share
+  the SMs (it only delays); two tile overlaps in flight at once need their consumer SMs to add
+  up to less than the SM count.
 
-When it pays (H200, bf16, K = 4096, graphs, 2026-11-30, session 7; bench_tile_overlap)
---------------------------------------------------------------------------------------
+When it pays (two H200s, bf16, K = 4096, graphs, 2026-11-30, session 8; bench_tile_overlap)
+-----------------------------------------------------------------------------------------
 Against the best sequential run (the fastest of this producer, lowlevel's tuned matmul and
-cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}:
+cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}
+(DBO with 2 microbatches: 0.36x - 0.94x of the same baseline, never a gain):
 
-* the copy into the peer GPU: 1.37x (M = 16) and 1.23x (M = 64) at N = 4096; 1.15x and 1.19x
-  at N = 14336; 0.77x - 1.00x at M = 256; 0.61x - 0.71x at M = 1024;
-* the norm: 0.31x - 0.94x. No overlap can beat (best sequential) / (fastest matmul alone),
-  1.10x - 1.33x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.88x for the
+* the copy into the peer GPU: 1.20x - 1.23x at M <= 256 (M = 16, 64, 256 at N = 4096; M = 16,
+  64 at N = 14336), 1.05x at M = 256, N = 14336; 0.79x - 0.95x at M = 1024;
+* the norm: 0.59x - 0.93x. No overlap can beat (best sequential) / (fastest matmul alone):
+  1.09x - 1.29x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.84x for the
   peer copy.
 
-Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``):
-one round of them is the tuned matmul, and the SMs it leaves idle (68 at M <= 64, N = 4096)
-all go to the consumer, whose stores over NVLink start as tiles finish instead of after a
-copy-engine launch. Why it falls short elsewhere: at these decode sizes the tuned matmul is one
-round of tiles that all finish at about the same time, so the consumer can only shorten the
-tail; at M = 256 the tuned tiles fill every SM, and a producer with fewer programs pays a second
-round (narrower tiles, tried in session 6, re-read the weights and are slower still); a few
-consumer SMs cannot keep up with the norm or the NVLink stores of 256+ rows.
+Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``) in
+the tuned matmul's tile order: one round of them is the tuned matmul (the row-major order made
+the same tiles 22 µs against 16.5 at M = 256, N = 4096), and the SMs it leaves idle (68 at
+M <= 64, N = 4096) go to the consumer, whose NVLink stores start as tiles finish instead of
+after a copy-engine launch. Where the tuned tiles fill the SMs (M = 256), the producer keeps
+almost all of them, and its programs copy too once their own tiles are stored: the copy of
+M = 256, N = 4096 takes 26.2 µs against 31.9 (it was 42.0 with 32 consumer SMs alone).
+Why it falls short elsewhere: one round of tuned tiles all finish at about the same time, so
+a consumer can only shorten the tail. For the copy of 256 x 14336 (7.3 MB) the tail is the
+NVLink transfer itself (about 24 µs after a 45 µs matmul); half-width tiles in two rounds,
+which would let the first half cross during the second, made the producer 56 µs instead of 47
+and the whole no faster. For the norm, every row needs all its tiles, the tiles finish
+together, and the flag hand-off (release, poll, acquire, then the item's loads) costs more
+than the kernel boundary it replaces: 3 - 6 µs of tail against 3 - 4 µs for the norm kernel.
 
 The kernels compute 32-bit offsets: an operand spanning 2**31 elements or more
 (:data:`OFFSET_LIMIT`) is refused with ``ValueError`` before anything runs.
