@@ -59,15 +59,16 @@ The protocol (what makes it correct)
   up to less than the SM count.
 
 When it pays (two H200s, bf16, K = 4096, graphs, 2026-11-30, session 8; bench_tile_overlap)
------------------------------------------------------------------------------------------
+------------------------------------------------------------------------------------------
 Against the best sequential run (the fastest of this producer, lowlevel's tuned matmul and
 cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}
-(DBO with 2 microbatches: 0.36x - 0.94x of the same baseline, never a gain):
+(DBO with 2 microbatches: 0.20x - 1.00x of the same baseline, never a gain):
 
-* the copy into the peer GPU: 1.20x - 1.23x at M <= 256 (M = 16, 64, 256 at N = 4096; M = 16,
-  64 at N = 14336), 1.05x at M = 256, N = 14336; 0.79x - 0.95x at M = 1024;
-* the norm: 0.59x - 0.93x. No overlap can beat (best sequential) / (fastest matmul alone):
-  1.09x - 1.29x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.84x for the
+* the copy into the peer GPU: at N = 4096, 1.22x / 1.16x / 1.21x at M = 16 / 64 / 256; at
+  N = 14336, 1.21x / 1.19x / 1.05x; 0.80x - 0.97x at M = 1024 (the previous run of the same
+  code: 1.23x / 1.20x / 1.22x and 1.22x / 1.21x / 1.05x);
+* the norm: 0.59x - 0.92x. No overlap can beat (best sequential) / (fastest matmul alone):
+  1.10x - 1.27x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.89x for the
   peer copy.
 
 Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``) in
@@ -76,7 +77,7 @@ the same tiles 22 µs against 16.5 at M = 256, N = 4096), and the SMs it leaves 
 M <= 64, N = 4096) go to the consumer, whose NVLink stores start as tiles finish instead of
 after a copy-engine launch. Where the tuned tiles fill the SMs (M = 256), the producer keeps
 almost all of them, and its programs copy too once their own tiles are stored: the copy of
-M = 256, N = 4096 takes 26.2 µs against 31.9 (it was 42.0 with 32 consumer SMs alone).
+M = 256, N = 4096 takes 26.2 µs against 31.7 (it was 42.0 with 32 consumer SMs alone).
 Why it falls short elsewhere: one round of tuned tiles all finish at about the same time, so
 a consumer can only shorten the tail. For the copy of 256 x 14336 (7.3 MB) the tail is the
 NVLink transfer itself (about 24 µs after a 45 µs matmul); half-width tiles in two rounds,
