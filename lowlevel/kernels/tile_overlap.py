@@ -21,13 +21,14 @@ The protocol (what makes it correct)
 * **Wait (acquire).** A consumer program polls the counter with volatile loads until it
   reaches the row block's tile count (or the flag is set), reads it once more with
   ``atomic_add(ptr, 0, sem="acquire", scope="gpu")``, passes a CTA barrier, and reads with
-  L1-bypassing loads (``.cg``). The copy's programs take tiles in the producer's order. The
-  norm's work items (a row block by a tile's width of columns) come from a queue
-  (``atomic_add`` on a counter, row-block-major: the order row blocks finish); an item sums
-  its rows' partial sums (no pass over the whole row) and scales its own columns. Where the
-  consumer has fewer programs than items, a producer program done with its tiles takes items
-  from the same queue, so the norm's tail runs on every SM (GPU only: the interpreter runs
-  programs one after the other, and a helper would wait for tiles of a program not yet run).
+  L1-bypassing loads (``.cg``). Consumer programs draw their work items from a queue
+  (``atomic_add`` on a counter) in the order the producer finishes them: the copy's items are
+  tiles; the norm's are a row block by a tile's width of columns (row-block-major), and an
+  item sums its rows' partial sums (no pass over the whole row) and scales its own columns.
+  Where the consumer has fewer programs than items, a producer program done with its tiles
+  draws items from the same queue, so the consumer's tail runs on every SM (GPU only: the
+  interpreter runs programs one after the other, and a helper would wait for tiles of a
+  program not yet run).
 * **Fresh state per launch, without a reset kernel (the epoch).** The counters start every
   launch at 0: when a consumer program (or a helping producer program) is done it takes a
   ticket (``atomic_add(ctrl[0], 1, sem="acq_rel")``); the program that draws the last ticket
@@ -194,7 +195,7 @@ def _finish(ctrl_ptr, flags_ptr, n_flags, num_progs, RESET_BLOCK: tl.constexpr):
             offs = i + tl.arange(0, RESET_BLOCK)
             tl.store(flags_ptr + offs, tl.zeros((RESET_BLOCK,), dtype=tl.int32), mask=offs < n_flags)
         tl.atomic_xchg(ctrl_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(ctrl_ptr + 3, 0, sem="relaxed", scope="gpu")  # the norm's work queue
+        tl.atomic_xchg(ctrl_ptr + 3, 0, sem="relaxed", scope="gpu")  # the work queue
         tl.atomic_add(ctrl_ptr + 1, 1, sem="release", scope="gpu")
 
 
@@ -278,7 +279,7 @@ def _copy_consumer_kernel(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, st
                           max_spins, tickets,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                           RESET_BLOCK: tl.constexpr):
-    """d[tile] = c[tile] for each tile as soon as its flag is set (tiles in the producer's order)."""
+    """d[tile] = c[tile] for each tile as soon as its flag is set, tiles from the launch's queue."""
     _copy_items(c_ptr, d_ptr, tiles_ptr, ctrl_ptr, M, N, stride_cm, stride_cn, stride_dm, stride_dn, max_spins,
                 BLOCK_M, BLOCK_N, GROUP_M)
     _finish(ctrl_ptr, tiles_ptr, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tickets, RESET_BLOCK)
@@ -512,7 +513,7 @@ class TileOverlap:
         self.device = device
         self._streams: tuple[Stream, Stream] | None = None
         self._flags: torch.Tensor | None = None  # [0, cap): counters / tile flags
-        self._ctrl: torch.Tensor | None = None   # [ticket, completed launches, error, norm work queue]
+        self._ctrl: torch.Tensor | None = None   # [ticket, completed launches, error, work queue]
         self._part: torch.Tensor | None = None   # the norm's partial sums of squares, [tiles_n, M] fp32
         self._retired: list[torch.Tensor] = []
         self._lock = threading.Lock()
