@@ -257,3 +257,35 @@ def test_operands_past_32_bit_offsets_are_refused(monkeypatch):
     monkeypatch.setattr(TO, "OFFSET_LIMIT", 1 << 31)
     out, y = ov.matmul_rms_norm(a, b, w)  # the same operands below the real limit run
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
+
+
+def _state_snapshot(ov):
+    return [None if t is None else t.clone() for t in (ov._flags, ov._ctrl, ov._part)]
+
+
+def _same_state(ov, snap):
+    now = _state_snapshot(ov)
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(now, snap))
+
+
+def test_strided_weight_is_refused_not_read_as_contiguous():
+    """The norm reads ``weight[col]`` at ``w + col``: a strided or expanded weight was read as if
+    contiguous (y off by 100 %, the expanded one read past its storage). Refused by name, state
+    untouched; its contiguous copy gives the float64 result."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=3)
+    M, N, K = 20, 40, 10
+    a, b = _rand(M, K), _rand(K, N)
+    ov.matmul_rms_norm(a, b, _rand(N), precision="ieee")
+    for i, w in enumerate((_rand(2 * N)[::2], torch.full((1,), 1.5, device=DEV).expand(N))):
+        snap = _state_snapshot(ov)
+        with pytest.raises(ValueError, match=r"^weight must be contiguous"):
+            ov.matmul_rms_norm(a, b, w, precision="ieee")
+        with pytest.raises(ValueError, match=r"^weight must be contiguous"):
+            TO.matmul_then_rms_norm(a, b, w, producer_sms=2, consumer_sms=3, precision="ieee")
+        assert _same_state(ov, snap) and ov.launches == 1 + i
+        out, y = ov.matmul_rms_norm(a, b, w.contiguous(), precision="ieee")
+        assert _rel(y, _rms_ref(out, w)) < 1e-5
+    one = _rand(2)[::2]  # one column: the stride means nothing
+    out, y = ov.matmul_rms_norm(_rand(M, K), _rand(K, 1), one, precision="ieee")
+    assert _rel(y, _rms_ref(out, one)) < 1e-5

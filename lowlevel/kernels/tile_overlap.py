@@ -613,9 +613,9 @@ class TileOverlap:
         each block of rows starting as soon as the producer has published all its tiles.
 
         ``a`` (M, K), ``b`` (K, N), ``weight`` (N,): torch tensors (CUDA; CPU under the
-        interpreter) of one dtype, bf16, fp16 or fp32 (``precision`` "tf32"/"ieee" for fp32).
-        ``out`` and ``y`` (M, N) of that dtype with contiguous rows are written (new if None).
-        The norm reads ``out`` as stored (rounded to the dtype), as running ``matmul`` then
+        interpreter) of one dtype, bf16, fp16 or fp32 (``precision`` "tf32"/"ieee" for fp32),
+        ``weight`` contiguous. ``out`` and ``y`` (M, N) of that dtype with contiguous rows are
+        written (new if None). The norm reads ``out`` as stored (rounded to the dtype), as running ``matmul`` then
         ``rms_norm`` would. Returns ``(out, y)``; ordered on the caller's current stream like a
         kernel launch. ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before
         anything is launched."""
@@ -625,6 +625,8 @@ class TileOverlap:
         M, N, K, prec = _check_mm(at, bt, precision)
         if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
             raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
+        if N > 1 and wt.stride(0) != 1:
+            raise ValueError(f"weight must be contiguous (weight.stride(0) == 1), got stride {wt.stride(0)}")
         eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
         ct = _out(out, "out", (M, N), at, True)
         yt = _out(y, "y", (M, N), at, True)
