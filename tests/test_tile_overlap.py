@@ -289,3 +289,18 @@ def test_strided_weight_is_refused_not_read_as_contiguous():
     one = _rand(2)[::2]  # one column: the stride means nothing
     out, y = ov.matmul_rms_norm(_rand(M, K), _rand(K, 1), one, precision="ieee")
     assert _rel(y, _rms_ref(out, one)) < 1e-5
+
+
+def test_max_spins_fits_the_kernels_32_bit_poll_count():
+    """The kernels count polls in an int32: a limit of 2**31 or more lets the count wrap before
+    it is reached (the guard against a hang never fires), and past 2**64 Triton refuses the
+    launch after the flag state exists. Refused at construction, by name."""
+    assert TO.MAX_SPINS_LIMIT == 2**31 - 1
+    for bad in (2**31, 2**40, 2**64, np.int64(2**31)):
+        with pytest.raises(ValueError, match=r"^max_spins must be an int in \[1, 2147483647\]"):
+            TO.tile_overlap(producer_sms=1, consumer_sms=1, max_spins=bad)
+    ov = TO.tile_overlap(producer_sms=1, consumer_sms=1, max_spins=TO.MAX_SPINS_LIMIT)
+    a, b, w = _rand(9, 5), _rand(5, 7), _rand(7)
+    out, y = ov.matmul_rms_norm(a, b, w, precision="ieee")
+    assert _rel(y, _rms_ref(a.double() @ b.double(), w)) < 1e-5 and ov.launches == 1
+    ov.check()

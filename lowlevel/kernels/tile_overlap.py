@@ -110,11 +110,15 @@ from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
-__all__ = ["DEFAULT_MAX_SPINS", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config",
+__all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config",
            "producer_matmul", "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
 """Polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
+
+MAX_SPINS_LIMIT = (1 << 31) - 1
+"""The largest ``max_spins``: a program counts its polls in a 32-bit integer, which a larger
+limit would let wrap around (and the guard would never fire)."""
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -489,7 +493,8 @@ class TileOverlap:
     ``producer_sms + consumer_sms`` must not exceed the device's SM count (``ValueError``
     otherwise: with more, a spinning consumer could hold SMs its producer needs). ``device``:
     a CUDA device index (default: the current device). ``max_spins``: polls of one flag before
-    a consumer gives up and marks the error word (:meth:`check`). Launches of one object must
+    a consumer gives up and marks the error word (:meth:`check`), an int in [1, 2**31 - 1]
+    (:data:`MAX_SPINS_LIMIT`: the kernels count polls in 32 bits). Launches of one object must
     be ordered (one caller stream, one graph replay at a time). Also a context manager
     (``with tile_overlap(...) as ov:``), which only scopes the name: the object holds no
     resources beyond two streams and a few KiB of flags.
@@ -499,7 +504,7 @@ class TileOverlap:
                  max_spins: int = DEFAULT_MAX_SPINS) -> None:
         self.producer_sms = check_int(producer_sms, "producer_sms", 1)
         self.consumer_sms = check_int(consumer_sms, "consumer_sms", 1)
-        self.max_spins = check_int(max_spins, "max_spins", 1)
+        self.max_spins = check_int(max_spins, "max_spins", 1, MAX_SPINS_LIMIT)
         if device is not None:
             device = check_int(device, "device", 0)
         total = device_sm_count(device)
