@@ -304,3 +304,42 @@ def test_max_spins_fits_the_kernels_32_bit_poll_count():
     out, y = ov.matmul_rms_norm(a, b, w, precision="ieee")
     assert _rel(y, _rms_ref(a.double() @ b.double(), w)) < 1e-5 and ov.launches == 1
     ov.check()
+
+
+def test_bad_input_allocates_nothing(monkeypatch):
+    """Every argument is checked before an output is allocated: a bad ``y`` or ``dst`` after a
+    missing ``out``, a bad ``programs``, or an output that would span 2**31 elements (with
+    the limit lowered here) allocated ``out`` first (an 8 GiB one for a real M*N past the
+    limit) and then raised."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=2)
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    ov.matmul_rms_norm(a, b, w, precision="ieee")
+    snap = _state_snapshot(ov)
+    made = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        made.append(args)
+        return real_empty(*args, **kwargs)
+
+    bad_y, bad_dst, cols = _rand(8, 11), _rand(8, 11), _rand(10, 8).t()
+    cases = [(lambda: ov.matmul_rms_norm(a, b, w, y=bad_y), ValueError, r"^y must be"),
+             (lambda: ov.matmul_rms_norm(a, b, w, y=cols), ValueError, "rows of y must be contiguous"),
+             (lambda: ov.matmul_copy(a, b, dst=bad_dst), ValueError, r"^dst must be"),
+             (lambda: ov.matmul_copy(a, b, dst=None), TypeError, r"^dst must be"),
+             (lambda: TO.producer_matmul(a, b, programs=0), ValueError, r"^programs must be"),
+             (lambda: TO.producer_matmul(a, b, programs=True), TypeError, r"^programs must be"),
+             (lambda: TO.matmul_then_rms_norm(a, b, w, y=bad_y, producer_sms=2, consumer_sms=2), ValueError,
+              r"^y must be")]
+    monkeypatch.setattr(torch, "empty", spy)
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    monkeypatch.setattr(TO, "OFFSET_LIMIT", 70)  # a spans 48, b 60, a new out would span 80
+    for call in (lambda: ov.matmul_rms_norm(a, b, w), lambda: ov.matmul_copy(a, b, dst=_rand(8, 10)),
+                 lambda: TO.producer_matmul(a, b)):
+        with pytest.raises(ValueError, match=r"^out spans 80 elements"):
+            call()
+    assert made == []
+    monkeypatch.undo()
+    assert _same_state(ov, snap) and ov.launches == 1
