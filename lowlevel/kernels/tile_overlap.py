@@ -110,8 +110,8 @@ from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
-__all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config",
-           "producer_matmul", "suggest_split", "tile_overlap"]
+__all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm",
+           "producer_config", "producer_matmul", "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
 """Polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
