@@ -632,8 +632,8 @@ class TileOverlap:
         ``weight`` contiguous. ``out`` and ``y`` (M, N) of that dtype with contiguous rows are
         written (new if None). The norm reads ``out`` as stored (rounded to the dtype), as
         running ``matmul`` then ``rms_norm`` would. Returns ``(out, y)``; ordered on the
-        caller's current stream like a kernel launch. ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before
-        anything is allocated or launched."""
+        caller's current stream like a kernel launch. ``ValueError``/``TypeError`` for bad
+        shapes, dtypes or devices, before anything is allocated or launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         wt, _ = to_torch(weight, "weight")
