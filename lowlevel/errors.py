@@ -112,6 +112,12 @@ def _not_a_real(value: Any) -> bool:
             or type(value).__name__.startswith("complex") or getattr(value, "ndim", 0) != 0)
 
 
+def _too_large(name: str, what: str) -> ValueError:
+    """The error for a real number past the float range (``float(10**400)`` raises
+    ``OverflowError``, which names nothing)."""
+    return ValueError(f"{name} must be {what}, got a value too large for a float")
+
+
 def check_real(value: Any, name: str, what: str = "a finite real number", *, positive: bool = False) -> float:
     """``value`` as a finite ``float`` (``int``, ``float``, NumPy reals, 0-d arrays, anything
     ``float()`` takes; never ``bool``, ``str``, complex or an array with a dimension), and
@@ -119,12 +125,17 @@ def check_real(value: Any, name: str, what: str = "a finite real number", *, pos
     infinities and (``positive``) values ``<= 0``; messages say ``name`` must be ``what``."""
     cls = type(value)
     if cls is float or cls is int:
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int past the float range
+            raise _too_large(name, what) from None
     else:
         if value is None or _not_a_real(value):
             raise TypeError(f"{name} must be {what}, got {describe(value)}")
         try:
             v = float(value)
+        except OverflowError:
+            raise _too_large(name, what) from None
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be {what}, got {describe(value)}") from None
     if not math.isfinite(v) or (positive and not v > 0):
@@ -141,7 +152,10 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
     for zero, negative, NaN and infinite values."""
     cls = type(value)
     if cls is float or cls is int:
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:
+            raise _too_large(name, "a finite positive number of seconds") from None
     elif value is None:
         if allow_none:
             return None
@@ -151,6 +165,8 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
             raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}")
         try:
             v = float(value)  # NumPy floats and ints, Fractions, Decimals
+        except OverflowError:
+            raise _too_large(name, "a finite positive number of seconds") from None
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}") from None
     if not (0.0 < v < math.inf):  # NaN fails both comparisons

@@ -270,23 +270,29 @@ class Timeline:
         cmap = plt.get_cmap("tab20")
         color = {n: cmap(i % 20) for i, n in enumerate(names)}
         fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * len(tracks)))
-        view_ms = hi - lo if window_ms is not None else max([1e-9] + [x.end_ms for x in spans])  # labels fit
-        for row, t in enumerate(tracks):
-            for s in spans:
-                if s.track == t:
-                    ax.barh(row, s.duration_ms, left=s.start_ms, color=color[s.name], edgecolor="black", linewidth=0.4)
-                    if s.duration_ms > 0.04 * view_ms:
-                        ax.text(s.start_ms + s.duration_ms / 2, row, s.name, ha="center", va="center", fontsize=7)
-        ax.set_yticks(range(len(tracks)))
-        ax.set_yticklabels(tracks)
-        ax.set_xlabel("ms")
-        if window_ms is not None:
-            ax.set_xlim(lo, hi)
-        st = _stats(spans)
-        ax.set_title(f"{title}: wall {st['wall_ms']:.2f} ms, achieved speedup {st['achieved_speedup']:.2f}x "
-                     f"(ideal {st['ideal_speedup']:.2f}x)")
-        ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            view_ms = hi - lo if window_ms is not None else max([1e-9] + [x.end_ms for x in spans])  # labels fit
+            for row, t in enumerate(tracks):
+                for s in spans:
+                    if s.track == t:
+                        ax.barh(row, s.duration_ms, left=s.start_ms, color=color[s.name], edgecolor="black",
+                                linewidth=0.4)
+                        # the label in the middle of the part drawn (a span may cross the window's edges)
+                        a, b = (max(s.start_ms, lo), min(s.end_ms, hi)) if window_ms is not None else (
+                            s.start_ms, s.end_ms)
+                        if b - a > 0.04 * view_ms:
+                            ax.text(a + (b - a) / 2, row, s.name, ha="center", va="center", fontsize=7)
+            ax.set_yticks(range(len(tracks)))
+            ax.set_yticklabels(tracks)
+            ax.set_xlabel("ms")
+            if window_ms is not None:
+                ax.set_xlim(lo, hi)
+            st = _stats(spans)
+            ax.set_title(f"{title}: wall {st['wall_ms']:.2f} ms, achieved speedup {st['achieved_speedup']:.2f}x "
+                         f"(ideal {st['ideal_speedup']:.2f}x)")
+            ax.grid(axis="x", alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+        finally:
+            plt.close(fig)  # also when drawing or saving fails: pyplot keeps every open figure
         return path

@@ -257,3 +257,89 @@ def test_operands_past_32_bit_offsets_are_refused(monkeypatch):
     monkeypatch.setattr(TO, "OFFSET_LIMIT", 1 << 31)
     out, y = ov.matmul_rms_norm(a, b, w)  # the same operands below the real limit run
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
+
+
+def _state_snapshot(ov):
+    return [None if t is None else t.clone() for t in (ov._flags, ov._ctrl, ov._part)]
+
+
+def _same_state(ov, snap):
+    now = _state_snapshot(ov)
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(now, snap))
+
+
+def test_strided_weight_is_refused_not_read_as_contiguous():
+    """The norm reads ``weight[col]`` at ``w + col``: a strided or expanded weight was read as if
+    contiguous (y off by 100 %, the expanded one read past its storage). Refused by name, state
+    untouched; its contiguous copy gives the float64 result."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=3)
+    M, N, K = 20, 40, 10
+    a, b = _rand(M, K), _rand(K, N)
+    ov.matmul_rms_norm(a, b, _rand(N), precision="ieee")
+    for i, w in enumerate((_rand(2 * N)[::2], torch.full((1,), 1.5, device=DEV).expand(N))):
+        snap = _state_snapshot(ov)
+        with pytest.raises(ValueError, match=r"^weight must be contiguous"):
+            ov.matmul_rms_norm(a, b, w, precision="ieee")
+        with pytest.raises(ValueError, match=r"^weight must be contiguous"):
+            TO.matmul_then_rms_norm(a, b, w, producer_sms=2, consumer_sms=3, precision="ieee")
+        assert _same_state(ov, snap) and ov.launches == 1 + i
+        out, y = ov.matmul_rms_norm(a, b, w.contiguous(), precision="ieee")
+        assert _rel(y, _rms_ref(out, w)) < 1e-5
+    one = _rand(2)[::2]  # one column: the stride means nothing
+    out, y = ov.matmul_rms_norm(_rand(M, K), _rand(K, 1), one, precision="ieee")
+    assert _rel(y, _rms_ref(out, one)) < 1e-5
+
+
+def test_max_spins_fits_the_kernels_32_bit_poll_count():
+    """The kernels count polls in an int32: a limit of 2**31 or more lets the count wrap before
+    it is reached (the guard against a hang never fires), and past 2**64 Triton refuses the
+    launch after the flag state exists. Refused at construction, by name."""
+    assert TO.MAX_SPINS_LIMIT == 2**31 - 1
+    for bad in (2**31, 2**40, 2**64, np.int64(2**31)):
+        with pytest.raises(ValueError, match=r"^max_spins must be an int in \[1, 2147483647\]"):
+            TO.tile_overlap(producer_sms=1, consumer_sms=1, max_spins=bad)
+    ov = TO.tile_overlap(producer_sms=1, consumer_sms=1, max_spins=TO.MAX_SPINS_LIMIT)
+    a, b, w = _rand(9, 5), _rand(5, 7), _rand(7)
+    out, y = ov.matmul_rms_norm(a, b, w, precision="ieee")
+    assert _rel(y, _rms_ref(a.double() @ b.double(), w)) < 1e-5 and ov.launches == 1
+    ov.check()
+
+
+def test_bad_input_allocates_nothing(monkeypatch):
+    """Every argument is checked before an output is allocated: a bad ``y`` or ``dst`` after a
+    missing ``out``, a bad ``programs``, or an output that would span 2**31 elements (with
+    the limit lowered here) allocated ``out`` first (an 8 GiB one for a real M*N past the
+    limit) and then raised."""
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=2)
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    ov.matmul_rms_norm(a, b, w, precision="ieee")
+    snap = _state_snapshot(ov)
+    made = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        made.append(args)
+        return real_empty(*args, **kwargs)
+
+    bad_y, bad_dst, cols = _rand(8, 11), _rand(8, 11), _rand(10, 8).t()
+    cases = [(lambda: ov.matmul_rms_norm(a, b, w, y=bad_y), ValueError, r"^y must be"),
+             (lambda: ov.matmul_rms_norm(a, b, w, y=cols), ValueError, "rows of y must be contiguous"),
+             (lambda: ov.matmul_copy(a, b, dst=bad_dst), ValueError, r"^dst must be"),
+             (lambda: ov.matmul_copy(a, b, dst=None), TypeError, r"^dst must be"),
+             (lambda: TO.producer_matmul(a, b, programs=0), ValueError, r"^programs must be"),
+             (lambda: TO.producer_matmul(a, b, programs=True), TypeError, r"^programs must be"),
+             (lambda: TO.matmul_then_rms_norm(a, b, w, y=bad_y, producer_sms=2, consumer_sms=2), ValueError,
+              r"^y must be")]
+    monkeypatch.setattr(torch, "empty", spy)
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    monkeypatch.setattr(TO, "OFFSET_LIMIT", 70)  # a spans 48, b 60, a new out would span 80
+    for call in (lambda: ov.matmul_rms_norm(a, b, w), lambda: ov.matmul_copy(a, b, dst=_rand(8, 10)),
+                 lambda: TO.producer_matmul(a, b)):
+        with pytest.raises(ValueError, match=r"^out spans 80 elements"):
+            call()
+    assert made == []
+    monkeypatch.undo()
+    assert _same_state(ov, snap) and ov.launches == 1

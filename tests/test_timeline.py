@@ -116,3 +116,40 @@ def test_plot_window(tmp_path):
         with pytest.raises(exc, match="window_ms"):
             tl.plot(str(tmp_path / "bad.png"), window_ms=bad)
     assert not os.path.exists(tmp_path / "bad.png")
+
+
+def test_plot_window_labels_stay_inside_the_window(tmp_path, monkeypatch):
+    """A span crossing the window's edge was labelled at its own middle, outside the axes: the
+    figure shrank to fit the label (window (0, 6) around a 5-20 ms span), and a window much
+    narrower than such a span failed in FreeType ("raster overflow")."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    seen = []
+    real_savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen.append([(t.get_position()[0], t.get_text()) for ax in fig.axes for t in ax.texts])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    tl = lowlevel.Timeline()
+    tl.add("a", "x", 0.0, 1.0)
+    tl.add("long span", "x", 5.0, 20.0)
+    tl.add("b", "y", 2.0, 4.0)
+    tl.plot(str(tmp_path / "edge.png"), window_ms=(0.0, 6.0))
+    assert sorted(name for _, name in seen[-1]) == ["a", "b", "long span"]
+    assert all(0.0 <= x <= 6.0 for x, _ in seen[-1])
+    path = tl.plot(str(tmp_path / "narrow.png"), window_ms=(10.0, 10.0 + 1e-6))
+    assert [name for _, name in seen[-1]] == ["long span"] and 10.0 <= seen[-1][0][0] <= 10.0 + 1e-6
+    assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_plot_that_fails_to_save_closes_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    with pytest.raises(FileNotFoundError):
+        _tl().plot(str(tmp_path / "missing" / "t.png"))
+    assert plt.get_fignums() == before

@@ -891,3 +891,24 @@ def test_merge_traces_checks_the_trace_contents(tmp_path):
     for bad, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             merge_traces([bad], align=None)
+
+
+def test_real_numbers_too_large_for_a_float_are_named():
+    """``float(10**400)`` raises ``OverflowError``: an int or a Fraction past the float range
+    escaped as that raw error (no argument named) from every real-number and timeout check."""
+    from fractions import Fraction
+
+    from lowlevel.errors import check_real, check_timeout
+
+    for v in (10**400, -(10**400), Fraction(10**400, 3)):
+        with pytest.raises(ValueError, match=r"^eps must be a finite real number > 0, got"):
+            check_real(v, "eps", "a finite real number > 0", positive=True)
+        with pytest.raises(ValueError, match=r"^timeout_s must be a finite positive number of seconds"):
+            check_timeout(v, "timeout_s")
+    tl = lowlevel.Timeline(enabled=False)
+    with pytest.raises(ValueError, match="^end_ms must be"):
+        tl.add("a", "t", 0.0, 10**400)
+    with pytest.raises(ValueError, match="^timeout_s must be"):
+        lowlevel.DPConfig(2, 0, timeout_s=10**400)
+    assert tl.spans == []
+    assert check_real(Fraction(1, 4), "x") == 0.25 and check_timeout(2**60, "t") == float(2**60)

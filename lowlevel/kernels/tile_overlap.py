@@ -111,11 +111,15 @@ from ..stream import Stream, use_stream
 from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
-__all__ = ["DEFAULT_MAX_SPINS", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm", "producer_config",
-           "producer_matmul", "suggest_split", "tile_overlap"]
+__all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm",
+           "producer_config", "producer_matmul", "suggest_split", "tile_overlap"]
 
 DEFAULT_MAX_SPINS = 1 << 26
 """Polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
+
+MAX_SPINS_LIMIT = (1 << 31) - 1
+"""The largest ``max_spins``: a program counts its polls in a 32-bit integer, which a larger
+limit would let wrap around (and the guard would never fire)."""
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -441,24 +445,34 @@ def _check_mm(at: torch.Tensor, bt: torch.Tensor, precision: str) -> tuple[int, 
     return shape
 
 
-def _check_extent(**named: torch.Tensor) -> None:
+def _check_extent(**named: torch.Tensor | tuple[int, int]) -> None:
+    """``ValueError`` for an operand spanning :data:`OFFSET_LIMIT` elements or more; a shape
+    stands for an output still to be allocated (contiguous)."""
     for name, t in named.items():
-        n = extent(t)
+        n = t[0] * t[1] if isinstance(t, tuple) else extent(t)
         if n >= OFFSET_LIMIT:
             raise ValueError(f"{name} spans {n} elements: tile overlap's kernels compute 32-bit offsets, so an "
                              f"operand must span fewer than 2**31 (lowlevel.kernels.matmul switches to 64-bit "
                              f"offsets)")
 
 
-def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguous_rows: bool) -> torch.Tensor:
+def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor,
+         contiguous_rows: bool) -> torch.Tensor | tuple[int, int]:
+    """The output ``x`` checked, or ``shape`` where ``x`` is None (allocated by :func:`_new`
+    once every argument is checked)."""
     if x is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return shape
     t, _ = to_torch(x, name)
     if tuple(t.shape) != shape or t.dtype != like.dtype:
         raise ValueError(f"{name} must be {shape} {like.dtype}, got {tuple(t.shape)} {t.dtype}")
     if contiguous_rows and shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"the rows of {name} must be contiguous ({name}.stride(1) == 1)")
     return t
+
+
+def _new(t: torch.Tensor | tuple[int, int], shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """``t``, or a new tensor of ``shape`` like ``like`` where :func:`_out` left a shape."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device) if isinstance(t, tuple) else t
 
 
 def _launch_producer(at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, grid: int,
@@ -490,7 +504,8 @@ class TileOverlap:
     ``producer_sms + consumer_sms`` must not exceed the device's SM count (``ValueError``
     otherwise: with more, a spinning consumer could hold SMs its producer needs). ``device``:
     a CUDA device index (default: the current device). ``max_spins``: polls of one flag before
-    a consumer gives up and marks the error word (:meth:`check`). Launches of one object must
+    a consumer gives up and marks the error word (:meth:`check`), an int in [1, 2**31 - 1]
+    (:data:`MAX_SPINS_LIMIT`: the kernels count polls in 32 bits). Launches of one object must
     be ordered (one caller stream, one graph replay at a time). Also a context manager
     (``with tile_overlap(...) as ov:``), which only scopes the name: the object holds no
     resources beyond two streams and a few KiB of flags.
@@ -500,7 +515,7 @@ class TileOverlap:
                  max_spins: int = DEFAULT_MAX_SPINS) -> None:
         self.producer_sms = check_int(producer_sms, "producer_sms", 1)
         self.consumer_sms = check_int(consumer_sms, "consumer_sms", 1)
-        self.max_spins = check_int(max_spins, "max_spins", 1)
+        self.max_spins = check_int(max_spins, "max_spins", 1, MAX_SPINS_LIMIT)
         if device is not None:
             device = check_int(device, "device", 0)
         total = device_sm_count(device)
@@ -614,23 +629,26 @@ class TileOverlap:
         each block of rows starting as soon as the producer has published all its tiles.
 
         ``a`` (M, K), ``b`` (K, N), ``weight`` (N,): torch tensors (CUDA; CPU under the
-        interpreter) of one dtype, bf16, fp16 or fp32 (``precision`` "tf32"/"ieee" for fp32).
-        ``out`` and ``y`` (M, N) of that dtype with contiguous rows are written (new if None).
-        The norm reads ``out`` as stored (rounded to the dtype), as running ``matmul`` then
-        ``rms_norm`` would. Returns ``(out, y)``; ordered on the caller's current stream like a
-        kernel launch. ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before
-        anything is launched."""
+        interpreter) of one dtype, bf16, fp16 or fp32 (``precision`` "tf32"/"ieee" for fp32),
+        ``weight`` contiguous. ``out`` and ``y`` (M, N) of that dtype with contiguous rows are
+        written (new if None). The norm reads ``out`` as stored (rounded to the dtype), as
+        running ``matmul`` then ``rms_norm`` would. Returns ``(out, y)``; ordered on the
+        caller's current stream like a kernel launch. ``ValueError``/``TypeError`` for bad
+        shapes, dtypes or devices, before anything is allocated or launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         wt, _ = to_torch(weight, "weight")
         M, N, K, prec = _check_mm(at, bt, precision)
         if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
             raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
+        if N > 1 and wt.stride(0) != 1:
+            raise ValueError(f"weight must be contiguous (weight.stride(0) == 1), got stride {wt.stride(0)}")
         eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
         ct = _out(out, "out", (M, N), at, True)
         yt = _out(y, "y", (M, N), at, True)
         _check_extent(out=ct, y=yt)
-        check_device("matmul_rms_norm", at, bt, wt, ct, yt)
+        check_device("matmul_rms_norm", at, bt, wt, *[t for t in (ct, yt) if isinstance(t, torch.Tensor)])
+        ct, yt = _new(ct, (M, N), at), _new(yt, (M, N), at)  # after every check: nothing allocated for bad input
         if M == 0 or N == 0:
             return ct, yt
         cfg = _config(M, N, at.element_size(), self.producer_sms, K)
@@ -663,7 +681,7 @@ class TileOverlap:
         this one has peer access to (``torch.cuda`` / CuPy ``deviceEnablePeerAccess``): the
         consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``.
         ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before anything is
-        launched."""
+        allocated or launched."""
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         M, N, K, prec = _check_mm(at, bt, precision)
@@ -672,9 +690,10 @@ class TileOverlap:
         if tuple(dt.shape) != (M, N) or dt.dtype != at.dtype:
             raise ValueError(f"dst must be {(M, N)} {at.dtype}, got {tuple(dt.shape)} {dt.dtype}")
         _check_extent(out=ct, dst=dt)
-        check_device("matmul_copy", at, bt, ct)
+        check_device("matmul_copy", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
         if not INTERPRET and not dt.is_cuda:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
+        ct = _new(ct, (M, N), at)
         if M == 0 or N == 0:
             return ct, dt
         cfg = _config(M, N, at.element_size(), self.producer_sms, K)
@@ -702,15 +721,16 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     of the sequential alternative that tile overlap is measured against. ``a``, ``b``, ``out``
     and ``precision`` as in :meth:`TileOverlap.matmul_copy`; ``programs`` a positive int.
     Returns ``out``. ``ValueError``/``TypeError`` for bad arguments, before anything is
-    launched."""
+    allocated or launched."""
     at, _ = to_torch(a, "a")
     bt, _ = to_torch(b, "b")
     M, N, K, prec = _check_mm(at, bt, precision)
     ct = _out(out, "out", (M, N), at, False)
     _check_extent(out=ct)
-    check_device("producer_matmul", at, bt, ct)
+    check_device("producer_matmul", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
     total = device_sm_count(at.device.index if at.device.type == "cuda" else None)
     programs = total if programs is None else check_int(programs, "programs", 1)
+    ct = _new(ct, (M, N), at)
     if M == 0 or N == 0:
         return ct
     cfg = _config(M, N, at.element_size(), programs, K)
