@@ -45,6 +45,22 @@ def test_matmul_strided_inputs():
     assert _rel(got, a.double() @ b.double()) < 1e-5
 
 
+def test_rms_norm_refuses_a_strided_weight():
+    """The kernel reads weight[i] at w_ptr + i: a strided or expanded weight gave a wrong y
+    (the expanded one read past its storage) before it was refused."""
+    x = _rand(6, 40)
+    y = torch.full_like(x, float("nan"))
+    for w in (_rand(80)[::2], torch.full((1,), 1.5, device=DEV).expand(40)):
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            K.rms_norm(x, w, 1e-6, out=y)
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            K.prepare_rms_norm(x, w, 1e-6, out=y)
+    assert torch.isnan(y).all()  # nothing ran
+    w = _rand(40)
+    ref = x.double() / torch.sqrt((x.double() ** 2).mean(dim=1, keepdim=True) + 1e-6) * w.double()
+    assert _rel(K.rms_norm(x, w, 1e-6, out=y), ref) < 1e-6
+
+
 @pytest.mark.parametrize("cap", CAPS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 def test_rms_norm_with_and_without_residual(cap, dtype, tol):

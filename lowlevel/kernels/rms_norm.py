@@ -89,6 +89,8 @@ def plan(x: Any, weight: Any, eps: float, residual: Any, out: Any,
     rows, N = xt.shape
     if wt.shape != (N,):
         raise ValueError(f"weight must have shape ({N},), got {tuple(wt.shape)}")
+    if N > 1 and wt.stride(0) != 1:  # the kernel reads weight[i] at w_ptr + i
+        raise ValueError(f"weight must be contiguous (weight.stride(0) == 1), got stride {wt.stride(0)}")
     if xt.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"rms_norm supports bfloat16, float16 and float32, got {xt.dtype}")
     if N > MAX_N:
@@ -121,7 +123,8 @@ def plan(x: Any, weight: Any, eps: float, residual: Any, out: Any,
 
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6, *, residual: Any = None, out: Any = None) -> Any:
-    """RMSNorm of each row of ``x`` (rows, N) with ``weight`` (N,); rows must be contiguous.
+    """RMSNorm of each row of ``x`` (rows, N), whose rows must be contiguous, with a contiguous
+    ``weight`` (N,).
 
     Returns ``out`` (new if None), or ``(out, new_residual)`` when ``residual`` is given, where
     ``new_residual = x + residual`` is a new array. Torch or CuPy inputs; the current stream.
