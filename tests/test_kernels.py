@@ -559,3 +559,43 @@ def test_work_units_counts_what_the_launch_runs():
         a, b = _rand(M, Kd, dtype=dt), _rand(Kd, N, dtype=dt)
         p = plan(a, b, None, "ieee")
         assert work_units(M, N, Kd, a.element_size()) == p.tiles, (M, N, Kd)
+
+
+def test_outputs_overlapping_their_inputs_are_refused():
+    """A kernel writing into memory it reads (out aliasing a, a window of x, an expanded out)
+    gave silently wrong results; now ValueError names both tensors, before anything runs, on
+    the plan cache's hit path too. Exactly in place stays allowed where it is safe (rms_norm
+    and copy read each element before writing it)."""
+    a, b, c = _rand(8, 8), _rand(8, 8), torch.empty(8, 8, device=DEV)
+    K.matmul(a, b, out=c, precision="ieee")  # warms the plan cache for this key
+    for out, name in ((a, "a"), (b, "b")):  # same key as the call above: the cache hit path
+        before = out.clone()
+        with pytest.raises(ValueError, match=f"out overlaps {name} in memory"):
+            K.matmul(a, b, out=out, precision="ieee")
+        assert torch.equal(out, before)
+    buf = _rand(9, 8)
+    with pytest.raises(ValueError, match="out overlaps a"):
+        K.matmul(buf[:8], b, out=buf[1:], precision="ieee")  # a window one row off
+    with pytest.raises(ValueError, match="stride 0"):
+        K.matmul(a, b, out=torch.empty(1, 8, device=DEV).expand(8, 8), precision="ieee")
+    with pytest.raises(ValueError, match="out overlaps a"):
+        K.prepare_matmul(a, b, out=a, precision="ieee")
+    ref = a.double() @ b.double()
+    assert _rel(K.matmul(a, b, out=c, precision="ieee"), ref) < 1e-6  # a separate out still works
+
+    x, w = _rand(6, 40), _rand(40)
+    ref = x.double() / torch.sqrt((x.double() ** 2).mean(dim=1, keepdim=True) + 1e-6) * w.double()
+    assert _rel(K.rms_norm(x, w, 1e-6, out=x), ref) < 1e-6  # exactly in place: allowed
+    xb = _rand(7, 40)
+    for out, name in ((xb[1:], "x"), (w.view(1, 40).expand(6, 40), "stride 0")):
+        with pytest.raises(ValueError, match=name):
+            K.rms_norm(xb[:6], w, 1e-6, out=out)
+    wx = _rand(6, 40)
+    with pytest.raises(ValueError, match="out overlaps weight"):
+        K.rms_norm(_rand(6, 40), wx[0], 1e-6, out=wx)
+
+    src = _rand(64)
+    with pytest.raises(ValueError, match="dst overlaps src"):
+        K.copy(src[:32], src[16:48])
+    same = src.clone()
+    assert torch.equal(K.copy(same, same), src)  # onto itself: a no-op, allowed

@@ -343,3 +343,33 @@ def test_bad_input_allocates_nothing(monkeypatch):
     assert made == []
     monkeypatch.undo()
     assert _same_state(ov, snap) and ov.launches == 1
+
+
+def test_outputs_overlapping_operands_are_refused_before_anything_runs():
+    """out, y or dst sharing memory with an operand raised nothing and gave wrong results;
+    y may be out itself (each item reads its part of out, then writes it) and dst may be out."""
+    M, N, K = 12, 12, 12
+    a, b, w = _rand(M, K), _rand(K, N), _rand(N)
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=2)
+    cases = [(lambda: ov.matmul_rms_norm(a, b, w, out=a), "out overlaps a"),
+             (lambda: ov.matmul_rms_norm(a, b, w, y=b), "y overlaps b"),
+             (lambda: ov.matmul_rms_norm(a, b, w, out=torch.empty(1, N, device=DEV).expand(M, N)), "stride 0"),
+             (lambda: ov.matmul_copy(a, b, dst=a), "dst overlaps a"),
+             (lambda: ov.matmul_copy(a, b, out=b, dst=_rand(M, N)), "out overlaps b"),
+             (lambda: TO.producer_matmul(a, b, out=a), "out overlaps a")]
+    wy = _rand(M, N)
+    cases.append((lambda: ov.matmul_rms_norm(a, b, wy[-1], y=wy), "y overlaps weight"))
+    for call, msg in cases:
+        before = (a.clone(), b.clone())
+        with pytest.raises(ValueError, match=msg):
+            call()
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert ov._flags is None and ov._part is None and ov.launches == 0  # nothing allocated or launched
+    out = torch.full((M, N), float("nan"), device=DEV)
+    got_out, got_y = ov.matmul_rms_norm(a, b, w, out=out, y=out, precision="ieee")  # y is out: allowed
+    ref = a.double() @ b.double()
+    assert got_y is out and _rel(out, _rms_ref(ref, w)) < 1e-5
+    out2 = torch.full((M, N), float("nan"), device=DEV)
+    ov.matmul_copy(a, b, out=out2, dst=out2, precision="ieee")  # dst is out: allowed
+    assert _rel(out2, ref) < 1e-5 and ov.launches == 2
+    _flags_clear(ov)

@@ -14,6 +14,7 @@ from ._launch import (
     PreparedLaunch,
     check_device,
     check_stream,
+    check_writes,
     to_torch,
 )
 
@@ -42,6 +43,7 @@ def plan(src: Any, dst: Any) -> Plan:
     if not (st.is_contiguous() and dt.is_contiguous()):
         raise ValueError("copy needs contiguous src and dst")
     check_device("copy", st, dt)
+    check_writes("copy", "dst", dt, ("src", st), same_ok=("src",))
     n = st.numel()  # both contiguous: the kernel indexes them flat, no views needed
     # one program per SM at most (so the cap bounds the SMs in use), each moving 32 KiB a step
     block = 128 if INTERPRET else 32768 // st.element_size()

@@ -59,17 +59,20 @@ from ._launch import (
     FastLauncher,
     Plan,
     PreparedLaunch,
+    byte_span,
     check_device,
     check_dot_dtype,
     check_stream,
+    check_writes,
     extent,
     like_input,
+    overlap_error,
     to_torch,
     with_grid,
 )
 
 __all__ = ["PLAN_CACHE_SIZE", "TABLE", "Config", "check_operands", "clear_plan_cache", "config_for",
-           "heuristic_config", "matmul", "prepare_matmul", "tile_dot", "work_units"]
+           "grouped_tile", "heuristic_config", "matmul", "prepare_matmul", "tile_dot", "work_units"]
 
 
 @triton.jit
@@ -357,6 +360,8 @@ def plan(a: Any, b: Any, out: Any, precision: str, cfg: Config | None = None, ow
         if tuple(ct.shape) != (M, N) or ct.dtype != at.dtype:
             raise ValueError(f"out must be ({M}, {N}) {at.dtype}, got {tuple(ct.shape)} {ct.dtype}")
     check_device("matmul", at, bt, ct)
+    if out is not None:
+        check_writes("matmul", "out", ct, ("a", at), ("b", bt))
     if cfg is None:
         cfg = config_for(M, N, K, at.element_size(), at.device.index if at.is_cuda else None)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -428,12 +433,13 @@ class _Cached:
     planned from (checked on each hit); the kernel's step, and for split-K the workspace's
     partials (elements) and tile counters (0: no split)."""
 
-    __slots__ = ("device", "dtype", "main", "shape", "tcfg", "tk", "ws_numel", "ws_tiles")
+    __slots__ = ("device", "dtype", "main", "shape", "spans", "tcfg", "tk", "ws_numel", "ws_tiles")
 
     def __init__(self, shape: tuple[int, int], dtype: Any, device: Any, tk: Any, tcfg: Any, main: _Step | None,
-                 ws_numel: int, ws_tiles: int) -> None:
+                 ws_numel: int, ws_tiles: int, spans: tuple[int, int, int]) -> None:
         self.shape, self.dtype, self.device, self.tk, self.tcfg = shape, dtype, device, tk, tcfg
         self.main, self.ws_numel, self.ws_tiles = main, ws_numel, ws_tiles
+        self.spans = spans  # bytes spanned by a, b and a given out (fixed by the key's shapes and strides)
 
 
 def _table_key(at: Any, bt: Any) -> Any:
@@ -462,7 +468,8 @@ def _miss(at: Any, bt: Any, ot: Any, precision: str, key: tuple, cap: int) -> An
             del _PLANS[next(iter(_PLANS))]
         except (KeyError, RuntimeError, StopIteration):  # another thread got there first
             pass
-    _PLANS[key] = _Cached(tuple(result.shape), at.dtype, at.device, tk, tcfg, main, ws_numel, ws_tiles)
+    spans = (byte_span(at), byte_span(bt), 0 if ot is None else byte_span(ot))
+    _PLANS[key] = _Cached(tuple(result.shape), at.dtype, at.device, tk, tcfg, main, ws_numel, ws_tiles, spans)
     return result
 
 
@@ -487,6 +494,12 @@ def _matmul_torch(at: Any, bt: Any, ot: Any, precision: str) -> Any:
     if ot is None:
         ot = torch.empty(e.shape, dtype=e.dtype, device=e.device)
         pc = ot.data_ptr()
+    else:  # the plan checked out's layout; where it lies against a and b can change call to call
+        sa, sb, so = e.spans
+        if so and sa and pc < pa + sa and pa < pc + so:
+            raise overlap_error("matmul", "out", "a")
+        if so and sb and pc < pb + sb and pb < pc + so:
+            raise overlap_error("matmul", "out", "b")
     s = e.main
     if s is None:  # nothing to compute (M or N is 0)
         return ot

@@ -108,7 +108,7 @@ from .. import _runtime as rt
 from ..errors import LowlevelError, check_int, check_real
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
-from ._launch import INTERPRET, FastLauncher, check_device, extent, to_torch
+from ._launch import INTERPRET, FastLauncher, check_device, check_writes, extent, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm",
@@ -648,6 +648,12 @@ class TileOverlap:
         yt = _out(y, "y", (M, N), at, True)
         _check_extent(out=ct, y=yt)
         check_device("matmul_rms_norm", at, bt, wt, *[t for t in (ct, yt) if isinstance(t, torch.Tensor)])
+        ins = (("a", at), ("b", bt), ("weight", wt))
+        if isinstance(ct, torch.Tensor):
+            check_writes("matmul_rms_norm", "out", ct, *ins)
+        if isinstance(yt, torch.Tensor):  # y may be out itself: each item reads its part of out, then writes it
+            check_writes("matmul_rms_norm", "y", yt, *ins, *([("out", ct)] if isinstance(ct, torch.Tensor) else []),
+                         same_ok=("out",))
         ct, yt = _new(ct, (M, N), at), _new(yt, (M, N), at)  # after every check: nothing allocated for bad input
         if M == 0 or N == 0:
             return ct, yt
@@ -693,6 +699,10 @@ class TileOverlap:
         check_device("matmul_copy", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
         if not INTERPRET and not dt.is_cuda:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
+        if isinstance(ct, torch.Tensor):
+            check_writes("matmul_copy", "out", ct, ("a", at), ("b", bt))
+        check_writes("matmul_copy", "dst", dt, ("a", at), ("b", bt),
+                     *([("out", ct)] if isinstance(ct, torch.Tensor) else []), same_ok=("out",))
         ct = _new(ct, (M, N), at)
         if M == 0 or N == 0:
             return ct, dt
@@ -728,6 +738,8 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     ct = _out(out, "out", (M, N), at, False)
     _check_extent(out=ct)
     check_device("producer_matmul", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
+    if isinstance(ct, torch.Tensor):
+        check_writes("producer_matmul", "out", ct, ("a", at), ("b", bt))
     total = device_sm_count(at.device.index if at.device.type == "cuda" else None)
     programs = total if programs is None else check_int(programs, "programs", 1)
     ct = _new(ct, (M, N), at)
