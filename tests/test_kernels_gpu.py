@@ -192,12 +192,15 @@ def test_stream_launch_goes_to_its_stream_whatever_is_current(kind):
     lowlevel.Stream.from_external(s).synchronize()
     assert torch.equal(dst, src)  # the launch made while preparing went to s too
     fresh = _rand(1 << 20)
+    # The check below runs while the gate spins: load its kernels now (lazy module loading took
+    # more than the gate once, under load, on the H200 run of 2026-11-30), and gate for 200 ms.
+    assert not torch.isnan(dst).all() and torch.equal(dst, src)
     torch.cuda.synchronize()
     for cap in (device_sm_count(), 5):
         dst.fill_(float("nan"))
         torch.cuda.synchronize()
         with lowlevel.use_stream(s):
-            spin(20_000_000, blocks=1)
+            spin(200_000_000, blocks=1)
             src.copy_(fresh + cap)
         with lowlevel.use_stream(other), lowlevel.sm_limit(cap):
             run()
@@ -211,7 +214,7 @@ def test_stream_launch_goes_to_its_stream_whatever_is_current(kind):
         dst.fill_(float("nan"))
         torch.cuda.synchronize()
         with lowlevel.use_stream(s):
-            spin(20_000_000, blocks=1)
+            spin(200_000_000, blocks=1)
             src.copy_(fresh - cap)
         with lowlevel.use_stream(other), lowlevel.sm_limit(cap):
             fast()
