@@ -529,7 +529,9 @@ def matmul(a: Any, b: Any, *, out: Any = None, precision: str = "tf32") -> Any:
     Skinny products may split K (see the module docstring): deterministic, fp32 partial sums.
     A repeated call with the same shapes, strides, dtypes, devices, ``out`` (given or not),
     ``precision`` and SM cap reuses its plan (see "Plan cache" in the module docstring).
-    Raises ``ValueError`` / ``TypeError`` on mismatched shapes, dtypes or devices."""
+    Raises ``ValueError`` / ``TypeError`` on mismatched shapes, dtypes or devices, and
+    ``ValueError`` for an ``out`` that overlaps ``a``, ``b`` or itself in memory (before anything
+    runs, on the plan cache's hits too)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and type(precision) is str:
         if out is None:
             return _matmul_torch(a, b, None, precision)
