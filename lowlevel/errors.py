@@ -150,28 +150,11 @@ def check_timeout(value: Any, name: str, allow_none: bool = True) -> float | Non
 
     Raises ``TypeError`` for other types (``None`` included when not allowed), ``ValueError``
     for zero, negative, NaN and infinite values."""
-    cls = type(value)
-    if cls is float or cls is int:
-        try:
-            v = float(value)
-        except OverflowError:
-            raise _too_large(name, "a finite positive number of seconds") from None
-    elif value is None:
+    if value is None:
         if allow_none:
             return None
         raise TypeError(f"{name} must be a finite positive number of seconds, got None")
-    else:
-        if _not_a_real(value):
-            raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}")
-        try:
-            v = float(value)  # NumPy floats and ints, Fractions, Decimals
-        except OverflowError:
-            raise _too_large(name, "a finite positive number of seconds") from None
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a finite positive number of seconds, got {describe(value)}") from None
-    if not (0.0 < v < math.inf):  # NaN fails both comparisons
-        raise ValueError(f"{name} must be a finite positive number of seconds, got {value!r}")
-    return v
+    return check_real(value, name, "a finite positive number of seconds", positive=True)
 
 
 def check_path(value: Any, name: str) -> str | os.PathLike[str]:
