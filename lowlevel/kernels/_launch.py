@@ -307,9 +307,10 @@ def overlap_error(op: str, out_name: str, in_name: str) -> ValueError:
 def check_writes(op: str, out_name: str, out: Any, *inputs: tuple[str, Any], same_ok: tuple[str, ...] = ()) -> None:
     """``ValueError`` where the torch tensor ``out`` overlaps itself (a dimension of size > 1
     with stride 0, as from ``expand``: two threads would write one element) or overlaps one of
-    ``inputs`` (``(name, tensor)`` pairs) in memory, by byte range as torch's own overlap check
-    does; an input named in ``same_ok`` may be exactly ``out`` (same address, shape and strides:
-    the op is safe in place). Every message names ``op`` and the tensors."""
+    ``inputs`` (``(name, tensor)`` pairs; a None tensor, an argument not given, is skipped) in
+    memory, by byte range as torch's own overlap check does; an input named in ``same_ok`` may
+    be exactly ``out`` (same address, shape and strides: the op is safe in place). Every
+    message names ``op`` and the tensors."""
     if any(d > 1 and st == 0 for d, st in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {out_name} has a dimension of size > 1 with stride 0 (an expanded view): several "
                          f"results would land on one element")
@@ -318,6 +319,8 @@ def check_writes(op: str, out_name: str, out: Any, *inputs: tuple[str, Any], sam
     if hi == lo:
         return
     for name, t in inputs:
+        if t is None:
+            continue
         p, n = t.data_ptr(), byte_span(t)
         if n and p < hi and lo < p + n:
             if (name in same_ok and p == lo and t.shape == out.shape and t.stride() == out.stride()

@@ -110,8 +110,7 @@ def plan(x: Any, weight: Any, eps: float, residual: Any, out: Any,
         rot = torch.empty_like(rt)
     check_device("rms_norm", *[t for t in (xt, wt, yt, rt) if t is not None])
     if out is not None:  # in place (out is x, or residual) is safe: each row is read before it is written
-        ins = [("x", xt), ("weight", wt)] + ([("residual", rt)] if rt is not None else [])
-        check_writes("rms_norm", "out", yt, *ins, same_ok=("x", "residual"))
+        check_writes("rms_norm", "out", yt, ("x", xt), ("weight", wt), ("residual", rt), same_ok=("x", "residual"))
     block = triton.next_power_of_2(max(N, 1))
     rows_per, warps, stages, prefetch = (_config(block, residual is not None) if cfg is None
                                          else (tuple(cfg) + (PREFETCH,))[:4])

@@ -445,23 +445,22 @@ def _check_mm(at: torch.Tensor, bt: torch.Tensor, precision: str) -> tuple[int, 
     return shape
 
 
-def _check_extent(**named: torch.Tensor | tuple[int, int]) -> None:
-    """``ValueError`` for an operand spanning :data:`OFFSET_LIMIT` elements or more; a shape
-    stands for an output still to be allocated (contiguous)."""
+def _check_extent(new: tuple[int, int] = (0, 0), **named: torch.Tensor | None) -> None:
+    """``ValueError`` for an operand spanning :data:`OFFSET_LIMIT` elements or more; None
+    stands for an output still to be allocated, contiguous of shape ``new``."""
     for name, t in named.items():
-        n = t[0] * t[1] if isinstance(t, tuple) else extent(t)
+        n = new[0] * new[1] if t is None else extent(t)
         if n >= OFFSET_LIMIT:
             raise ValueError(f"{name} spans {n} elements: tile overlap's kernels compute 32-bit offsets, so an "
                              f"operand must span fewer than 2**31 (lowlevel.kernels.matmul switches to 64-bit "
                              f"offsets)")
 
 
-def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor,
-         contiguous_rows: bool) -> torch.Tensor | tuple[int, int]:
-    """The output ``x`` checked, or ``shape`` where ``x`` is None (allocated by :func:`_new`
-    once every argument is checked)."""
+def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor, contiguous_rows: bool) -> torch.Tensor | None:
+    """The output ``x`` checked (None stays None: :func:`_new` allocates it once every argument
+    is checked)."""
     if x is None:
-        return shape
+        return None
     t, _ = to_torch(x, name)
     if tuple(t.shape) != shape or t.dtype != like.dtype:
         raise ValueError(f"{name} must be {shape} {like.dtype}, got {tuple(t.shape)} {t.dtype}")
@@ -470,9 +469,9 @@ def _out(x: Any, name: str, shape: tuple[int, int], like: torch.Tensor,
     return t
 
 
-def _new(t: torch.Tensor | tuple[int, int], shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """``t``, or a new tensor of ``shape`` like ``like`` where :func:`_out` left a shape."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device) if isinstance(t, tuple) else t
+def _new(t: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """``t``, or a new tensor of ``shape`` like ``like`` where :func:`_out` left None."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device) if t is None else t
 
 
 def _launch_producer(at: torch.Tensor, bt: torch.Tensor, ct: torch.Tensor, grid: int,
@@ -646,14 +645,13 @@ class TileOverlap:
         eps = check_real(eps, "eps", "a finite real number > 0", positive=True)
         ct = _out(out, "out", (M, N), at, True)
         yt = _out(y, "y", (M, N), at, True)
-        _check_extent(out=ct, y=yt)
-        check_device("matmul_rms_norm", at, bt, wt, *[t for t in (ct, yt) if isinstance(t, torch.Tensor)])
+        _check_extent((M, N), out=ct, y=yt)
+        check_device("matmul_rms_norm", at, bt, wt, *[t for t in (ct, yt) if t is not None])
         ins = (("a", at), ("b", bt), ("weight", wt))
-        if isinstance(ct, torch.Tensor):
+        if ct is not None:
             check_writes("matmul_rms_norm", "out", ct, *ins)
-        if isinstance(yt, torch.Tensor):  # y may be out itself: each item reads its part of out, then writes it
-            check_writes("matmul_rms_norm", "y", yt, *ins, *([("out", ct)] if isinstance(ct, torch.Tensor) else []),
-                         same_ok=("out",))
+        if yt is not None:  # y may be out itself: each item reads its part of out, then writes it
+            check_writes("matmul_rms_norm", "y", yt, *ins, ("out", ct), same_ok=("out",))
         ct, yt = _new(ct, (M, N), at), _new(yt, (M, N), at)  # after every check: nothing allocated for bad input
         if M == 0 or N == 0:
             return ct, yt
@@ -695,14 +693,13 @@ class TileOverlap:
         dt, _ = to_torch(dst, "dst")
         if tuple(dt.shape) != (M, N) or dt.dtype != at.dtype:
             raise ValueError(f"dst must be {(M, N)} {at.dtype}, got {tuple(dt.shape)} {dt.dtype}")
-        _check_extent(out=ct, dst=dt)
-        check_device("matmul_copy", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
+        _check_extent((M, N), out=ct, dst=dt)
+        check_device("matmul_copy", at, bt, *[t for t in (ct,) if t is not None])
         if not INTERPRET and not dt.is_cuda:
             raise ValueError(f"matmul_copy: dst must be on a CUDA device, got {dt.device}")
-        if isinstance(ct, torch.Tensor):
+        if ct is not None:
             check_writes("matmul_copy", "out", ct, ("a", at), ("b", bt))
-        check_writes("matmul_copy", "dst", dt, ("a", at), ("b", bt),
-                     *([("out", ct)] if isinstance(ct, torch.Tensor) else []), same_ok=("out",))
+        check_writes("matmul_copy", "dst", dt, ("a", at), ("b", bt), ("out", ct), same_ok=("out",))
         ct = _new(ct, (M, N), at)
         if M == 0 or N == 0:
             return ct, dt
@@ -736,9 +733,9 @@ def producer_matmul(a: Any, b: Any, *, out: Any = None, programs: int | None = N
     bt, _ = to_torch(b, "b")
     M, N, K, prec = _check_mm(at, bt, precision)
     ct = _out(out, "out", (M, N), at, False)
-    _check_extent(out=ct)
-    check_device("producer_matmul", at, bt, *[t for t in (ct,) if isinstance(t, torch.Tensor)])
-    if isinstance(ct, torch.Tensor):
+    _check_extent((M, N), out=ct)
+    check_device("producer_matmul", at, bt, *[t for t in (ct,) if t is not None])
+    if ct is not None:
         check_writes("producer_matmul", "out", ct, ("a", at), ("b", bt))
     total = device_sm_count(at.device.index if at.device.type == "cuda" else None)
     programs = total if programs is None else check_int(programs, "programs", 1)
