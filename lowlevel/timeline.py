@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,7 +250,7 @@ class Timeline:
         check_path(path, "path")
         if not isinstance(title, str):
             raise TypeError(f"title must be a str, got {describe(title)}")
-        lo = hi = 0.0
+        lo, hi = -math.inf, math.inf  # no window: every span, whole
         if window_ms is not None:
             if not isinstance(window_ms, (tuple, list)) or len(window_ms) != 2:
                 raise TypeError(f"window_ms must be a (start, end) pair of ms, got {describe(window_ms)}")
@@ -262,9 +263,7 @@ class Timeline:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        spans = self.resolve()
-        if window_ms is not None:
-            spans = [s for s in spans if s.end_ms > lo and s.start_ms < hi]
+        spans = [s for s in self.resolve() if s.end_ms > lo and s.start_ms < hi]
         tracks = sorted({s.track for s in spans})
         names = sorted({s.name for s in spans})
         cmap = plt.get_cmap("tab20")
@@ -278,8 +277,7 @@ class Timeline:
                         ax.barh(row, s.duration_ms, left=s.start_ms, color=color[s.name], edgecolor="black",
                                 linewidth=0.4)
                         # the label in the middle of the part drawn (a span may cross the window's edges)
-                        a, b = (max(s.start_ms, lo), min(s.end_ms, hi)) if window_ms is not None else (
-                            s.start_ms, s.end_ms)
+                        a, b = max(s.start_ms, lo), min(s.end_ms, hi)
                         if b - a > 0.04 * view_ms:
                             ax.text(a + (b - a) / 2, row, s.name, ha="center", va="center", fontsize=7)
             ax.set_yticks(range(len(tracks)))
