@@ -39,6 +39,7 @@ from typing import Any
 from . import _runtime as rt
 from .device import require_cuda
 from .errors import LowlevelError, check_int, check_ints, describe
+from .interop import overlaps
 from .stream import Stream, use_stream
 
 __all__ = ["SymmetricBuffers", "all_to_all_single", "zero_sm_group"]
@@ -245,9 +246,7 @@ def _check(output: Any, input: Any) -> None:
         raise ValueError(f"output must match input in shape, dtype and device: output is {tuple(output.shape)} "
                          f"{output.dtype} on {output.device}, input is {tuple(input.shape)} {input.dtype} on "
                          f"{input.device}")
-    o0, i0 = output.data_ptr(), input.data_ptr()
-    nbytes = input.numel() * input.element_size()
-    if nbytes and o0 < i0 + nbytes and i0 < o0 + nbytes:
+    if overlaps(output, input):
         raise ValueError("output must not overlap input (an all-to-all cannot run in place)")
 
 

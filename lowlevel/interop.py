@@ -6,6 +6,9 @@ stream (``stream=``, default the consumer framework's current stream) is ordered
 work pending on the *producer* framework's current stream, with an event record and wait
 when the two differ; nothing is synchronised on the host. Inside :func:`lowlevel.use_stream`
 the two current streams are the same, so a conversion enqueues nothing at all.
+
+Also where a torch tensor's memory lies (:func:`extent`, :func:`byte_span`, :func:`overlaps`),
+which the kernels and the collectives check before they write.
 """
 from __future__ import annotations
 
@@ -14,7 +17,26 @@ from typing import Any
 from . import _runtime as rt
 from .stream import StreamLike
 
-__all__ = ["as_torch", "as_cupy"]
+__all__ = ["as_torch", "as_cupy", "byte_span", "extent", "overlaps"]
+
+
+def extent(t: Any) -> int:
+    """Elements between the first and one past the last element of the torch tensor ``t``: the
+    largest offset a kernel computes into it, plus one (2**31 or more needs 64-bit offsets)."""
+    return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def byte_span(t: Any) -> int:
+    """Bytes from the first element of the torch tensor ``t`` to one past its last: its memory
+    is ``[t.data_ptr(), t.data_ptr() + byte_span(t))`` (0 for an empty tensor)."""
+    return extent(t) * t.element_size()
+
+
+def overlaps(a: Any, b: Any) -> bool:
+    """Whether the memory ranges of the torch tensors ``a`` and ``b`` (:func:`byte_span`) meet,
+    as torch's own overlap check compares them (an empty tensor meets nothing)."""
+    pa, na, pb, nb = a.data_ptr(), byte_span(a), b.data_ptr(), byte_span(b)
+    return bool(na and nb and pa < pb + nb and pb < pa + na)
 
 
 _torch_to_np: dict[Any, Any] = {}

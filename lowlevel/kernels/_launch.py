@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from .. import _runtime as rt
-from ..interop import as_cupy, as_torch
+from ..interop import as_cupy, as_torch, overlaps
 from ..sm_control import capped as _capped
 from ..sm_control import caps as _caps
 from ..sm_control import device_sm_count, get_num_sms
 
 __all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "StreamLaunch",
-           "byte_span", "check_device", "check_dot_dtype", "check_stream", "check_launcher", "check_writes",
+           "check_device", "check_dot_dtype", "check_stream", "check_launcher", "check_writes",
            "like_input", "overlap_error", "spec_key", "to_torch"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -285,18 +285,6 @@ class FastLauncher:
         e.launch(grid, 1, 1, rt.current_handle(), *e.prefix, *flat, *constexprs.values())
 
 
-def extent(t: Any) -> int:
-    """Elements between the first and one past the last element of the torch tensor ``t``: the
-    largest offset a kernel computes into it, plus one (2**31 or more needs 64-bit offsets)."""
-    return 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) if t.numel() else 0
-
-
-def byte_span(t: Any) -> int:
-    """Bytes from the first element of the torch tensor ``t`` to one past its last: its memory
-    is ``[t.data_ptr(), t.data_ptr() + byte_span(t))`` (0 for an empty tensor)."""
-    return extent(t) * t.element_size()
-
-
 def overlap_error(op: str, out_name: str, in_name: str) -> ValueError:
     """The error for an output whose memory meets an operand's (a kernel would read what it is
     overwriting, in an order no one chose)."""
@@ -308,23 +296,16 @@ def check_writes(op: str, out_name: str, out: Any, *inputs: tuple[str, Any], sam
     """``ValueError`` where the torch tensor ``out`` overlaps itself (a dimension of size > 1
     with stride 0, as from ``expand``: two threads would write one element) or overlaps one of
     ``inputs`` (``(name, tensor)`` pairs; a None tensor, an argument not given, is skipped) in
-    memory, by byte range as torch's own overlap check does; an input named in ``same_ok`` may
+    memory (:func:`lowlevel.interop.overlaps`); an input named in ``same_ok`` may
     be exactly ``out`` (same address, shape and strides: the op is safe in place). Every
     message names ``op`` and the tensors."""
     if any(d > 1 and st == 0 for d, st in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {out_name} has a dimension of size > 1 with stride 0 (an expanded view): several "
                          f"results would land on one element")
-    lo = out.data_ptr()
-    hi = lo + byte_span(out)
-    if hi == lo:
-        return
     for name, t in inputs:
-        if t is None:
-            continue
-        p, n = t.data_ptr(), byte_span(t)
-        if n and p < hi and lo < p + n:
-            if (name in same_ok and p == lo and t.shape == out.shape and t.stride() == out.stride()
-                    and t.dtype == out.dtype):
+        if t is not None and overlaps(out, t):
+            if (name in same_ok and t.data_ptr() == out.data_ptr() and t.shape == out.shape
+                    and t.stride() == out.stride() and t.dtype == out.dtype):
                 continue
             raise overlap_error(op, out_name, name)
 

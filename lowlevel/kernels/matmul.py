@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ..interop import byte_span, extent
 from ..sm_control import capped as _capped
 from ..sm_control import device_sm_count
 from ._launch import (
@@ -59,12 +60,10 @@ from ._launch import (
     FastLauncher,
     Plan,
     PreparedLaunch,
-    byte_span,
     check_device,
     check_dot_dtype,
     check_stream,
     check_writes,
-    extent,
     like_input,
     overlap_error,
     to_torch,

@@ -106,9 +106,10 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ..errors import LowlevelError, check_int, check_real
+from ..interop import extent
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
-from ._launch import INTERPRET, FastLauncher, check_device, check_writes, extent, to_torch
+from ._launch import INTERPRET, FastLauncher, check_device, check_writes, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm",
