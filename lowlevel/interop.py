@@ -17,7 +17,7 @@ from typing import Any
 from . import _runtime as rt
 from .stream import StreamLike
 
-__all__ = ["as_torch", "as_cupy", "byte_span", "extent", "overlaps"]
+__all__ = ["as_torch", "as_cupy"]  # the memory helpers below serve lowlevel's own checks
 
 
 def extent(t: Any) -> int:
