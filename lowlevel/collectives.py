@@ -42,7 +42,7 @@ from .errors import LowlevelError, check_int, check_ints, describe
 from .interop import overlaps
 from .stream import Stream, use_stream
 
-__all__ = ["SymmetricBuffers", "all_to_all_single", "zero_sm_group"]
+__all__ = ["PeerBuffers", "SymmetricBuffers", "all_to_all_single", "zero_sm_group"]
 
 _side: dict[int, Stream] = {}  # device index -> the stream a call from stream 0 is forked onto
 _side_lock = threading.Lock()
@@ -142,6 +142,28 @@ def zero_sm_group(ranks: Iterable[int] | None = None, *, device: int | None = No
                           device_id=torch.device("cuda", dev))
 
 
+def _shapes_bytes(shapes: Any, dtype: Any) -> list[list[int]]:
+    """Each shape of ``shapes`` checked (a non-empty sequence of sequences of non-negative ints,
+    under 2**63 bytes of ``dtype`` each) as a list of ints."""
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise TypeError(f"shapes must be a sequence (list or tuple) of shapes, got {describe(shapes)}")
+    if not shapes:
+        raise ValueError("shapes must be a non-empty sequence of shapes, got an empty one")
+    dims: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            hint = " (for one tensor, pass [shape])" if isinstance(shape, int) else ""
+            raise TypeError(f"shapes[{i}] must be a sequence of ints (a shape){hint}, got {describe(shape)}")
+        d = [check_int(v, f"shapes[{i}][{j}]", 0) for j, v in enumerate(shape)]
+        numel = 1
+        for v in d:
+            numel *= v
+        if numel * dtype.itemsize >= 2**63:
+            raise ValueError(f"shapes[{i}] is too large: {tuple(d)} of {dtype} is {numel * dtype.itemsize} bytes")
+        dims.append(d)
+    return dims
+
+
 class SymmetricBuffers:
     """Tensors in memory that NCCL can reach on every rank of ``group`` at the same offset: a
     ``torch.cuda.MemPool`` over NCCL's allocator (``ncclMemAlloc``), registered as symmetric
@@ -172,23 +194,7 @@ class SymmetricBuffers:
         _check_group(group)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
-        if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
-            raise TypeError(f"shapes must be a sequence (list or tuple) of shapes, got {describe(shapes)}")
-        if not shapes:
-            raise ValueError("shapes must be a non-empty sequence of shapes, got an empty one")
-        dims: list[list[int]] = []
-        itemsize = dtype.itemsize
-        for i, shape in enumerate(shapes):
-            if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
-                hint = " (for one tensor, pass [shape])" if isinstance(shape, int) else ""
-                raise TypeError(f"shapes[{i}] must be a sequence of ints (a shape){hint}, got {describe(shape)}")
-            d = [check_int(v, f"shapes[{i}][{j}]", 0) for j, v in enumerate(shape)]
-            numel = 1
-            for v in d:
-                numel *= v
-            if numel * itemsize >= 2**63:
-                raise ValueError(f"shapes[{i}] is too large: {tuple(d)} of {dtype} is {numel * itemsize} bytes")
-            dims.append(d)
+        dims = _shapes_bytes(shapes, dtype)
         device = _check_device(device)
         require_cuda()
         if group is None:
@@ -224,6 +230,193 @@ class SymmetricBuffers:
     def __repr__(self) -> str:
         shapes = [tuple(t.shape) for t in self.tensors]
         return f"SymmetricBuffers({shapes}, registered={self._registered})"
+
+
+PEER_ALIGN = 256  # bytes: every buffer of a PeerBuffers starts on this boundary (16-byte vectors and more)
+PEER_SIGNAL_WORDS = 1 << 16  # int32 words of signal space at the start of every rank's allocation
+_IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+
+
+class PeerBuffers:
+    """Buffers that every rank of ``group`` can read and write directly, over NVLink: one
+    ``cudaMalloc`` per rank, exported with ``cudaIpcGetMemHandle`` and opened on every other
+    rank (``cudaIpcOpenMemHandle``, peer access enabled lazily). What lowlevel's own
+    collective kernels (:func:`lowlevel.kernels.all_to_all_single`) store into.
+
+    ``group``: a ``torch.distributed`` ``ProcessGroup`` (``None``: the default group) whose
+    ranks are processes on GPUs of one host with peer access between them; the handles travel
+    over it once, here. ``shapes``: a non-empty sequence with one shape per tensor; ``dtype``:
+    their ``torch.dtype``; ``device``: this rank's CUDA device index (default: the current one).
+    Collective: every rank calls it with the same shapes and dtype in the same order.
+
+    :attr:`tensors` are this rank's buffers (uninitialised), :meth:`peer` ``(r)`` the same
+    buffers of group rank ``r`` mapped into this process (the same shapes; ``peer(rank)`` is
+    :attr:`tensors`). Each allocation starts with :data:`PEER_SIGNAL_WORDS` int32 words of
+    signal space, zeroed here, that the kernels use for their cross-GPU barriers
+    (:meth:`signals`). Every buffer starts on a :data:`PEER_ALIGN`-byte boundary at the same
+    offset on every rank.
+
+    :meth:`close` (or leaving a ``with`` block) is collective too: every rank unmaps its peers,
+    waits for the others at a barrier, then frees its own memory. The tensors must not be used
+    after it (they point at freed memory; :attr:`tensors` and :meth:`peer` then raise).
+
+    Raises, before anything is allocated: ``TypeError`` for a ``group`` that is not a
+    ``ProcessGroup``, a ``dtype`` that is not a ``torch.dtype``, bad ``shapes`` or ``device``
+    types; ``ValueError`` for empty ``shapes``, a negative dimension, a negative or
+    out-of-range ``device``; :class:`~lowlevel.CudaUnavailableError` without a GPU;
+    :class:`~lowlevel.LowlevelError` when torch.distributed is not initialised. A failure to
+    open a peer's handle (no peer access between the GPUs, ranks on different hosts) raises
+    :class:`~lowlevel.LowlevelError` after freeing what was made."""
+
+    def __init__(self, group: Any, shapes: Sequence[Sequence[int]], dtype: Any, *,
+                 device: int | None = None) -> None:
+        import torch
+        import torch.distributed as dist
+
+        _check_group(group)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
+        dims = _shapes_bytes(shapes, dtype)
+        device = _check_device(device)
+        require_cuda()
+        _require_init("PeerBuffers")
+        if group is None:
+            group = dist.group.WORLD
+        self.device = _device_index(device)
+        self.group, self.dtype = group, dtype
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.offsets: list[int] = []  # bytes from the allocation's start to each buffer
+        at = PEER_SIGNAL_WORDS * 4
+        for d in dims:
+            self.offsets.append(at)
+            numel = 1
+            for v in d:
+                numel *= v
+            at += -(-numel * dtype.itemsize // PEER_ALIGN) * PEER_ALIGN
+        self.nbytes, self._dims = at, dims
+        self._base = 0
+        self._opened: dict[int, int] = {}  # group rank -> this process's mapping of its allocation
+        self._views: dict[int, tuple[Any, list[Any]]] = {}
+        self._plans: dict[Any, Any] = {}
+        cp = rt.cp
+        rt.use_device(self.device)
+        try:
+            self._base = int(cp.cuda.runtime.malloc(self.nbytes))
+            cp.cuda.runtime.memset(self._base, 0, self.nbytes)
+            cp.cuda.runtime.deviceSynchronize()  # zeroed before any peer can signal into it
+            handle = bytes(cp.cuda.runtime.ipcGetMemHandle(self._base))
+            handles: list[Any] = [None] * self.world
+            dist.all_gather_object(handles, handle, group=group)
+            for r, h in enumerate(handles):
+                if r != self.rank:
+                    try:
+                        self._opened[r] = int(cp.cuda.runtime.ipcOpenMemHandle(h, _IPC_LAZY_PEER_ACCESS))
+                    except Exception as exc:
+                        raise LowlevelError(f"PeerBuffers: cannot map rank {r}'s memory on cuda:{self.device} "
+                                            f"({type(exc).__name__}: {exc}); the ranks need GPUs of one host "
+                                            "with peer access between them") from exc
+            dist.barrier(group=group)  # every rank mapped every other: nobody frees early
+        except BaseException:
+            self._unmap()
+            self._free()
+            raise
+        self._closed = False
+
+    def _unmap(self) -> None:
+        for ptr in self._opened.values():
+            rt.cp.cuda.runtime.ipcCloseMemHandle(ptr)
+        self._opened.clear()
+        self._views.clear()
+        self._plans.clear()
+
+    def _free(self) -> None:
+        if self._base:
+            rt.cp.cuda.runtime.free(self._base)
+            self._base = 0
+
+    def _mapped(self, r: int) -> tuple[Any, list[Any]]:
+        """(int32 signal words, the buffers) of group rank ``r``, as torch tensors on this device."""
+        if self._closed:
+            raise LowlevelError("PeerBuffers is closed: its memory was freed")
+        r = check_int(r, "rank", 0, self.world - 1)
+        v = self._views.get(r)
+        if v is None:
+            import torch
+
+            cp = rt.cp
+            addr = self._base if r == self.rank else self._opened[r]
+            mem = cp.cuda.UnownedMemory(addr, self.nbytes, self, device_id=self.device)
+            raw = torch.from_dlpack(cp.ndarray((self.nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0)))
+            sig = raw[:PEER_SIGNAL_WORDS * 4].view(torch.int32)
+            bufs = []
+            for off, d in zip(self.offsets, self._dims):
+                numel = 1
+                for x in d:
+                    numel *= x
+                bufs.append(raw[off:off + numel * self.dtype.itemsize].view(self.dtype).view(d))
+            v = self._views[r] = (sig, bufs)
+        return v
+
+    @property
+    def tensors(self) -> list[Any]:
+        """This rank's buffers (torch tensors of the given shapes and dtype)."""
+        return self._mapped(self.rank)[1]
+
+    def peer(self, rank: int) -> list[Any]:
+        """Group rank ``rank``'s buffers, mapped into this process (writes land in its memory)."""
+        return self._mapped(rank)[1]
+
+    def signals(self, rank: int) -> Any:
+        """Group rank ``rank``'s :data:`PEER_SIGNAL_WORDS` int32 signal words, mapped here."""
+        return self._mapped(rank)[0]
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (the memory is freed)."""
+        return self._closed
+
+    def plans(self) -> dict[Any, Any]:
+        """The launch plans of the kernels that use these buffers (their arguments hold views
+        of this memory), kept here so that they go when the memory goes: emptied by
+        :meth:`close`. :class:`~lowlevel.LowlevelError` once closed."""
+        if self._closed:
+            raise LowlevelError("PeerBuffers is closed: its memory was freed")
+        return self._plans
+
+    def index(self, t: Any) -> int:
+        """Which buffer of :attr:`tensors` is the torch tensor ``t`` (exactly that buffer: same
+        start, shape and dtype); ``ValueError`` naming ``t`` otherwise."""
+        for i, b in enumerate(self.tensors):
+            if t.data_ptr() == b.data_ptr() and t.shape == b.shape and t.dtype == b.dtype:
+                return i
+        raise ValueError("output must be one of this PeerBuffers' tensors (the whole buffer, this rank's own), "
+                         f"got a tensor of shape {tuple(t.shape)} {t.dtype} at {t.data_ptr():#x}")
+
+    def close(self) -> None:
+        """Unmap the peers, wait for every rank (a barrier over the group), free this rank's
+        memory. Collective and idempotent. Work that uses the buffers must have finished
+        (this synchronises the device first)."""
+        if self._closed:
+            return
+        import torch.distributed as dist
+
+        self._closed = True
+        rt.use_device(self.device)
+        rt.cp.cuda.runtime.deviceSynchronize()
+        self._unmap()
+        dist.barrier(group=self.group)  # no rank still writes into this rank's memory
+        self._free()
+
+    def __enter__(self) -> PeerBuffers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        shapes = [tuple(d) for d in self._dims]
+        return (f"PeerBuffers({shapes}, {self.dtype}, rank={self.rank}, world={self.world}, "
+                f"closed={self._closed})")
 
 
 def _check(output: Any, input: Any) -> None:

@@ -1,0 +1,233 @@
+"""An all-to-all over NVLink on a capped number of SMs: each rank stores its rows straight into
+the other ranks' output buffers (:class:`lowlevel.PeerBuffers`), with no NCCL and no staging.
+
+Why: on two H200s NCCL's all-to-all of a MoE dispatch (``T x H`` bf16, ``T / 2`` rows each way)
+moves its bytes through NCCL's staging buffers and needs ~32 CTAs to be fast, which a matmul
+beside it cannot spare (``bench_ubatch_nccl``). Here each byte crosses once, from the source
+rows to the destination rows, by plain stores of every thread of ``programs`` programs: the
+cap is the comm stage's SM share exactly (:class:`lowlevel.SMControlContextManager`), and the
+stores need no copy engine or proxy thread. The pattern is DeepEP's intranode dispatch and
+vLLM's custom all-reduce (stores into IPC-mapped peer memory between two cross-GPU barriers),
+for equal splits.
+
+The protocol, per program ``p`` of every rank (every rank must launch the same number of
+programs, in the same order of calls on one :class:`~lowlevel.PeerBuffers`, as with an NCCL
+communicator):
+
+1. **Epoch.** ``e`` = this program's counter in the rank's own signal words, plus 1; stored
+   back at the end. The counter lives in device memory, so graph replays take fresh epochs with
+   no reset between them.
+2. **Start barrier.** Store ``e`` into slot ``(start, p, rank)`` of every rank's signal words
+   (``atomic_xchg``, release, system scope), then wait until every rank ``r`` has stored ``e``
+   into this rank's slot ``(start, p, r)`` (volatile polls, then an acquire at system scope).
+   A peer's program ``p`` has started only after the work its stream ordered before the call
+   (the kernel that last read its output buffer), so writing into that buffer is now safe.
+3. **Stores.** Rows ``[d*n/w, (d+1)*n/w)`` of ``input`` go to rows ``[rank*n/w, ...)`` of
+   rank ``d``'s output, the peers first (staggered by rank, so the links carry traffic both
+   ways at once) and this rank's own rows last; blocks of ``BLOCK`` elements are spread over
+   the programs.
+4. **End barrier.** A CTA barrier, then ``e`` into slot ``(end, p, rank)`` of every rank
+   (release, system scope: every store of this program is visible before it), then wait for
+   every rank's ``(end, p, r)``. When a program ends, every peer's program ``p`` has stored
+   its rows here; when the kernel ends, all have: the next kernel on this rank's stream reads
+   the complete output.
+
+A slot holds ``e - 1`` or ``e`` while a program waits on it, never ``e + 1`` (a peer cannot
+start epoch ``e + 1`` before this program posted ``e``), so the waits test equality and the
+32-bit counters may wrap. A wait gives up after ``max_spins`` polls and sets the error word
+(:func:`check`): a peer that launched fewer programs, or never launched, shows as an error
+instead of a hang (the output is then incomplete). The program count must not exceed the
+SMs: a waiting program holds its SM.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..collectives import PEER_SIGNAL_WORDS, PeerBuffers
+from ..errors import LowlevelError, check_int
+from ..interop import overlaps
+from ..sm_control import device_sm_count, get_num_sms
+from ._launch import INTERPRET, FastLauncher, check_writes, to_torch
+
+__all__ = ["MAX_PROGRAMS", "MAX_WORLD", "all_to_all_single", "check"]
+
+MAX_PROGRAMS = 1024
+"""The most programs one call may launch (the signal words hold this many slots per rank)."""
+MAX_WORLD = 8
+"""The most ranks: one pointer argument per rank's output and signal words."""
+DEFAULT_MAX_SPINS = 1 << 26
+# The signal words: (phase, program, source rank) slots from word 0, 2 * MAX_PROGRAMS * MAX_WORLD
+# of them, then one epoch counter per program, then the error word.
+_SLOTS: tl.constexpr = tl.constexpr(MAX_PROGRAMS * MAX_WORLD)  # words of one phase
+_EPOCHS: tl.constexpr = tl.constexpr(2 * MAX_PROGRAMS * MAX_WORLD)
+_ERROR: tl.constexpr = tl.constexpr(2 * MAX_PROGRAMS * MAX_WORLD + MAX_PROGRAMS)
+assert 2 * MAX_PROGRAMS * MAX_WORLD + MAX_PROGRAMS < PEER_SIGNAL_WORDS
+
+
+@triton.jit
+def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """The ``i``-th of eight pointers (``i`` known at compile time)."""
+    if i == 0:
+        r = p0
+    elif i == 1:
+        r = p1
+    elif i == 2:
+        r = p2
+    elif i == 3:
+        r = p3
+    elif i == 4:
+        r = p4
+    elif i == 5:
+        r = p5
+    elif i == 6:
+        r = p6
+    else:
+        r = p7
+    return r
+
+
+@triton.jit
+def _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, slot, e, max_spins,
+             RANK: tl.constexpr, WORLD: tl.constexpr, SYNC: tl.constexpr):
+    """Post ``e`` into ``slot + RANK`` of every rank's signal words, then wait until every
+    rank's post reached ``sig[slot + r]`` (see the module docstring)."""
+    if SYNC:
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        for r in tl.static_range(WORLD):
+            tl.atomic_xchg(_pick(r, s0, s1, s2, s3, s4, s5, s6, s7) + slot + RANK, e, sem="release", scope="sys")
+        for r in tl.static_range(WORLD):
+            seen = tl.load(sig + slot + r, volatile=True)
+            spins = 0
+            while (seen != e) & (spins < max_spins):
+                seen = tl.load(sig + slot + r, volatile=True)
+                spins += 1
+            seen = tl.atomic_add(sig + slot + r, 0, sem="acquire", scope="sys")
+            if seen != e:
+                tl.atomic_or(sig + _ERROR, 1, sem="relaxed", scope="gpu")
+        tl.debug_barrier()  # the acquire by one thread orders every thread's accesses after it
+
+
+@triton.jit(do_not_specialize=["num_progs", "max_spins"])
+def _all_to_all_kernel(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6, s7,
+                       n_chunk, num_progs, max_spins,
+                       RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, SYNC: tl.constexpr):
+    pid = tl.program_id(0)
+    WORLD_SLOTS: tl.constexpr = 8  # MAX_WORLD: one slot per source rank
+    sig = _pick(RANK, s0, s1, s2, s3, s4, s5, s6, s7)
+    e = tl.load(sig + _EPOCHS + pid) + 1
+    _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
+    n = n_chunk.to(tl.int64)
+    for step in tl.static_range(WORLD):
+        d: tl.constexpr = (RANK + 1 + step) % WORLD  # the peers first, this rank's own rows last
+        src = x_ptr + d * n
+        dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
+        for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
+            idx = j * block + offs
+            m = idx < n
+            tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
+    _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC)
+    tl.store(sig + _EPOCHS + pid, e)
+
+
+_launch = FastLauncher(_all_to_all_kernel, ("num_progs", "max_spins"))
+_BLOCK = 128 if INTERPRET else 8192  # elements a program moves per step (16 KiB of bf16)
+_WARPS = 1 if INTERPRET else 8
+
+
+def _plan(output: Any, input: Any, peers: PeerBuffers, programs: int,
+          max_spins: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    i = peers.index(output)
+    if input.dtype != output.dtype or input.shape != output.shape:
+        raise ValueError(f"input must match output in shape and dtype: input is {tuple(input.shape)} {input.dtype}, "
+                         f"output is {tuple(output.shape)} {output.dtype}")
+    if input.device != output.device:
+        raise ValueError(f"input must be on {output.device} (the PeerBuffers' device), got {input.device}")
+    if not input.is_contiguous():
+        raise ValueError(f"input must be contiguous, got strides {input.stride()} for shape {tuple(input.shape)}")
+    if input.dim() < 1 or input.shape[0] % peers.world:
+        raise ValueError(f"input.shape[0] must be divisible by the group's size {peers.world}, "
+                         f"got shape {tuple(input.shape)}")
+    check_writes("all_to_all_single", "output", output, ("input", input))
+    if any(overlaps(input, t) for r in range(peers.world) if r != peers.rank for t in peers.peer(r)):
+        raise ValueError("input must be this rank's memory, not a peer's buffer mapped here")
+    outs = [peers.peer(r)[i] for r in range(peers.world)]
+    sigs = [peers.signals(r) for r in range(peers.world)]
+    outs += [outs[0]] * (MAX_WORLD - len(outs))
+    sigs += [sigs[0]] * (MAX_WORLD - len(sigs))
+    n_chunk = input.numel() // peers.world
+    args = (input, *outs, *sigs, n_chunk, programs, max_spins)
+    return args, {"RANK": peers.rank, "WORLD": peers.world, "BLOCK": _BLOCK, "SYNC": True}
+
+
+def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: int | None = None,
+                      max_spins: int = DEFAULT_MAX_SPINS) -> Any:
+    """``torch.distributed.all_to_all_single(output, input)`` with equal splits, as one kernel of
+    ``programs`` programs that stores into the peers' memory over NVLink.
+
+    ``output``: one of ``peers.tensors`` (a whole buffer of a :class:`lowlevel.PeerBuffers`);
+    ``input``: a contiguous tensor (torch or CuPy) of this rank's memory with the same shape
+    ``(n, ...)`` and dtype, ``n`` divisible by the group's size ``w``, not overlapping
+    ``output``. Rows ``[j*n/w, (j+1)*n/w)`` of ``input`` land at rows ``[r*n/w, (r+1)*n/w)``
+    of rank ``j``'s ``output`` (``r``: this rank's index in the group). Any dtype; bit-exact.
+
+    ``programs``: CTAs, one an SM, an int in [1, min(SMs, :data:`MAX_PROGRAMS`)] (default
+    :func:`~lowlevel.kernels.get_num_sms`, the SM cap). Every rank must launch the same number
+    of programs, and call in the same order (collective, like NCCL on one communicator). The
+    calls on one ``peers`` must be ordered on each rank (one stream, or events between):
+    they share the epoch counters.
+
+    Ordering: on lowlevel's current stream. The call returns at once; the kernel waits (on the
+    device) for every rank's call to start, so it also orders this rank's stores after the
+    work each peer's stream ordered before its call, and ends after every rank's rows have
+    landed here. Capturable in a CUDA graph (replays take fresh epochs). Returns ``output``.
+
+    Raises, before anything launches: ``TypeError`` for arrays that are not torch tensors or
+    CuPy arrays, ``peers`` that is not a ``PeerBuffers``, non-int ``programs``/``max_spins``;
+    ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, mismatched shape,
+    dtype or device, a non-contiguous ``input``, ``n`` not divisible by ``w``, ``input``
+    overlapping ``output`` or lying in a peer's buffer, ``programs`` or ``max_spins`` out of
+    range; :class:`~lowlevel.LowlevelError` for a closed ``peers``. A wait that gave up shows
+    in :func:`check`."""
+    if not isinstance(peers, PeerBuffers):
+        raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
+    out, _ = to_torch(output, "output")
+    inp, was_cupy = to_torch(input, "input")
+    limit = min(MAX_PROGRAMS, get_num_sms() if programs is None else device_sm_count(peers.device))
+    programs = limit if programs is None else check_int(programs, "programs", 1, limit)
+    max_spins = check_int(max_spins, "max_spins", 1, (1 << 31) - 1)
+    plans = peers.plans()  # raises for a closed peers; cleared when it closes
+    key = ("all_to_all_single", out.data_ptr(), inp.data_ptr(), inp.shape, inp.dtype, inp.stride(), out.shape,
+           out.dtype)
+    hit = plans.get(key)
+    if hit is None:
+        args, constexprs = _plan(out, inp, peers, programs, max_spins)
+        if len(plans) > 256:  # bound the cache: a plan is a few tensor views
+            plans.clear()
+        plans[key] = (args, constexprs)
+    else:
+        args, constexprs = hit
+        args = (*args[:-2], programs, max_spins)
+    if inp.numel():
+        _launch(programs, args, constexprs, _WARPS, 1)
+    return output
+
+
+def check(peers: PeerBuffers) -> None:
+    """Synchronise ``peers``' device and raise :class:`~lowlevel.LowlevelError` if a wait of an
+    earlier :func:`all_to_all_single` on it gave up (a peer launched fewer programs, called in
+    another order, or never called): that output is incomplete. Clears the error word."""
+    if not isinstance(peers, PeerBuffers):
+        raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
+    sig = peers.signals(peers.rank)
+    torch.cuda.synchronize(peers.device)
+    if int(sig[_ERROR].item()):
+        sig[_ERROR] = 0
+        torch.cuda.synchronize(peers.device)
+        raise LowlevelError("all_to_all_single: a cross-GPU wait gave up after max_spins polls: a peer launched "
+                            "fewer programs, called in another order, or never called; the output is incomplete")
