@@ -12,8 +12,13 @@ default communicator and its most-CTA limited one). Two comm stages:
 - ``alltoall_zero_sm``: the same NCCL all-to-all on a communicator with the zero-CTA policy
   (:func:`lowlevel.zero_sm_group`) between buffers in its symmetric windows
   (:class:`lowlevel.SymmetricBuffers`), through :func:`lowlevel.all_to_all_single`: NCCL moves
-  the rows with copy engines and no SM, so the matmul keeps every SM (no split to find). Its
-  sequential baseline is the best of both (every CTA setting, eager or one graph).
+  the rows with copy engines and no SM, so the matmul keeps every SM (no split to find);
+- ``alltoall_nvlink``: the same exchange by lowlevel's own kernel,
+  :func:`lowlevel.kernels.all_to_all_single`, storing into the peer's buffer
+  (:class:`lowlevel.PeerBuffers`) on ``k`` programs (the comm share of the split), no NCCL.
+
+Every all-to-all's sequential baseline is the best of the three (every CTA setting, eager or one
+graph).
 
 The SM split comes from :func:`lowlevel.find_sm_split` (a sweep, warm-up and median per
 candidate) over ``k`` in :data:`CTAS` and the wave-aligned shares of
@@ -62,8 +67,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each) ...
 MAX_WAVE_CTAS = 48  # ... beside the wave-aligned ones of lowlevel.comm_sm_candidates, up to this
-COMMS = ("allreduce", "alltoall", "alltoall_zero_sm")
-A2A = ("alltoall", "alltoall_zero_sm")  # two implementations of one exchange: the same result
+COMMS = ("allreduce", "alltoall", "alltoall_zero_sm", "alltoall_nvlink")
+A2A = ("alltoall", "alltoall_zero_sm", "alltoall_nvlink")  # implementations of one exchange: the same result
 SPAWN_TIMEOUT_S = 420  # the full run takes ~60-150 s (start-up included); this only bounds a hang
 
 
@@ -144,14 +149,18 @@ class Model:
         self.w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
         self.xs = [self.make_x(r) for r in range(world)]
         self.x = self.xs[rank]
-        self.zero_group, self.symmetric = zero_group, None
+        self.zero_group, self.symmetric, self.peers = zero_group, None, None
         if comm == "alltoall_zero_sm":  # every buffer an all-to-all touches in the zero-CTA group's windows
             self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * 4, torch.bfloat16)
             t = self.symmetric.tensors
-            self.bufs = [(t[0], t[1]), (t[2], t[3])]
+        elif comm == "alltoall_nvlink":  # the peers store into these (NCCL takes them too)
+            self.peers = lowlevel.PeerBuffers(None, [(T, H)] * 4, torch.bfloat16)
+            t = self.peers.tensors
         else:
-            self.bufs = [(torch.empty(T, H, device="cuda", dtype=torch.bfloat16),
-                          torch.empty(T, H, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+            t = [torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        self.bufs = [(t[0], t[1]), (t[2], t[3])]
+        self.programs = self.total  # the NVLink all-to-all's programs (set_comm_sms)
+        self.max_spins = 1 << 22  # an NVLink wait gives up after ~2 s (then check() raises): no silent hang
         self.groups = groups
         self.comm = [groups[0]]
         self.slices = [lowlevel.UBatchSlice(slice(0, 1), slice(0, T)),
@@ -166,6 +175,36 @@ class Model:
 
     def set_comm_sms(self, n: int) -> None:
         self.comm[0] = self.groups.get(n, self.groups[0])
+        self.programs = n or self.total
+
+    def kinds(self) -> tuple[str, ...]:
+        """The comm stages this model's buffers can run: for an all-to-all, NCCL's (the zero-SM
+        one runs NCCL's kernels outside symmetric windows) and, in peer buffers, the NVLink one."""
+        if self.kind not in A2A:
+            return (self.kind,)
+        return ("alltoall", "alltoall_zero_sm") + (("alltoall_nvlink",) if self.peers is not None else ())
+
+    def set_kind(self, kind: str) -> None:
+        """Switch the comm stage to another implementation of the same exchange."""
+        if kind not in self.kinds():
+            raise ValueError(f"this model's buffers cannot run {kind!r}")
+        self.kind = kind
+
+    def check(self) -> str | None:
+        """The NVLink all-to-all's error word (a wait that gave up), as text; None when clean."""
+        if self.peers is None:
+            return None
+        try:
+            self.K.all_to_all.check(self.peers)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def close(self) -> None:
+        """Free the collective buffers (collective: both ranks, same order)."""
+        for b in (self.symmetric, self.peers):
+            if b is not None:
+                b.close()
 
     def poison(self) -> None:
         """NaN in every microbatch buffer: a run that does not rewrite its output shows."""
@@ -200,8 +239,11 @@ class Model:
             else:  # MoE dispatch shape: T/world rows of H to each rank; b = the next layer's input
                 if self.kind == "alltoall":
                     self.dist.all_to_all_single(b, a, group=self.comm[0])
-                else:
+                elif self.kind == "alltoall_zero_sm":
                     self.lowlevel.all_to_all_single(b, a, group=self.zero_group)  # copy engines, no SM
+                else:  # stores into the peer's b over NVLink, on self.programs SMs
+                    self.K.all_to_all_single(b, a, peers=self.peers, programs=self.programs,
+                                             max_spins=self.max_spins)
                 cur = b
             self.mark(f"a{i}.{layer}")
             yield self.ub.TO_COMPUTE
@@ -297,12 +339,14 @@ def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Seque
         h = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
         z = torch.zeros(T, H, device="cuda", dtype=torch.bfloat16)  # all-reduced in place: stays finite
         o = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
-        with lowlevel.SymmetricBuffers(zero_group, [(T, H), (T, H)], torch.bfloat16) as zs:
+        with lowlevel.SymmetricBuffers(zero_group, [(T, H), (T, H)], torch.bfloat16) as zs, \
+                lowlevel.PeerBuffers(None, [(T, H)], torch.bfloat16) as pb:
             xs, os_ = zs.tensors
             xs.copy_(x)
             fns = {"matmul": lambda: K.matmul(x, w, out=h), "allreduce": lambda: dist.all_reduce(z),
                    "alltoall": lambda: dist.all_to_all_single(o, x),
-                   "alltoall_zero_sm": lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group)}
+                   "alltoall_zero_sm": lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group),
+                   "alltoall_nvlink": lambda: K.all_to_all_single(pb.tensors[0], x, peers=pb)}
             eager = {k: clock.samples(f, reps=7, n=5) for k, f in fns.items()}
             dev = {k: graph_samples(torch, clock, f) for k, f in fns.items()}
             torch.cuda.synchronize()
@@ -455,9 +499,8 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
     torch, dist = m.torch, m.dist
     res: dict[str, Any] = {}
     name_kind = m.kind
-    kinds = A2A if m.kind in A2A else (m.kind,)  # the best sequential run of either all-to-all
-    for kind in kinds:
-        m.kind = kind
+    for kind in m.kinds():  # the best sequential run of any all-to-all these buffers take
+        m.set_kind(kind)
         seq_s = {}
         for c in sorted({0, max(m.groups)}):
             m.set_comm_sms(c)
@@ -470,7 +513,7 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
         res.setdefault("seq_graph_samples_ms", {})[kind] = samples
         res.setdefault("seq_graph_max_abs_diff", {})[kind] = diff
         res.setdefault("seq_graph_error", {})[kind] = err
-    m.kind = name_kind
+    m.set_kind(name_kind)
     runners: dict[tuple[str, int], Any] = {}
 
     def get(mode: str, k: int) -> Any:
@@ -513,7 +556,7 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
     res["pipeline_stages"] = pipeline_stages(m, clock, best)
     # one timeline per rank, aligned on a small all-reduce
     rb = get("generators", best)
-    tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", rb.comm_stream: f"comm (NCCL {m.kind})"})
+    tl = lowlevel.Timeline(labels={lowlevel.current_stream(): "compute", rb.comm_stream: f"comm ({m.kind})"})
     flag = torch.ones(1, device="cuda")
     torch.cuda.synchronize()
     dist.barrier(device_ids=[m.rank])
@@ -586,11 +629,12 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
         cfg: dict[str, Any] = {"name": name, "H": Hc, "T": Tc, "layers": layers, "comm": comm, "balanced": balanced}
         chk, seq = check_config(m, k_test, graph=True)
         cfg.update(chk)
+        cfg["nvlink_error"] = m.check()
         if full:
             cfg.update(time_config(m, clock, name, out_dir, seq))
+            cfg["nvlink_error"] = cfg["nvlink_error"] or m.check()
         res["configs"].append(cfg)
-        if m.symmetric is not None:
-            m.symmetric.close()  # collective: both ranks, same order
+        m.close()  # collective: both ranks, same order
         del m, seq
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -629,7 +673,8 @@ def _t(samples: list[float]) -> Timing:
 
 
 COMM_LABELS = {"allreduce": "NCCL all-reduce", "alltoall": "NCCL all-to-all (MoE dispatch)",
-               "alltoall_zero_sm": "NCCL all-to-all (MoE dispatch), zero-CTA policy: copy engines, no SM"}
+               "alltoall_zero_sm": "NCCL all-to-all (MoE dispatch), zero-CTA policy: copy engines, no SM",
+               "alltoall_nvlink": "lowlevel NVLink all-to-all (MoE dispatch): stores into the peer, k programs"}
 
 
 def _label(cfg: dict[str, Any]) -> str:
@@ -637,11 +682,17 @@ def _label(cfg: dict[str, Any]) -> str:
     return f"{comm}, H={cfg['H']}, T={cfg['T']}" + (" (balanced)" if cfg["balanced"] else "")
 
 
-def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None, files: dict[str, str]) -> None:
+def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None, files: dict[str, str],
+                  same_shape: Sequence[dict[str, Any]] = ()) -> None:
     """The figures of one configuration (rank 0's record: every time is already the slower
-    rank's)."""
+    rank's). ``same_shape``: the other all-to-all configurations of the same ``T x H``, whose
+    sequential runs (in their own buffers: the zero-SM one in symmetric windows) count for
+    the best sequential run too."""
     seq_all = {f"{kind}, comm {c} CTAs": _t(s) for kind, by_c in cfg["seq_samples_ms"].items()
                for c, s in by_c.items()}  # every all-to-all implementation for an all-to-all
+    for o in same_shape:
+        seq_all.update({f"{kind} ({o['name']}'s buffers), comm {c} CTAs": _t(s)
+                        for kind, by_c in o["seq_samples_ms"].items() for c, s in by_c.items()})
     best_c = min(seq_all, key=lambda c: float(seq_all[c]))
     seq = seq_all[best_c]
     best = cfg["best_k"]
@@ -654,7 +705,8 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
              alone["ratio"][cfg["comm"]] if alone else None,
              "max_abs_diff": cfg["max_abs_diff"], "seq_vs_reference_rel": cfg["seq_vs_reference_rel"],
              "graph_error": cfg.get("graph_error"), "graph_timed_error": cfg.get("graph_timed_error"),
-             "graph_timed_max_abs_diff": cfg.get("graph_timed_max_abs_diff"), "files": files}
+             "graph_timed_max_abs_diff": cfg.get("graph_timed_max_abs_diff"), "files": files,
+             "nvlink_error": cfg.get("nvlink_error")}
     rep.add(f"2 GPUs, {lab}: overlap, threads, SM split (comm {best} CTAs)", _t(cfg["overlap_threads_samples_ms"]),
             "ms", "best sequential run (all SMs each stage)", seq, target=target, extra=extra)
     rep.add(f"2 GPUs, {lab}: overlap, generators, SM split (comm {best} CTAs)",
@@ -665,6 +717,8 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
         rep.add(f"2 GPUs, {lab}: overlapped FULL graph replay (NCCL inside)", _t(cfg["graph_samples_ms"]), "ms",
                 "eager overlapped, generators", _t(cfg["overlap_generators_samples_ms"]))
     seq_gs = {k: _t(v) for k, v in cfg["seq_graph_samples_ms"].items() if v}
+    for o in same_shape:
+        seq_gs.update({f"{k} ({o['name']}'s buffers)": _t(v) for k, v in o["seq_graph_samples_ms"].items() if v})
     if seq_gs:
         seq_g = min(seq_gs.values(), key=float)
         best_any = min(seq, seq_g, key=float)
@@ -722,12 +776,15 @@ def run(rep: Report) -> None:
                           f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
                           f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
         rep.files += [tr, png]
+        same = [o for o in r0["configs"] if o is not cfg and o["comm"] in A2A and cfg["comm"] in A2A
+                and (o["T"], o["H"]) == (cfg["T"], cfg["H"])]
         report_config(rep, cfg, alone.get(cfg["H"]) if cfg["T"] == T_MAIN else alone_long.get((cfg["T"], cfg["H"])),
-                      {"trace": tr, "png": png})
+                      {"trace": tr, "png": png}, same)
     for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
         for comm in COMMS:
             what = {"allreduce": "NCCL in-place all-reduce", "alltoall": "NCCL all-to-all (T/2 rows to each rank)",
-                    "alltoall_zero_sm": "NCCL all-to-all, zero-CTA policy (copy engines)"}[comm]
+                    "alltoall_zero_sm": "NCCL all-to-all, zero-CTA policy (copy engines)",
+                    "alltoall_nvlink": "lowlevel NVLink all-to-all (all SMs)"}[comm]
             rep.add(f"2 GPUs, stages alone (device time), H={h}, T={T_MAIN}: {what} (ratio 1 = balanced)",
                     _t(v["samples_ms"][comm]), "ms", "matmul alone (all SMs)", _t(v["samples_ms"]["matmul"]),
                     extra={"balanced": r0["balanced_H"][comm] == h,

@@ -122,9 +122,9 @@ def _all_to_all_kernel(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4
     _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
-    n = n_chunk.to(tl.int64)
+    n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
     for step in tl.static_range(WORLD):
-        d: tl.constexpr = (RANK + 1 + step) % WORLD  # the peers first, this rank's own rows last
+        d = (RANK + 1 + step) % WORLD  # constexpr: the peers first, this rank's own rows last
         src = x_ptr + d * n
         dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
         for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
@@ -226,8 +226,8 @@ def check(peers: PeerBuffers) -> None:
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     sig = peers.signals(peers.rank)
     torch.cuda.synchronize(peers.device)
-    if int(sig[_ERROR].item()):
-        sig[_ERROR] = 0
+    if int(sig[_ERROR.value].item()):
+        sig[_ERROR.value] = 0
         torch.cuda.synchronize(peers.device)
         raise LowlevelError("all_to_all_single: a cross-GPU wait gave up after max_spins polls: a peer launched "
                             "fewer programs, called in another order, or never called; the output is incomplete")
