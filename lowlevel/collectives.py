@@ -385,9 +385,10 @@ class PeerBuffers:
 
     def index(self, t: Any) -> int:
         """Which buffer of :attr:`tensors` is the torch tensor ``t`` (exactly that buffer: same
-        start, shape and dtype); ``ValueError`` naming ``t`` otherwise."""
+        start, shape, strides and dtype); ``ValueError`` naming ``t`` otherwise."""
         for i, b in enumerate(self.tensors):
-            if t.data_ptr() == b.data_ptr() and t.shape == b.shape and t.dtype == b.dtype:
+            if (t.data_ptr() == b.data_ptr() and t.shape == b.shape and t.dtype == b.dtype
+                    and t.stride() == b.stride()):
                 return i
         raise ValueError("output must be one of this PeerBuffers' tensors (the whole buffer, this rank's own), "
                          f"got a tensor of shape {tuple(t.shape)} {t.dtype} at {t.data_ptr():#x}")

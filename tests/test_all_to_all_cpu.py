@@ -18,7 +18,8 @@ after another in this process:
   the plan cache, the program count.
 * ``PeerBuffers(...)``' argument checks, before CUDA is required.
 
-Checks missing from the library are ``xfail(strict=True)`` cases that name the fix.
+Each check the first version lacked (sparse and lazy views, strides, complex dtypes, a world above
+``MAX_WORLD``, ``check()``'s error word) has a case here.
 """
 import numpy as np
 import pytest
@@ -408,7 +409,7 @@ def test_public_default_programs_follow_the_sm_cap():
         A.all_to_all_single(p.tensors[0], x, peers=p)
     assert sigs[0][EPOCHS:EPOCHS + 8].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert same_bits(p.tensors[0], x)
-    n = A.get_num_sms()
+    n = lowlevel.kernels.get_num_sms()
     A.all_to_all_single(p.tensors[0], x, peers=p)
     assert sigs[0][EPOCHS:EPOCHS + n].tolist() == [2, 2, 2] + [1] * (n - 3)
     assert int(sigs[0][EPOCHS + n]) == 0
@@ -431,11 +432,6 @@ def test_public_call_returns_when_a_peer_never_calls():
     assert sigs[0][EPOCHS:EPOCHS + 2].tolist() == [1, 1]
 
 
-CHECK_FIX = ("check() indexes the signal words with the tl.constexpr _ERROR (torch: TypeError \"object of type "
-             "'constexpr' has no len()\"), on a GPU too; proposed: `sig[_ERROR.value]` in both places")
-
-
-@pytest.mark.xfail(strict=True, reason=CHECK_FIX)
 def test_check_reports_and_clears_the_error_word(monkeypatch):
     """check() raises LowlevelError once for a set error word and clears it; quiet otherwise."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)  # no GPU to wait for
@@ -454,9 +450,6 @@ def test_check_refuses_non_peerbuffers():
 
 
 @interp
-@pytest.mark.xfail(strict=True, reason="complex dtypes reach Triton, which has no complex pointers (KeyError "
-                                       "'complex64'); proposed: _plan moves raw bits (views as an int dtype of the "
-                                       "element size, complex128 as int64 with twice the elements)")
 def test_public_complex_dtype_bit_exact():
     bufs, sigs, (p,) = group_of([(2, 8)], 1, dtype=torch.complex64, byte=0xA5)
     x = rand((2, 8), torch.complex64, torch.Generator().manual_seed(13))
@@ -474,15 +467,6 @@ def a2a(out, x, p):
 def _meta_input(p, out):
     return torch.empty(out.shape, dtype=out.dtype, device="meta")
 
-
-SPARSE_FIX = ("sparse tensors fail at data_ptr() in the cache key (RuntimeError naming nothing); proposed: in "
-              "all_to_all_single, after to_torch, refuse `t.layout != torch.strided` for output and input "
-              "(ValueError naming them)")
-LAZY_FIX = ("lazy negated/conjugated views pass (the kernel moves the memory, not the values shown); proposed: "
-            "refuse `t.is_conj() or t.is_neg()` for output and input, as collectives._check does")
-STRIDE_FIX = ("PeerBuffers.index compares data_ptr, shape and dtype only: a transposed view of a square buffer "
-              "passes as output (and is returned transposed); proposed: index also requires "
-              "`t.stride() == b.stride()`")
 
 ARG_CASES = {  # name: (call(p, out, x) -> None, exception, words the message must hold)
     "peers_none": (lambda p, out, x: A.all_to_all_single(out, x, peers=None), TypeError, "peers"),
@@ -531,14 +515,14 @@ ARG_CASES = {  # name: (call(p, out, x) -> None, exception, words the message mu
                        "max_spins"),
     # missing checks: today these pass (and launch: one program, SPINS polls, under the interpreter)
     "input_sparse": pytest.param(lambda p, out, x: a2a(out, x.to_sparse(), p), ValueError, "input",
-                                 marks=[interp, pytest.mark.xfail(strict=True, reason=SPARSE_FIX)]),
+                                 marks=[interp]),
     "input_neg_view": pytest.param(lambda p, out, x: a2a(out, x._neg_view(), p), ValueError, "input",
-                                   marks=[interp, pytest.mark.xfail(strict=True, reason=LAZY_FIX)]),
+                                   marks=[interp]),
     "output_neg_view": pytest.param(lambda p, out, x: a2a(out._neg_view(), x, p), ValueError, "output",
-                                    marks=[interp, pytest.mark.xfail(strict=True, reason=LAZY_FIX)]),
+                                    marks=[interp]),
     "output_transposed": pytest.param(lambda p, out, x: a2a(p.tensors[3].t(), x[:, :4].contiguous(), p),
                                       ValueError, "output",
-                                      marks=[interp, pytest.mark.xfail(strict=True, reason=STRIDE_FIX)]),
+                                      marks=[interp]),
 }
 
 
@@ -593,9 +577,6 @@ def test_zero_dim_buffer_refused():
     assert int(sigs[0].abs().sum()) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a world above MAX_WORLD (8) reaches the kernel (TypeError: got multiple "
-                                       "values for argument 'RANK'); proposed: all_to_all_single refuses "
-                                       "`peers.world > MAX_WORLD` with a ValueError naming peers")
 def test_world_above_max_refused():
     world = A.MAX_WORLD + 1
     bufs, sigs, peers = group_of([(world, 2)], world)
