@@ -26,6 +26,7 @@ communicator):
    rank ``d``'s output, the peers first (staggered by rank, so the links carry traffic both
    ways at once) and this rank's own rows last; blocks of ``BLOCK`` elements are spread over
    the programs.
+   A program whose start barrier gave up stores nothing.
 4. **End barrier.** A CTA barrier, then ``e`` into slot ``(end, p, rank)`` of every rank
    (release, system scope: every store of this program is visible before it), then wait for
    every rank's ``(end, p, r)``. When a program ends, every peer's program ``p`` has stored
@@ -36,8 +37,11 @@ A slot holds ``e - 1`` or ``e`` while a program waits on it, never ``e + 1`` (a 
 start epoch ``e + 1`` before this program posted ``e``), so the waits test equality and the
 32-bit counters may wrap. A wait gives up after ``max_spins`` polls and sets the error word
 (:func:`check`): a peer that launched fewer programs, or never launched, shows as an error
-instead of a hang (the output is then incomplete). The program count must not exceed the
-SMs: a waiting program holds its SM.
+instead of a hang (the output is then incomplete). The ranks' epochs are then out of step for
+good, so the error is sticky: every later call on those buffers does nothing at all (no
+barrier, no store), a peer still waiting on this rank gives up in turn, and :func:`check`
+raises on every rank until the buffers are closed and made again. The program count must not
+exceed the SMs: a waiting program holds its SM.
 """
 from __future__ import annotations
 
@@ -59,7 +63,10 @@ MAX_PROGRAMS = 1024
 """The most programs one call may launch (the signal words hold this many slots per rank)."""
 MAX_WORLD = 8
 """The most ranks: one pointer argument per rank's output and signal words."""
-DEFAULT_MAX_SPINS = 1 << 26
+DEFAULT_MAX_SPINS = (1 << 31) - 1
+"""Polls of one signal word before a wait gives up: the most a 32-bit count holds, about 15 minutes
+at ~0.4 µs a poll, so that a peer that is merely late (compiling a kernel, tuning, host work)
+never trips it; pass fewer to turn a missing peer into an error sooner."""
 # The signal words: (phase, program, source rank) slots from word 0, 2 * MAX_PROGRAMS * MAX_WORLD
 # of them, then one epoch counter per program, then the error word.
 _SLOTS: tl.constexpr = tl.constexpr(MAX_PROGRAMS * MAX_WORLD)  # words of one phase
@@ -94,7 +101,9 @@ def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
 def _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, slot, e, max_spins,
              RANK: tl.constexpr, WORLD: tl.constexpr, SYNC: tl.constexpr):
     """Post ``e`` into ``slot + RANK`` of every rank's signal words, then wait until every
-    rank's post reached ``sig[slot + r]`` (see the module docstring)."""
+    rank's post reached ``sig[slot + r]`` (see the module docstring). Returns whether every
+    wait saw its post (else the error word is set)."""
+    ok = 1
     if SYNC:
         tl.debug_barrier()  # every thread's stores are issued before the release below
         for r in tl.static_range(WORLD):
@@ -108,7 +117,35 @@ def _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, slot, e, max_spins,
             seen = tl.atomic_add(sig + slot + r, 0, sem="acquire", scope="sys")
             if seen != e:
                 tl.atomic_or(sig + _ERROR, 1, sem="relaxed", scope="gpu")
+                ok = 0
         tl.debug_barrier()  # the acquire by one thread orders every thread's accesses after it
+    return ok
+
+
+@triton.jit
+def _exchange(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6, s7, sig, pid,
+              n_chunk, num_progs, max_spins,
+              RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, SYNC: tl.constexpr):
+    """One program's epoch: start barrier, its share of the stores, end barrier. A start
+    barrier that gave up stores nothing: a peer that did not start may still read its buffer."""
+    WORLD_SLOTS: tl.constexpr = 8  # MAX_WORLD: one slot per source rank
+    e = tl.load(sig + _EPOCHS + pid) + 1
+    if _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC):
+        # every peer's program pid started: its stream finished reading what this one overwrites
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
+        n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
+        for step in tl.static_range(WORLD):
+            d = (RANK + 1 + step) % WORLD  # constexpr: the peers first, this rank's own rows last
+            src = x_ptr + d * n
+            dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
+            for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
+                idx = j * block + offs
+                m = idx < n
+                tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
+        _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD,
+                 SYNC)
+    tl.store(sig + _EPOCHS + pid, e)
 
 
 @triton.jit(do_not_specialize=["num_progs", "max_spins"])
@@ -116,23 +153,10 @@ def _all_to_all_kernel(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4
                        n_chunk, num_progs, max_spins,
                        RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, SYNC: tl.constexpr):
     pid = tl.program_id(0)
-    WORLD_SLOTS: tl.constexpr = 8  # MAX_WORLD: one slot per source rank
     sig = _pick(RANK, s0, s1, s2, s3, s4, s5, s6, s7)
-    e = tl.load(sig + _EPOCHS + pid) + 1
-    _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC)
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
-    n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
-    for step in tl.static_range(WORLD):
-        d = (RANK + 1 + step) % WORLD  # constexpr: the peers first, this rank's own rows last
-        src = x_ptr + d * n
-        dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
-        for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
-            idx = j * block + offs
-            m = idx < n
-            tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
-    _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC)
-    tl.store(sig + _EPOCHS + pid, e)
+    if tl.load(sig + _ERROR, volatile=True) == 0:  # after a wait gave up, every call is a no-op
+        _exchange(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6, s7, sig, pid,
+                  n_chunk, num_progs, max_spins, RANK, WORLD, BLOCK, SYNC)
 
 
 _launch = FastLauncher(_all_to_all_kernel, ("num_progs", "max_spins"))
@@ -215,7 +239,7 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
     dtype or device, a non-contiguous ``input``, ``n`` not divisible by ``w``, ``input``
     overlapping ``output`` or lying in a peer's buffer, ``programs`` or ``max_spins`` out of
     range; :class:`~lowlevel.LowlevelError` for a closed ``peers``. A wait that gave up shows
-    in :func:`check`."""
+    in :func:`check` (and makes this and later calls on ``peers`` do nothing)."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
@@ -246,14 +270,16 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
 
 def check(peers: PeerBuffers) -> None:
     """Synchronise ``peers``' device and raise :class:`~lowlevel.LowlevelError` if a wait of an
-    earlier :func:`all_to_all_single` on it gave up (a peer launched fewer programs, called in
-    another order, or never called): that output is incomplete. Clears the error word."""
+    :func:`all_to_all_single` on it gave up (a peer launched fewer programs, called in another
+    order, or never called). The error is sticky: that output and every later one on ``peers``
+    are incomplete (the calls do nothing), until ``peers`` is closed and made again on every
+    rank. ``TypeError`` for a ``peers`` that is not a ``PeerBuffers``."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     sig = peers.signals(peers.rank)
     torch.cuda.synchronize(peers.device)
     if int(sig[_ERROR.value].item()):
-        sig[_ERROR.value] = 0
-        torch.cuda.synchronize(peers.device)
-        raise LowlevelError("all_to_all_single: a cross-GPU wait gave up after max_spins polls: a peer launched "
-                            "fewer programs, called in another order, or never called; the output is incomplete")
+        raise LowlevelError("all_to_all_single: a cross-GPU wait gave up after max_spins polls (a peer launched "
+                            "fewer programs, called in another order, or never called): that output is "
+                            "incomplete and every later call on these PeerBuffers does nothing; close() them on "
+                            "every rank and make new ones")
