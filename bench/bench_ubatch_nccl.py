@@ -69,7 +69,12 @@ CTAS = (8, 16, 24, 32)  # NCCL CTA limits the sweep tries (one communicator each
 MAX_WAVE_CTAS = 48  # ... beside the wave-aligned ones of lowlevel.comm_sm_candidates, up to this
 COMMS = ("allreduce", "alltoall", "alltoall_zero_sm", "alltoall_nvlink")
 A2A = ("alltoall", "alltoall_zero_sm", "alltoall_nvlink")  # implementations of one exchange: the same result
-SPAWN_TIMEOUT_S = 420  # the full run takes ~60-150 s (start-up included); this only bounds a hang
+# The comm stages run in two worker launches: NCCL's (with a zero-CTA communicator and symmetric
+# windows) and lowlevel's NVLink all-to-all (peer buffers, NCCL's all-to-all on ordinary buffers
+# beside it), so that neither set of buffers meets the other's machinery in one process. The
+# best sequential run of an all-to-all is taken over both launches' runs of the same shape.
+GROUPS = {"nccl": ("allreduce", "alltoall", "alltoall_zero_sm"), "nvlink": ("alltoall_nvlink",)}
+GROUP_TIMEOUT_S = {"nccl": 420, "nvlink": 300}  # bounds a hang only
 
 
 class Clock:
@@ -149,18 +154,23 @@ class Model:
         self.w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16, generator=g) / 64
         self.xs = [self.make_x(r) for r in range(world)]
         self.x = self.xs[rank]
-        self.zero_group, self.symmetric, self.peers = zero_group, None, None
+        self.zero_group, self.symmetric, self.peers, self.home = zero_group, None, None, comm
+
+        def plain() -> list[tuple[Any, Any]]:
+            t = [torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+            return [(t[0], t[1]), (t[2], t[3])]
+
+        self.plain = self.own = plain()  # each microbatch's (h, next x): NCCL's own buffers
         if comm == "alltoall_zero_sm":  # every buffer an all-to-all touches in the zero-CTA group's windows
             self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * 4, torch.bfloat16)
             t = self.symmetric.tensors
-        elif comm == "alltoall_nvlink":  # the peers store into these (NCCL takes them too)
+            self.plain = self.own = [(t[0], t[1]), (t[2], t[3])]
+        elif comm == "alltoall_nvlink":  # the peers store into these; NCCL's runs keep to plain buffers
             self.peers = lowlevel.PeerBuffers(None, [(T, H)] * 4, torch.bfloat16)
             t = self.peers.tensors
-        else:
-            t = [torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-        self.bufs = [(t[0], t[1]), (t[2], t[3])]
+            self.own = [(t[0], t[1]), (t[2], t[3])]
+        self.bufs = self.own
         self.programs = self.total  # the NVLink all-to-all's programs (set_comm_sms)
-        self.max_spins = 1 << 22  # an NVLink wait gives up after ~2 s (then check() raises): no silent hang
         self.groups = groups
         self.comm = [groups[0]]
         self.slices = [lowlevel.UBatchSlice(slice(0, 1), slice(0, T)),
@@ -178,17 +188,20 @@ class Model:
         self.programs = n or self.total
 
     def kinds(self) -> tuple[str, ...]:
-        """The comm stages this model's buffers can run: for an all-to-all, NCCL's (the zero-SM
-        one runs NCCL's kernels outside symmetric windows) and, in peer buffers, the NVLink one."""
-        if self.kind not in A2A:
-            return (self.kind,)
-        return ("alltoall", "alltoall_zero_sm") + (("alltoall_nvlink",) if self.peers is not None else ())
+        """The comm stages this model runs for its best sequential run: its own and, for an
+        all-to-all, NCCL's (in the NCCL launch also the zero-SM call, which runs NCCL's kernels
+        outside symmetric windows)."""
+        if self.home not in A2A:
+            return (self.home,)
+        return ("alltoall", "alltoall_nvlink") if self.peers is not None else ("alltoall", "alltoall_zero_sm")
 
     def set_kind(self, kind: str) -> None:
-        """Switch the comm stage to another implementation of the same exchange."""
+        """Switch the comm stage to another implementation of the same exchange (the NVLink one
+        on the peer buffers, NCCL's on plain ones)."""
         if kind not in self.kinds():
-            raise ValueError(f"this model's buffers cannot run {kind!r}")
+            raise ValueError(f"this model cannot run {kind!r}")
         self.kind = kind
+        self.bufs = self.own if kind == self.home else self.plain
 
     def check(self) -> str | None:
         """The NVLink all-to-all's error word (a wait that gave up), as text; None when clean."""
@@ -242,8 +255,7 @@ class Model:
                 elif self.kind == "alltoall_zero_sm":
                     self.lowlevel.all_to_all_single(b, a, group=self.zero_group)  # copy engines, no SM
                 else:  # stores into the peer's b over NVLink, on self.programs SMs
-                    self.K.all_to_all_single(b, a, peers=self.peers, programs=self.programs,
-                                             max_spins=self.max_spins)
+                    self.K.all_to_all_single(b, a, peers=self.peers, programs=self.programs)
                 cur = b
             self.mark(f"a{i}.{layer}")
             yield self.ub.TO_COMPUTE
@@ -322,13 +334,17 @@ def graph_samples(torch: Any, clock: Clock, fn: Callable[[], Any], n: int = 5, r
 
 
 def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Sequence[int],
-                  zero_group: Any) -> dict[int, dict[str, Any]]:
+                  zero_group: Any, group: str = "nccl") -> dict[int, dict[str, Any]]:
     """Per ``H`` in ``hs``: ms samples of one microbatch's stages alone, each on all SMs and the
-    default communicator: the matmul of ``T x H`` by ``H x H``, the in-place all-reduce and the
-    all-to-all of ``T x H`` bf16 (both implementations). ``samples_ms``: device time (5 calls
-    in one graph, :func:`graph_samples`); ``eager_samples_ms``: wall time of 5 eager calls
-    (host launch cost included: a copy-engine all-to-all call costs the host more than NCCL's
-    kernel). ``ratio``: each comm stage's median device time over the matmul's, 1 = balanced."""
+    default communicator: the matmul of ``T x H`` by ``H x H`` and the comm stages of ``group``
+    (:data:`GROUPS`) on ``T x H`` bf16: NCCL's in-place all-reduce, all-to-all and zero-SM
+    all-to-all, or NCCL's all-to-all and lowlevel's NVLink one (every program). ``samples_ms``:
+    device time (5 calls in one graph, :func:`graph_samples`); ``eager_samples_ms``: wall time
+    of 5 eager calls (host launch cost included: a copy-engine all-to-all call costs the host
+    more than NCCL's kernel). ``ratio``: each comm stage's median device time over the
+    matmul's, 1 = balanced."""
+    import contextlib
+
     import lowlevel
 
     out: dict[int, dict[str, Any]] = {}
@@ -339,21 +355,24 @@ def measure_alone(torch: Any, dist: Any, clock: Clock, K: Any, T: int, hs: Seque
         h = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
         z = torch.zeros(T, H, device="cuda", dtype=torch.bfloat16)  # all-reduced in place: stays finite
         o = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
-        with lowlevel.SymmetricBuffers(zero_group, [(T, H), (T, H)], torch.bfloat16) as zs, \
-                lowlevel.PeerBuffers(None, [(T, H)], torch.bfloat16) as pb:
-            xs, os_ = zs.tensors
-            xs.copy_(x)
-            fns = {"matmul": lambda: K.matmul(x, w, out=h), "allreduce": lambda: dist.all_reduce(z),
-                   "alltoall": lambda: dist.all_to_all_single(o, x),
-                   "alltoall_zero_sm": lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group),
-                   "alltoall_nvlink": lambda: K.all_to_all_single(pb.tensors[0], x, peers=pb)}
+        with contextlib.ExitStack() as stack:
+            fns = {"matmul": lambda: K.matmul(x, w, out=h), "alltoall": lambda: dist.all_to_all_single(o, x)}
+            if group == "nccl":
+                zs = stack.enter_context(lowlevel.SymmetricBuffers(zero_group, [(T, H), (T, H)], torch.bfloat16))
+                xs, os_ = zs.tensors
+                xs.copy_(x)
+                fns["allreduce"] = lambda: dist.all_reduce(z)
+                fns["alltoall_zero_sm"] = lambda: lowlevel.all_to_all_single(os_, xs, group=zero_group)
+            else:
+                pb = stack.enter_context(lowlevel.PeerBuffers(None, [(T, H)], torch.bfloat16))
+                fns["alltoall_nvlink"] = lambda: K.all_to_all_single(pb.tensors[0], x, peers=pb)
             eager = {k: clock.samples(f, reps=7, n=5) for k, f in fns.items()}
             dev = {k: graph_samples(torch, clock, f) for k, f in fns.items()}
             torch.cuda.synchronize()
         med = {k: statistics.median(v) for k, v in dev.items()}
         out[H] = {"samples_ms": dev, "ms": med, "eager_samples_ms": eager,
                   "eager_ms": {k: statistics.median(v) for k, v in eager.items()},
-                  "ratio": {c: med[c] / med["matmul"] for c in COMMS}}  # comm / compute, 1 = balanced
+                  "ratio": {c: med[c] / med["matmul"] for c in med if c != "matmul"}}  # 1 = balanced
     return out
 
 
@@ -573,11 +592,12 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layers: int, full: int,
-           hs: str = "-") -> None:
-    """One rank: correctness of every variant (both comm stages) against the sequential run and
-    the reference at ``H x T``; with ``full``, also the stage balance over ``hs`` (comma
-    separated hidden sizes, ``-`` for none), the timings and the merged-trace inputs of the main
-    configuration (all-reduce, ``H``) and of each comm stage at its most balanced ``H``."""
+           hs: str = "-", group: str = "nccl") -> None:
+    """One rank of the comm stages of ``group`` (:data:`GROUPS`): correctness of every variant
+    against the sequential run and the reference at ``H x T``; with ``full``, also the stage
+    balance over ``hs`` (comma separated hidden sizes, ``-`` for none), the timings and the
+    merged-trace inputs of the main configuration (NCCL: all-reduce at ``H``) and of each comm
+    stage at its most balanced ``H`` and at the :data:`LONG` shapes."""
     os.environ.update(NO_NVLS)
     if float(os.environ.get("UB_DUMP_S", "0")) > 0:  # a hang prints every thread's stack first
         import faulthandler
@@ -598,30 +618,35 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     groups, ctas_error = make_groups(dist, ctas)
     import lowlevel
 
-    zero_group = lowlevel.zero_sm_group()  # NCCL's zero-CTA policy: the copy-engine all-to-all
+    comms = GROUPS[group]
+    # NCCL's zero-CTA policy (the copy-engine all-to-all): the NCCL launch only
+    zero_group = lowlevel.zero_sm_group() if group == "nccl" else None
     clock = Clock(torch, dist, rank)
-    res: dict[str, Any] = {"rank": rank, "total_sms": device_sm_count(), "ctas_error": ctas_error,
+    res: dict[str, Any] = {"rank": rank, "group": group, "total_sms": device_sm_count(), "ctas_error": ctas_error,
                            "ctas_groups": sorted(k for k in groups if k), "configs": []}
     k_test = 16 if 16 in groups else 0
     # (name, H, T, comm, balanced for that comm)
-    plan: list[tuple[str, int, int, str, bool]] = [(f"{c}_H{H}", H, T, c, False) for c in COMMS]
+    plan: list[tuple[str, int, int, str, bool]] = [(f"{c}_H{H}", H, T, c, False) for c in comms]
     if full and hl:
-        alone = measure_alone(torch, dist, clock, K, T, hl, zero_group)
+        alone = measure_alone(torch, dist, clock, K, T, hl, zero_group, group)
         res["alone"] = alone
-        bal = {c: pick_balanced(alone, c) for c in COMMS}
+        bal = {c: pick_balanced(alone, c) for c in comms}
         res["balanced_H"] = bal
-        plan = [(f"allreduce_H{H}", H, T, "allreduce", bal["allreduce"] == H)]
-        if bal["allreduce"] != H:
-            plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], T, "allreduce", True))
-        for comm in A2A:
+        plan = []
+        if "allreduce" in comms:
+            plan.append((f"allreduce_H{H}", H, T, "allreduce", bal["allreduce"] == H))
+            if bal["allreduce"] != H:
+                plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], T, "allreduce", True))
+        a2as = [c for c in comms if c in A2A]
+        for comm in a2as:
             for h in balanced_hs(alone, comm):
                 plan.append((f"{comm}_H{h}", h, T, comm, True))
         # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
         res["alone_long"] = {}
         for t_long, h_long in LONG:
-            long = measure_alone(torch, dist, clock, K, t_long, [h_long], zero_group)
+            long = measure_alone(torch, dist, clock, K, t_long, [h_long], zero_group, group)
             res["alone_long"][t_long] = long
-            for comm in A2A:
+            for comm in a2as:
                 within = abs(math.log(long[h_long]["ratio"][comm])) <= math.log(BAND)
                 plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within))
     for name, Hc, Tc, comm, balanced in plan:
@@ -655,9 +680,10 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
 
 
 def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float = 300,
-          hs: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """Run 2 ranks of :func:`worker`; their JSON results (AssertionError if one died or hung).
-    ``hs``: the hidden sizes whose stage balance a ``full`` run measures (none: no balance)."""
+          hs: Sequence[int] = (), group: str = "nccl") -> list[dict[str, Any]]:
+    """Run 2 ranks of :func:`worker` for the comm stages of ``group``; their JSON results
+    (AssertionError if one died or hung). ``hs``: the hidden sizes whose stage balance a
+    ``full`` run measures (none: no balance)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", UB_DUMP_S=str(max(timeout - 10, 5)), **NO_NVLS)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import sys; from bench.bench_ubatch_nccl import worker; "
@@ -665,7 +691,8 @@ def spawn(out_dir: str, H: int, T: int, layers: int, full: bool, timeout: float 
     hs_arg = ",".join(str(int(h)) for h in hs) or "-"
     port = free_port()
     return run_ranks([[sys.executable, "-c", code, str(r), "2", str(port), out_dir, str(H), str(T), str(layers),
-                       str(int(full)), hs_arg] for r in range(2)], out_dir, env=env, timeout=timeout, cwd=ROOT)
+                       str(int(full)), hs_arg, group] for r in range(2)], out_dir, env=env, timeout=timeout,
+                     cwd=ROOT, what=f" ({group})")
 
 
 def _t(samples: list[float]) -> Timing:
@@ -746,6 +773,9 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
 
 
 def run(rep: Report) -> None:
+    """Both worker launches (:data:`GROUPS`; ``UB_GROUPS=nvlink`` runs one), their figures, the
+    merged traces and pictures. A launch that dies or hangs is reported and the other's figures
+    stand."""
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -756,46 +786,61 @@ def run(rep: Report) -> None:
 
     os.makedirs(rep.out_dir, exist_ok=True)
     traces: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as d:
-        res = spawn(d, H_MAIN, T_MAIN, LAYERS, True, timeout=SPAWN_TIMEOUT_S, hs=H_BALANCE)
-        for cfg in res[0]["configs"]:
-            suffix = "" if cfg["name"] == f"allreduce_H{H_MAIN}" else f"_{cfg['name']}"
-            traces[cfg["name"]] = os.path.join(rep.out_dir, f"ubatch_nccl_2gpu{suffix}_trace.json")
-            merge_traces([os.path.join(d, f"trace_{cfg['name']}_rank{r}.json") for r in range(2)],
-                         path=traces[cfg["name"]])
+    results: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
+    for group in [g for g in os.environ.get("UB_GROUPS", ",".join(GROUPS)).split(",") if g]:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                results[group] = spawn(d, H_MAIN, T_MAIN, LAYERS, True, timeout=GROUP_TIMEOUT_S[group], hs=H_BALANCE,
+                                       group=group)
+            except AssertionError as exc:
+                errors[group] = str(exc)[-6000:]
+                print(f"bench_ubatch_nccl: the {group} launch failed:\n{errors[group]}", file=sys.stderr)
+                continue
+            for cfg in results[group][0]["configs"]:
+                suffix = "" if cfg["name"] == f"allreduce_H{H_MAIN}" else f"_{cfg['name']}"
+                traces[cfg["name"]] = os.path.join(rep.out_dir, f"ubatch_nccl_2gpu{suffix}_trace.json")
+                merge_traces([os.path.join(d, f"trace_{cfg['name']}_rank{r}.json") for r in range(2)],
+                             path=traces[cfg["name"]])
     raw = os.path.join(rep.out_dir, "ubatch_nccl_2gpu_ranks.json")
     with open(raw, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump({"launches": results, "errors": errors}, f, indent=1)
     rep.files.append(raw)
-    r0 = res[0]
-    alone = {int(h): v for h, v in r0.get("alone", {}).items()}
-    alone_long = {(int(t), int(h)): v for t, by_h in r0.get("alone_long", {}).items() for h, v in by_h.items()}
-    for cfg in r0["configs"]:
-        tr = traces[cfg["name"]]
-        png = plot_merged(tr, tr.replace("_trace.json", ".png"),
-                          f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
-                          f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
-        rep.files += [tr, png]
-        same = [o for o in r0["configs"] if o is not cfg and o["comm"] in A2A and cfg["comm"] in A2A
-                and (o["T"], o["H"]) == (cfg["T"], cfg["H"])]
-        report_config(rep, cfg, alone.get(cfg["H"]) if cfg["T"] == T_MAIN else alone_long.get((cfg["T"], cfg["H"])),
-                      {"trace": tr, "png": png}, same)
-    for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
-        for comm in COMMS:
-            what = {"allreduce": "NCCL in-place all-reduce", "alltoall": "NCCL all-to-all (T/2 rows to each rank)",
-                    "alltoall_zero_sm": "NCCL all-to-all, zero-CTA policy (copy engines)",
-                    "alltoall_nvlink": "lowlevel NVLink all-to-all (all SMs)"}[comm]
-            rep.add(f"2 GPUs, stages alone (device time), H={h}, T={T_MAIN}: {what} (ratio 1 = balanced)",
-                    _t(v["samples_ms"][comm]), "ms", "matmul alone (all SMs)", _t(v["samples_ms"]["matmul"]),
-                    extra={"balanced": r0["balanced_H"][comm] == h,
-                           "eager_ms": {k: v["eager_ms"][k] for k in ("matmul", comm)}})
-    if alone:
-        rep.figures[0].extra["stage_balance"] = {
-            "alone_ms": {h: v["ms"] for h, v in alone.items()},
-            "alone_eager_ms": {h: v["eager_ms"] for h, v in alone.items()},
-            "ratio_comm_over_matmul": {h: v["ratio"] for h, v in alone.items()},
-            "balanced_H": r0["balanced_H"], "ctas_error": r0["ctas_error"],
-            "teardown_ok": [r["teardown_ok"] for r in res]}
+    every = [c for res in results.values() for c in res[0]["configs"]]
+    for group, res in results.items():
+        r0 = res[0]
+        alone = {int(h): v for h, v in r0.get("alone", {}).items()}
+        alone_long = {(int(t), int(h)): v for t, by_h in r0.get("alone_long", {}).items() for h, v in by_h.items()}
+        for cfg in r0["configs"]:
+            tr = traces[cfg["name"]]
+            png = plot_merged(tr, tr.replace("_trace.json", ".png"),
+                              f"2 GPUs: 2 microbatches x {cfg['layers']} layers (matmul -> {cfg['comm']}), "
+                              f"H={cfg['H']}, generators, SM split {cfg['best_k']}")
+            rep.files += [tr, png]
+            same = [o for o in every if o is not cfg and o["comm"] in A2A and cfg["comm"] in A2A
+                    and (o["T"], o["H"]) == (cfg["T"], cfg["H"])]
+            report_config(rep, cfg,
+                          alone.get(cfg["H"]) if cfg["T"] == T_MAIN else alone_long.get((cfg["T"], cfg["H"])),
+                          {"trace": tr, "png": png}, same)
+        for h, v in sorted(alone.items()):  # the stage balance the configurations were picked by
+            for comm in GROUPS[group]:
+                what = {"allreduce": "NCCL in-place all-reduce",
+                        "alltoall": "NCCL all-to-all (T/2 rows to each rank)",
+                        "alltoall_zero_sm": "NCCL all-to-all, zero-CTA policy (copy engines)",
+                        "alltoall_nvlink": "lowlevel NVLink all-to-all (all SMs)"}[comm]
+                rep.add(f"2 GPUs, stages alone (device time), H={h}, T={T_MAIN}: {what} (ratio 1 = balanced)",
+                        _t(v["samples_ms"][comm]), "ms", "matmul alone (all SMs)", _t(v["samples_ms"]["matmul"]),
+                        extra={"balanced": r0["balanced_H"][comm] == h,
+                               "eager_ms": {k: v["eager_ms"][k] for k in ("matmul", comm)}})
+        if alone and rep.figures:
+            rep.figures[0].extra.setdefault("stage_balance", {})[group] = {
+                "alone_ms": {h: v["ms"] for h, v in alone.items()},
+                "alone_eager_ms": {h: v["eager_ms"] for h, v in alone.items()},
+                "ratio_comm_over_matmul": {h: v["ratio"] for h, v in alone.items()},
+                "balanced_H": r0["balanced_H"], "ctas_error": r0["ctas_error"],
+                "teardown_ok": [r["teardown_ok"] for r in res]}
+    for group, err in errors.items():
+        rep.add(f"2 GPUs, the {group} launch failed (its figures are missing)", 0.0, "-", extra={"error": err})
 
 
 if __name__ == "__main__":

@@ -103,3 +103,27 @@ def test_ubatch_overlap_with_nccl_matches_sequential_and_reference(tmp_path):
         assert all(v <= tol for v in ar["max_abs_diff"].values()), (ar["max_abs_diff"], tol)  # NaN fails too
         for a2a in (cfgs["alltoall"], cfgs["alltoall_zero_sm"]):  # SM kernels or copy engines: the same bits
             assert all(v == 0.0 for v in a2a["max_abs_diff"].values()), a2a["max_abs_diff"]
+
+
+def test_ubatch_overlap_with_nvlink_all_to_all_matches_sequential_and_reference(tmp_path):
+    """The same model with lowlevel's NVLink all-to-all (``kernels.all_to_all_single`` into
+    ``PeerBuffers``) as the comm stage, in its own worker launch: threads and generators, with
+    and without the SM split (16 programs for the exchange, the rest for the matmul), into
+    poisoned buffers, bit-exact against the sequential run (the same kernels in order), which
+    matches a float32 reference; captured as one FULL graph and replayed; no wait gave up."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from bench.bench_ubatch_nccl import spawn as spawn_ub
+
+    try:
+        res = spawn_ub(str(tmp_path), 512, 512, 3, False, timeout=120, group="nvlink")
+    except AssertionError as e:
+        pytest.fail(str(e))
+    for r in res:
+        (c,) = r["configs"]
+        assert c["comm"] == "alltoall_nvlink" and (c["H"], c["T"], c["layers"]) == (512, 512, 3)
+        assert c["seq_finite"] and c["seq_vs_reference_rel"] < 2e-2, c
+        diffs = c["max_abs_diff"]
+        assert {"threads_k0", "threads_k16", "generators_k0", "generators_k16", "graph"} <= set(diffs), diffs
+        assert c["graph_error"] is None, c["graph_error"]
+        assert all(v == 0.0 for v in diffs.values()), diffs
+        assert c["nvlink_error"] is None, c["nvlink_error"]
