@@ -519,6 +519,7 @@ def time_config(m: Model, clock: Clock, name: str, out_dir: str, seq: Any) -> di
     res: dict[str, Any] = {}
     name_kind = m.kind
     for kind in m.kinds():  # the best sequential run of any all-to-all these buffers take
+        print(f"[{time.strftime('%H:%M:%S')}] rank {m.rank}: {name}: sequential {kind}", flush=True)
         m.set_kind(kind)
         seq_s = {}
         for c in sorted({0, max(m.groups)}):
@@ -650,6 +651,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
                 within = abs(math.log(long[h_long]["ratio"][comm])) <= math.log(BAND)
                 plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within))
     for name, Hc, Tc, comm, balanced in plan:
+        print(f"[{time.strftime('%H:%M:%S')}] rank {rank}: {name}", flush=True)  # where a hang happened
         m = Model(rank, world, Hc, Tc, layers, groups, comm, zero_group)
         cfg: dict[str, Any] = {"name": name, "H": Hc, "T": Tc, "layers": layers, "comm": comm, "balanced": balanced}
         chk, seq = check_config(m, k_test, graph=True)
