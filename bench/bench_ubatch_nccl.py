@@ -75,6 +75,12 @@ A2A = ("alltoall", "alltoall_zero_sm", "alltoall_nvlink")  # implementations of 
 # best sequential run of an all-to-all is taken over both launches' runs of the same shape.
 GROUPS = {"nccl": ("allreduce", "alltoall", "alltoall_zero_sm"), "nvlink": ("alltoall_nvlink",)}
 GROUP_TIMEOUT_S = {"nccl": 420, "nvlink": 300}  # bounds a hang only
+# The launches a plain run makes (``UB_GROUPS=nccl,nvlink`` for both). The NVLink launch is
+# opt-in: on 2026-11-30 it hung three times in a row on two H200s with one rank's GPU waiting
+# while the other had finished the same step (once in the overlapped graph's capture and replay
+# at T = 8192, H = 2048, after the T = 4096 configurations had completed), a cause not yet found;
+# its 2-GPU tests pass (tests/test_all_to_all_2gpu.py, tests/test_dp_2gpu.py).
+DEFAULT_GROUPS = "nccl"
 
 
 class Clock:
@@ -775,9 +781,9 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
 
 
 def run(rep: Report) -> None:
-    """Both worker launches (:data:`GROUPS`; ``UB_GROUPS=nvlink`` runs one), their figures, the
-    merged traces and pictures. A launch that dies or hangs is reported and the other's figures
-    stand."""
+    """The worker launches of :data:`GROUPS` named by ``UB_GROUPS`` (comma separated; default
+    :data:`DEFAULT_GROUPS`), their figures, the merged traces and pictures. A launch that dies
+    or hangs is reported and the other's figures stand."""
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -790,7 +796,7 @@ def run(rep: Report) -> None:
     traces: dict[str, str] = {}
     results: dict[str, list[dict[str, Any]]] = {}
     errors: dict[str, str] = {}
-    for group in [g for g in os.environ.get("UB_GROUPS", ",".join(GROUPS)).split(",") if g]:
+    for group in [g for g in os.environ.get("UB_GROUPS", DEFAULT_GROUPS).split(",") if g]:
         with tempfile.TemporaryDirectory() as d:
             try:
                 results[group] = spawn(d, H_MAIN, T_MAIN, LAYERS, True, timeout=GROUP_TIMEOUT_S[group], hs=H_BALANCE,
