@@ -141,6 +141,12 @@ class UBatchRunner:
                 self._run(per_ub)  # warm-up: compilation and lazy allocations outside the capture
             with capture(stream=s, pool=self.pool) as g:
                 out = _concat(self._run(per_ub, pool=self.pool))
+        # The replay goes to the caller's stream: it must follow the warm-up, which may still be
+        # running on the capture stream (its comm work joined in). Without this the first replay
+        # overlapped the warm-up on the device: two runs of every stage at once, racing on the
+        # same buffers, and two launches of a collective on one communicator (or one set of
+        # cross-GPU epochs) at once, which hung the NVLink all-to-all on two H200s.
+        rt.order(s.ptr, rt.current_handle())
         g.keep(per_ub, out)
         self.graphs[key] = (g, out)
         return g, out

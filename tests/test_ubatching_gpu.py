@@ -149,3 +149,39 @@ def test_parked_threads_end_on_close_and_when_the_runner_is_dropped(weights):
     for t in second:
         t.join(2.0)
     assert not any(t.is_alive() for t in second)
+
+
+@pytest.mark.parametrize("mode", ["generators", "threads"])
+def test_first_replay_follows_the_warm_up(weights, mode):
+    """The call that captures runs the microbatches eagerly first (the warm-up, on the capture
+    stream) and then replays the graph on the caller's stream: the replay, and what the caller
+    enqueues after it, must follow the warm-up. Here the warm-up alone sleeps ~100 ms on the
+    comm stream (nothing sleeps inside the capture), so a replay that does not wait for it
+    finishes while the capture stream is still busy (the bug: two runs of every stage at once;
+    it hung a cross-GPU collective). The output is checked too."""
+    w1, w2 = weights
+    cycles = 200_000_000  # ~100 ms at an H200's ~2 GHz
+
+    def slow_warm_up(i, x):
+        h = K.matmul(x, w1, precision="ieee")
+        yield lowlevel.TO_COMM
+        if not torch.cuda.is_current_stream_capturing():
+            torch.cuda._sleep(cycles)  # only the eager warm-up is slow
+        c = h * 2.0
+        yield lowlevel.TO_COMPUTE
+        return K.matmul(c, w2, precision="ieee")
+
+    fn = slow_warm_up if mode == "generators" else ub.thread_fn_from_generator(slow_warm_up)
+    runner = lowlevel.UBatchRunner(fn, mode=mode, timeout_s=30)
+    x = torch.randn(256, H, device="cuda")
+    slices, _ = lowlevel.maybe_create_ubatch_slices(True, [128, 128], 256, 2)
+    torch.cuda.synchronize()
+    out = runner([x], slices, graph=True)
+    after = lowlevel.Event()
+    after.record()  # on the caller's stream, after the replay
+    after.synchronize()
+    busy = not lowlevel.graphs.capture_stream().query() or not runner.comm_stream.query()
+    torch.cuda.synchronize()
+    assert not busy, "the first replay finished while the warm-up was still running"
+    torch.testing.assert_close(out.double(), _ref(x, w1, w2), rtol=1e-4, atol=1e-4)
+    runner.close()
