@@ -76,10 +76,13 @@ A2A = ("alltoall", "alltoall_zero_sm", "alltoall_nvlink")  # implementations of 
 GROUPS = {"nccl": ("allreduce", "alltoall", "alltoall_zero_sm"), "nvlink": ("alltoall_nvlink",)}
 GROUP_TIMEOUT_S = {"nccl": 420, "nvlink": 300}  # bounds a hang only
 # The launches a plain run makes (``UB_GROUPS=nccl,nvlink`` for both). The NVLink launch is
-# opt-in: on 2026-11-30 it hung three times in a row on two H200s with one rank's GPU waiting
-# while the other had finished the same step (once in the overlapped graph's capture and replay
-# at T = 8192, H = 2048, after the T = 4096 configurations had completed), a cause not yet found;
-# its 2-GPU tests pass (tests/test_all_to_all_2gpu.py, tests/test_dp_2gpu.py).
+# opt-in until it has run through on the device: on 2026-11-30 it hung three times on two
+# H200s with one rank's GPU waiting while the other had finished the same step (the last time
+# in the overlapped graph's capture-and-replay at T = 8192, H = 2048, after the T = 4096
+# configurations had completed). The likely cause, found afterwards and fixed without device
+# time left to confirm it: UBatchRunner's first replay did not wait for its eager warm-up, so
+# two launches of the all-to-all ran at once on one rank and raced on its epoch counters. Its
+# 2-GPU tests pass (tests/test_all_to_all_2gpu.py, tests/test_dp_2gpu.py).
 DEFAULT_GROUPS = "nccl"
 
 
