@@ -15,9 +15,9 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from test_all_to_all_cpu import SPINS, group_of, interp, rand, same_bits
 
 from lowlevel.kernels import all_to_all as A
-from test_all_to_all_cpu import SPINS, group_of, interp, rand, same_bits
 
 
 @interp
