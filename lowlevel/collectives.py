@@ -385,7 +385,12 @@ class PeerBuffers:
 
     def index(self, t: Any) -> int:
         """Which buffer of :attr:`tensors` is the torch tensor ``t`` (exactly that buffer: same
-        start, shape, strides and dtype); ``ValueError`` naming ``t`` otherwise."""
+        start, shape, strides and dtype); ``TypeError`` for a ``t`` that is not a torch tensor,
+        ``ValueError`` otherwise (the message names it ``output``, as the kernels call it)."""
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be a torch.Tensor (one of this PeerBuffers' tensors), got {describe(t)}")
         for i, b in enumerate(self.tensors):
             if (t.data_ptr() == b.data_ptr() and t.shape == b.shape and t.dtype == b.dtype
                     and t.stride() == b.stride()):

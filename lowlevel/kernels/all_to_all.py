@@ -177,8 +177,10 @@ def _bits(t: Any) -> Any:
     return t.view(_BITS[size]) if size in _BITS else t.view(torch.int64)  # complex128: two words an element
 
 
-def _plan(output: Any, input: Any, peers: PeerBuffers, programs: int,
-          max_spins: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _plan(output: Any, input: Any, peers: PeerBuffers) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Check ``output`` and ``input``; the launch arguments that follow ``input`` up to the
+    program count (the peers' outputs and signal words, the chunk length) and the constexprs.
+    The plan holds no reference to ``input``: a cached plan must not keep its memory alive."""
     if peers.world > MAX_WORLD:
         raise ValueError(f"peers spans {peers.world} ranks; all_to_all_single supports at most {MAX_WORLD}")
     for name, t in (("output", output), ("input", input)):
@@ -201,14 +203,15 @@ def _plan(output: Any, input: Any, peers: PeerBuffers, programs: int,
     check_writes("all_to_all_single", "output", output, ("input", input))
     if any(overlaps(input, t) for r in range(peers.world) if r != peers.rank for t in peers.peer(r)):
         raise ValueError("input must be this rank's memory, not a peer's buffer mapped here")
+    if any(overlaps(input, peers.signals(r)) for r in range(peers.world)):
+        raise ValueError("input must not overlap the PeerBuffers' signal words (this rank's or a peer's): every "
+                         "rank's barriers rewrite them while the kernel reads its input")
     outs = [_bits(peers.peer(r)[i]) for r in range(peers.world)]
     sigs = [peers.signals(r) for r in range(peers.world)]
     outs += [outs[0]] * (MAX_WORLD - len(outs))
     sigs += [sigs[0]] * (MAX_WORLD - len(sigs))
-    x = _bits(input)
-    n_chunk = x.numel() // peers.world
-    args = (x, *outs, *sigs, n_chunk, programs, max_spins)
-    return args, {"RANK": peers.rank, "WORLD": peers.world, "BLOCK": _BLOCK, "SYNC": True}
+    n_chunk = _bits(input).numel() // peers.world  # elements of the moved dtype (complex128: two words each)
+    return (*outs, *sigs, n_chunk), {"RANK": peers.rank, "WORLD": peers.world, "BLOCK": _BLOCK, "SYNC": True}
 
 
 def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: int | None = None,
@@ -237,9 +240,10 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
     CuPy arrays, ``peers`` that is not a ``PeerBuffers``, non-int ``programs``/``max_spins``;
     ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, mismatched shape,
     dtype or device, a non-contiguous ``input``, ``n`` not divisible by ``w``, ``input``
-    overlapping ``output`` or lying in a peer's buffer, ``programs`` or ``max_spins`` out of
-    range; :class:`~lowlevel.LowlevelError` for a closed ``peers``. A wait that gave up shows
-    in :func:`check` (and makes this and later calls on ``peers`` do nothing)."""
+    overlapping ``output`` or lying in a peer's buffer or in any rank's signal words,
+    ``programs`` or ``max_spins`` out of range; :class:`~lowlevel.LowlevelError` for a closed
+    ``peers``. A wait that gave up shows in :func:`check` (and makes this and later calls on
+    ``peers`` do nothing)."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
@@ -252,19 +256,19 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
         check_int(programs, "programs", 1, min(MAX_PROGRAMS, sms))
     max_spins = check_int(max_spins, "max_spins", 1, (1 << 31) - 1)
     plans = peers.plans()  # raises for a closed peers; cleared when it closes
-    key = ("all_to_all_single", out.data_ptr(), inp.data_ptr(), inp.shape, inp.dtype, inp.stride(), out.shape,
-           out.dtype, out.stride(), inp.is_conj() or inp.is_neg() or out.is_conj() or out.is_neg())
+    # every check of _plan is a function of this key (the input's address, device, layout), so a hit
+    # (the same or a new tensor at a seen address) needs none; the plan holds no view of the input
+    key = ("all_to_all_single", out.data_ptr(), inp.data_ptr(), inp.device, inp.shape, inp.dtype, inp.stride(),
+           out.shape, out.dtype, out.stride(), inp.is_conj() or inp.is_neg() or out.is_conj() or out.is_neg())
     hit = plans.get(key)
     if hit is None:
-        args, constexprs = _plan(out, inp, peers, programs, max_spins)
-        if len(plans) > 256:  # bound the cache: a plan is a few tensor views
+        hit = _plan(out, inp, peers)
+        if len(plans) > 256:  # bound the cache: a plan is a few views of the peers' memory
             plans.clear()
-        plans[key] = (args, constexprs)
-    else:
-        args, constexprs = hit
-        args = (*args[:-2], programs, max_spins)
+        plans[key] = hit
     if inp.numel():
-        _launch(programs, args, constexprs, _WARPS, 1)
+        rest, constexprs = hit
+        _launch(programs, (_bits(inp), *rest, programs, max_spins), constexprs, _WARPS, 1)
     return output
 
 
@@ -273,7 +277,8 @@ def check(peers: PeerBuffers) -> None:
     :func:`all_to_all_single` on it gave up (a peer launched fewer programs, called in another
     order, or never called). The error is sticky: that output and every later one on ``peers``
     are incomplete (the calls do nothing), until ``peers`` is closed and made again on every
-    rank. ``TypeError`` for a ``peers`` that is not a ``PeerBuffers``."""
+    rank. ``TypeError`` for a ``peers`` that is not a ``PeerBuffers``,
+    :class:`~lowlevel.LowlevelError` for a closed one."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     sig = peers.signals(peers.rank)
