@@ -164,6 +164,21 @@ def _shapes_bytes(shapes: Any, dtype: Any) -> list[list[int]]:
     return dims
 
 
+def _buffer_args(group: Any, shapes: Any, dtype: Any, device: Any) -> tuple[list[list[int]], int | None]:
+    """The checks both buffer classes make before allocating: ``group``, ``dtype`` (a
+    ``torch.dtype``), ``shapes`` (:func:`_shapes_bytes`), ``device``; then a usable GPU.
+    Returns the shapes as lists of ints and the device index (or None)."""
+    import torch
+
+    _check_group(group)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
+    dims = _shapes_bytes(shapes, dtype)
+    device = _check_device(device)
+    require_cuda()
+    return dims, device
+
+
 class SymmetricBuffers:
     """Tensors in memory that NCCL can reach on every rank of ``group`` at the same offset: a
     ``torch.cuda.MemPool`` over NCCL's allocator (``ncclMemAlloc``), registered as symmetric
@@ -191,12 +206,7 @@ class SymmetricBuffers:
         import torch
         import torch.distributed as dist
 
-        _check_group(group)
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
-        dims = _shapes_bytes(shapes, dtype)
-        device = _check_device(device)
-        require_cuda()
+        dims, device = _buffer_args(group, shapes, dtype, device)
         if group is None:
             _require_init("SymmetricBuffers(group=None)")
             group = dist.group.WORLD
@@ -270,15 +280,9 @@ class PeerBuffers:
 
     def __init__(self, group: Any, shapes: Sequence[Sequence[int]], dtype: Any, *,
                  device: int | None = None) -> None:
-        import torch
         import torch.distributed as dist
 
-        _check_group(group)
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
-        dims = _shapes_bytes(shapes, dtype)
-        device = _check_device(device)
-        require_cuda()
+        dims, device = _buffer_args(group, shapes, dtype, device)
         _require_init("PeerBuffers")
         if group is None:
             group = dist.group.WORLD
