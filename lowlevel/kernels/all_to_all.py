@@ -190,9 +190,7 @@ def _plan(output: Any, input: Any, peers: PeerBuffers) -> tuple[tuple[Any, ...],
     The plan holds no reference to ``input``: a cached plan must not keep its memory alive."""
     if peers.world > MAX_WORLD:
         raise ValueError(f"peers spans {peers.world} ranks; all_to_all_single supports at most {MAX_WORLD}")
-    for name, t in (("output", output), ("input", input)):
-        if t.layout != torch.strided:
-            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    for name, t in (("output", output), ("input", input)):  # all_to_all_single refused other layouts
         if t.is_conj() or t.is_neg():  # lazy views: the memory moved is not the values the tensor shows
             raise ValueError(f"{name} must not be a lazy conjugate/negative view; pass "
                              f"{name}.resolve_conj().resolve_neg()")
