@@ -32,6 +32,7 @@ little (``SMControlContextManager``: 16 SMs in that run) lightens its traffic an
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -155,11 +156,9 @@ def _shapes_bytes(shapes: Any, dtype: Any) -> list[list[int]]:
             hint = " (for one tensor, pass [shape])" if isinstance(shape, int) else ""
             raise TypeError(f"shapes[{i}] must be a sequence of ints (a shape){hint}, got {describe(shape)}")
         d = [check_int(v, f"shapes[{i}][{j}]", 0) for j, v in enumerate(shape)]
-        numel = 1
-        for v in d:
-            numel *= v
-        if numel * dtype.itemsize >= 2**63:
-            raise ValueError(f"shapes[{i}] is too large: {tuple(d)} of {dtype} is {numel * dtype.itemsize} bytes")
+        size = math.prod(d) * dtype.itemsize
+        if size >= 2**63:
+            raise ValueError(f"shapes[{i}] is too large: {tuple(d)} of {dtype} is {size} bytes")
         dims.append(d)
     return dims
 
@@ -290,13 +289,11 @@ class PeerBuffers:
         self.group, self.dtype = group, dtype
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.offsets: list[int] = []  # bytes from the allocation's start to each buffer
+        self._sizes = [math.prod(d) * dtype.itemsize for d in dims]  # bytes of each buffer
         at = PEER_SIGNAL_WORDS * 4
-        for d in dims:
+        for size in self._sizes:
             self.offsets.append(at)
-            numel = 1
-            for v in d:
-                numel *= v
-            at += -(-numel * dtype.itemsize // PEER_ALIGN) * PEER_ALIGN
+            at += -(-size // PEER_ALIGN) * PEER_ALIGN
         self.nbytes, self._dims = at, dims
         self._base = 0
         self._opened: dict[int, int] = {}  # group rank -> this process's mapping of its allocation
@@ -353,11 +350,8 @@ class PeerBuffers:
             raw = torch.from_dlpack(cp.ndarray((self.nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0)))
             sig = raw[:PEER_SIGNAL_WORDS * 4].view(torch.int32)
             bufs = []
-            for off, d in zip(self.offsets, self._dims):
-                numel = 1
-                for x in d:
-                    numel *= x
-                bufs.append(raw[off:off + numel * self.dtype.itemsize].view(self.dtype).view(d))
+            for off, size, d in zip(self.offsets, self._sizes, self._dims):
+                bufs.append(raw[off:off + size].view(self.dtype).view(d))
             v = self._views[r] = (sig, bufs)
         return v
 
