@@ -165,19 +165,17 @@ class Model:
         self.x = self.xs[rank]
         self.zero_group, self.symmetric, self.peers, self.home = zero_group, None, None, comm
 
-        def plain() -> list[tuple[Any, Any]]:
-            t = [torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        def pairs(t: list[Any]) -> list[tuple[Any, Any]]:  # each microbatch's (h, next x)
             return [(t[0], t[1]), (t[2], t[3])]
 
-        self.plain = self.own = plain()  # each microbatch's (h, next x): NCCL's own buffers
         if comm == "alltoall_zero_sm":  # every buffer an all-to-all touches in the zero-CTA group's windows
             self.symmetric = lowlevel.SymmetricBuffers(zero_group, [(T, H)] * 4, torch.bfloat16)
-            t = self.symmetric.tensors
-            self.plain = self.own = [(t[0], t[1]), (t[2], t[3])]
-        elif comm == "alltoall_nvlink":  # the peers store into these; NCCL's runs keep to plain buffers
-            self.peers = lowlevel.PeerBuffers(None, [(T, H)] * 4, torch.bfloat16)
-            t = self.peers.tensors
-            self.own = [(t[0], t[1]), (t[2], t[3])]
+            self.plain = self.own = pairs(self.symmetric.tensors)
+        else:  # NCCL's own buffers; the NVLink stage's peers store into buffers of their own
+            self.plain = self.own = pairs([torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(4)])
+            if comm == "alltoall_nvlink":
+                self.peers = lowlevel.PeerBuffers(None, [(T, H)] * 4, torch.bfloat16)
+                self.own = pairs(self.peers.tensors)
         self.bufs = self.own
         self.programs = self.total  # the NVLink all-to-all's programs (set_comm_sms)
         self.groups = groups
