@@ -32,8 +32,9 @@ comm stage alone takes closest to its matmul alone (both measured in the run as 
 time, 5 calls in one graph: the best sequential run is often a graph, and eager wall times
 carry the host's launch cost, which differs between the two all-to-alls; matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``; for the all-to-all, the two closest within
-:data:`BAND`; and the all-to-all at the :data:`LONG` shapes, 2x and 4x the tokens, stages as
-long) -- the issue's target (>= 1.4x) is for stages of about equal length.
+:data:`BAND`; and each all-to-all at 2x and 4x the tokens, at the ``H`` among those of
+:data:`LONG` whose stages alone are closest, longer stages that carry the per-stage costs
+better) -- the issue's target (>= 1.4x) is for stages of about equal length.
 Also: the overlapped run captured as one FULL graph (NCCL inside) and
 replayed on both ranks, checked against the sequential result; each stage's device time
 inside that graph, beside the matmul and beside a sleep kernel of the matmul's length
@@ -60,7 +61,10 @@ from .common import Report, Timing, free_port, run_ranks
 NEEDS_GPU = True
 LAYERS = 6
 H_MAIN, T_MAIN = 4096, 4096
-LONG = ((8192, 2048), (16384, 1536))  # (T, H): the all-to-all also at 2x and 4x the tokens, stages as long
+# T: hidden sizes. The all-to-all also at 2x and 4x the tokens (longer stages: per-stage costs weigh
+# less), each all-to-all at the H among these whose stages alone are closest in length (NCCL's
+# and lowlevel's NVLink one balance at different H: the NVLink one moves the same bytes faster)
+LONG = {8192: (1536, 2048), 16384: (1024, 1280, 1536)}
 H_BALANCE = (1024, 2048, 2560, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 BAND = 1.25  # "about the same time alone": comm / matmul within [1 / BAND, BAND]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,15 +79,11 @@ A2A = ("alltoall", "alltoall_zero_sm", "alltoall_nvlink")  # implementations of 
 # best sequential run of an all-to-all is taken over both launches' runs of the same shape.
 GROUPS = {"nccl": ("allreduce", "alltoall", "alltoall_zero_sm"), "nvlink": ("alltoall_nvlink",)}
 GROUP_TIMEOUT_S = {"nccl": 420, "nvlink": 300}  # bounds a hang only
-# The launches a plain run makes (``UB_GROUPS=nccl,nvlink`` for both). The NVLink launch is
-# opt-in until it has run through on the device: on 2026-11-30 it hung three times on two
-# H200s with one rank's GPU waiting while the other had finished the same step (the last time
-# in the overlapped graph's capture-and-replay at T = 8192, H = 2048, after the T = 4096
-# configurations had completed). The likely cause, found afterwards and fixed without device
-# time left to confirm it: UBatchRunner's first replay did not wait for its eager warm-up, so
-# two launches of the all-to-all ran at once on one rank and raced on its epoch counters. Its
-# 2-GPU tests pass (tests/test_all_to_all_2gpu.py, tests/test_dp_2gpu.py).
-DEFAULT_GROUPS = "nccl"
+# The launches a plain run makes (``UB_GROUPS`` picks others). The NVLink launch hung three times
+# on 2026-11-30 (session 9) until UBatchRunner's first replay was made to wait for its eager
+# warm-up (two launches of the all-to-all at once raced on one rank's epoch counters); it has run
+# through since (session 10).
+DEFAULT_GROUPS = "nccl,nvlink"
 
 
 class Clock:
@@ -621,7 +621,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     from lowlevel.sm_control import device_sm_count
 
     hl = [int(h) for h in str(hs).split(",") if h.strip() not in ("", "-")]
-    shapes = {(T, h) for h in {H, *hl}} | (set(LONG) if hl else set())
+    shapes = {(T, h) for h in {H, *hl}} | ({(t, h) for t, hs_long in LONG.items() for h in hs_long} if hl else set())
     ctas = sorted(set(CTAS).union(*(wave_ctas(t, h, device_sm_count()) for t, h in shapes))) if full else [16]
     groups, ctas_error = make_groups(dist, ctas)
     import lowlevel
@@ -651,10 +651,11 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
                 plan.append((f"{comm}_H{h}", h, T, comm, True))
         # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
         res["alone_long"] = {}
-        for t_long, h_long in LONG:
-            long = measure_alone(torch, dist, clock, K, t_long, [h_long], zero_group, group)
+        for t_long, hs_long in LONG.items():
+            long = measure_alone(torch, dist, clock, K, t_long, hs_long, zero_group, group)
             res["alone_long"][t_long] = long
             for comm in a2as:
+                h_long = pick_balanced(long, comm)
                 within = abs(math.log(long[h_long]["ratio"][comm])) <= math.log(BAND)
                 plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within))
     for name, Hc, Tc, comm, balanced in plan:
