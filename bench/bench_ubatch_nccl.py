@@ -32,7 +32,7 @@ comm stage alone takes closest to its matmul alone (both measured in the run as 
 time, 5 calls in one graph: the best sequential run is often a graph, and eager wall times
 carry the host's launch cost, which differs between the two all-to-alls; matmul FLOPs grow
 with ``H**2``, the collective's bytes with ``H``; for the all-to-all, the two closest within
-:data:`BAND`; and each all-to-all at 2x and 4x the tokens, at the ``H`` among those of
+:data:`BAND`; and each all-to-all at 2x, 4x and 8x the tokens, at the ``H`` among those of
 :data:`LONG` whose stages alone are closest, longer stages that carry the per-stage costs
 better) -- the issue's target (>= 1.4x) is for stages of about equal length.
 Also: the overlapped run captured as one FULL graph (NCCL inside) and
@@ -61,10 +61,10 @@ from .common import Report, Timing, free_port, run_ranks
 NEEDS_GPU = True
 LAYERS = 6
 H_MAIN, T_MAIN = 4096, 4096
-# T: hidden sizes. The all-to-all also at 2x and 4x the tokens (longer stages: per-stage costs weigh
+# T: hidden sizes. The all-to-all also at 2x, 4x and 8x the tokens (longer stages: per-stage costs weigh
 # less), each all-to-all at the H among these whose stages alone are closest in length (NCCL's
 # and lowlevel's NVLink one balance at different H: the NVLink one moves the same bytes faster)
-LONG = {8192: (1536, 2048), 16384: (1024, 1280, 1536)}
+LONG = {8192: (1536, 2048), 16384: (1024, 1280, 1536), 32768: (1024, 1280)}
 H_BALANCE = (1024, 2048, 2560, 3072, 4096)  # hidden sizes whose stage balance the full run measures
 BAND = 1.25  # "about the same time alone": comm / matmul within [1 / BAND, BAND]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

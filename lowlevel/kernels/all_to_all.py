@@ -142,13 +142,16 @@ def _exchange(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6,
         offs = tl.arange(0, BLOCK).to(tl.int64)
         block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
         n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
-        for step in tl.static_range(WORLD):
-            d = (RANK + 1 + step) % WORLD  # constexpr: the peers first, this rank's own rows last
-            src = x_ptr + d * n
-            dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
-            for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
-                idx = j * block + offs
-                m = idx < n
+        # Block j of every destination in one step (the peers first, this rank's own rows last):
+        # the local copy then runs while the NVLink stores drain instead of in a phase of its own
+        # (on two H200s, 16 programs: 75 us against 100 for 2 x 21 MB)
+        for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
+            idx = j * block + offs
+            m = idx < n
+            for step in tl.static_range(WORLD):
+                d = (RANK + 1 + step) % WORLD  # constexpr
+                src = x_ptr + d * n
+                dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
                 tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
         _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD,
                  SYNC)
