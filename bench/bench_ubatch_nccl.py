@@ -751,7 +751,8 @@ def report_config(rep: Report, cfg: dict[str, Any], alone: dict[str, Any] | None
     rep.add(f"2 GPUs, {lab}: overlap, threads, no SM split", _t(cfg["overlap_threads_nosplit_samples_ms"]), "ms",
             "best sequential run", seq)
     if cfg.get("graph_samples_ms"):
-        rep.add(f"2 GPUs, {lab}: overlapped FULL graph replay (NCCL inside)", _t(cfg["graph_samples_ms"]), "ms",
+        inside = "the NVLink kernel inside" if cfg["comm"] == "alltoall_nvlink" else "NCCL inside"
+        rep.add(f"2 GPUs, {lab}: overlapped FULL graph replay ({inside})", _t(cfg["graph_samples_ms"]), "ms",
                 "eager overlapped, generators", _t(cfg["overlap_generators_samples_ms"]))
     seq_gs = {k: _t(v) for k, v in cfg["seq_graph_samples_ms"].items() if v}
     for o in same_shape:
