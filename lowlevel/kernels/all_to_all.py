@@ -250,19 +250,21 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
 
     Raises, before anything launches: ``TypeError`` for arrays that are not torch tensors or
     CuPy arrays, ``peers`` that is not a ``PeerBuffers``, non-int ``programs``/``max_spins``;
-    ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, mismatched shape,
-    dtype or device, a non-contiguous ``input``, ``n`` not divisible by ``w``, ``input``
-    overlapping ``output`` or lying in a peer's buffer or in any rank's signal words,
-    ``programs`` or ``max_spins`` out of range; :class:`~lowlevel.LowlevelError` for a closed
+    ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, a sparse, MKL-DNN or
+    nested tensor, mismatched shape, dtype or device, a non-contiguous ``input``, ``n`` not
+    divisible by ``w``, ``input`` overlapping ``output`` or lying in a peer's buffer or in any
+    rank's signal words, ``programs`` or ``max_spins`` out of range; :class:`~lowlevel.LowlevelError` for a closed
     ``peers``. A wait that gave up shows in :func:`check` (and makes this and later calls on
     ``peers`` do nothing)."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
     inp, _ = to_torch(input, "input")
-    if out.layout != torch.strided or inp.layout != torch.strided:  # before the cache key's data_ptr()
-        raise ValueError(f"output and input must be dense (strided) tensors, got layouts {out.layout} and "
-                         f"{inp.layout}")
+    if out.layout != torch.strided or inp.layout != torch.strided or out.is_nested or inp.is_nested:
+        for name, t in (("output", out), ("input", inp)):  # before the cache key's data_ptr() and shape
+            if t.layout != torch.strided or t.is_nested:
+                raise ValueError(f"{name} must be a dense (strided, not nested) tensor, got "
+                                 f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
     sms = device_sm_count(peers.device)
     programs = min(MAX_PROGRAMS, capped(sms)) if programs is None else \
         check_int(programs, "programs", 1, min(MAX_PROGRAMS, sms))
