@@ -253,9 +253,9 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
     ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, a sparse, MKL-DNN or
     nested tensor, mismatched shape, dtype or device, a non-contiguous ``input``, ``n`` not
     divisible by ``w``, ``input`` overlapping ``output`` or lying in a peer's buffer or in any
-    rank's signal words, ``programs`` or ``max_spins`` out of range; :class:`~lowlevel.LowlevelError` for a closed
-    ``peers``. A wait that gave up shows in :func:`check` (and makes this and later calls on
-    ``peers`` do nothing)."""
+    rank's signal words, ``programs`` or ``max_spins`` out of range;
+    :class:`~lowlevel.LowlevelError` for a closed ``peers``. A wait that gave up shows in
+    :func:`check` (and makes this and later calls on ``peers`` do nothing)."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
