@@ -143,20 +143,23 @@ def _exchange(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6,
     e = tl.load(sig + _EPOCHS + pid) + 1
     if _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC):
         # every peer's program pid started: its stream finished reading what this one overwrites
-        offs = tl.arange(0, BLOCK).to(tl.int64)
-        block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
+        # 64-bit offsets (a buffer may pass 2**31 elements) only in scalars, the block's start;
+        # 32-bit ones inside a block: what one step holds for every destination fits the
+        # registers (a 64-bit offset per element spilled to local memory for 8-byte elements,
+        # and by kilobytes for buffers not 16-byte aligned: tests/test_all_to_all_codegen_cpu.py)
+        offs = tl.arange(0, BLOCK)
         n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
         # Block j of every destination in one step (the peers first, this rank's own rows last):
         # the local copy then runs while the NVLink stores drain instead of in a phase of its own
-        # (on two H200s, 16 programs: 75 us against 100 for 2 x 21 MB)
+        # (on two H200s, 16 programs: 70 us against 100 for 2 x 21 MB)
         for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
-            idx = j * block + offs
-            m = idx < n
+            start = tl.cast(j, tl.int64) * BLOCK
+            m = offs < tl.cast(tl.minimum(n - start, BLOCK), tl.int32)
             for step in tl.static_range(WORLD):
                 d = (RANK + 1 + step) % WORLD  # constexpr
-                src = x_ptr + d * n
-                dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
-                tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
+                src = x_ptr + (d * n + start)
+                dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + (RANK * n + start)
+                tl.store(dst + offs, tl.load(src + offs, mask=m, eviction_policy="evict_first"), mask=m)
         _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD,
                  SYNC)
     tl.store(sig + _EPOCHS + pid, e)
