@@ -48,11 +48,17 @@ at once on a rank (they would share the epoch counters): keep them on one stream
 What it measures (two NVLink-linked H200s, bf16, 2026-11-30, session 10,
 ``bench/results/all_to_all_probe_session10_20261130.json``): alone, ``4096 x 2048`` takes 34 µs
 on every SM and 35 µs on 16 programs, against NCCL's 55 µs on its own CTAs; ``16384 x 1280``
-69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination).
-Beside lowlevel's matmul in ``bench_ubatch_nccl`` (2 microbatches x 6 layers, stages balanced,
-H 1024), the overlapped step as one graph is 1.42x / 1.49x the best sequential run at 16384 /
-32768 tokens a microbatch, 1.05x - 1.29x at 4096 - 8192 tokens; beside the matmul it loses 5 %
-of its speed to the matmul's memory traffic, where NCCL's kernels lose 35 - 50 %.
+69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination;
+with 20 - 48 programs it takes 73 - 82 µs, longer than with 16). Beside lowlevel's matmul in
+``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T144000Z.json``), the
+overlapped step as one graph is 1.42x / 1.49x the best sequential run at 16384 / 32768 tokens a
+microbatch (H 1024, where this all-to-all alone is 1.08x / 0.99x the matmul; the sequential
+runs there were NCCL's kernels and this one, not NCCL's copy engines), and 1.05x / 1.08x /
+1.28x at 4096 (H 1024 / 2048) and 8192 (H 1536) tokens, where it is 0.69x - 0.87x the matmul
+(outside the bench's balance band at 4096). Inside that graph its stage takes 5 % longer beside
+the matmul than beside a sleep kernel of the matmul's length at 16384 / 32768 tokens, 24 - 36 %
+longer at 4096 - 8192; NCCL's kernels 47 - 54 % longer (H 2048 / 1536 / 1280 at 8192 / 16384 /
+32768 tokens).
 """
 from __future__ import annotations
 
