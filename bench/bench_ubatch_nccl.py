@@ -34,8 +34,11 @@ carry the host's launch cost, which differs between the two all-to-alls; matmul 
 with ``H**2``, the collective's bytes with ``H``; for the all-to-all, the two closest within
 :data:`BAND`; and each all-to-all at 2x, 4x and 8x the tokens, at the ``H`` among those of
 :data:`LONG` whose stages alone are closest, longer stages that carry the per-stage costs
-better) -- the issue's target (>= 1.4x) is for stages of about equal length.
-Also: the overlapped run captured as one FULL graph (NCCL inside) and
+better) -- the issue's target (>= 1.4x) is for stages of about equal length: a configuration
+is named balanced, and carries that target, only when its stages alone are within ``BAND``
+(:func:`plan_configs`; the closest ``H`` is timed anyway when none is).
+Also: the overlapped run captured as one FULL graph (the collective inside: NCCL's kernels or
+copy engines, or lowlevel's NVLink kernel) and
 replayed on both ranks, checked against the sequential result; each stage's device time
 inside that graph, beside the matmul and beside a sleep kernel of the matmul's length
 (:func:`pipeline_stages`: what the matmul's memory traffic costs the collective); both ranks'
@@ -443,6 +446,39 @@ def pick_balanced(alone: dict[int, dict[str, Any]], comm: str) -> int:
     return min(alone, key=lambda H: (abs(math.log(alone[H]["ratio"][comm])), -H))
 
 
+def within_band(alone: dict[int, dict[str, Any]], H: int, comm: str) -> bool:
+    """Whether ``comm``'s stage alone at ``H`` is within :data:`BAND` of the matmul alone: what
+    makes a configuration *balanced* (its figures' names say so and carry the 1.4x target)."""
+    return abs(math.log(alone[H]["ratio"][comm])) <= math.log(BAND)
+
+
+def plan_configs(H: int, T: int, comms: Sequence[str], alone: dict[int, dict[str, Any]],
+                 alone_long: dict[int, dict[int, dict[str, Any]]]) -> list[tuple[str, int, int, str, bool]]:
+    """The configurations a full run times, from the stages measured alone: ``(name, H, T,
+    comm, balanced)``. The all-reduce at ``H`` (the main one) and at the ``H`` of ``alone``
+    closest to balance; each all-to-all at the (up to) two ``H`` of :func:`balanced_hs` at
+    ``T``, and at the closest ``H`` of each :data:`LONG` entry (``alone_long``: ``T -> H ->``
+    what :func:`measure_alone` returns). ``balanced`` is :func:`within_band`, for every
+    configuration: a pick outside the band (the closest there was) is timed but not called
+    balanced."""
+    plan: list[tuple[str, int, int, str, bool]] = []
+    if "allreduce" in comms:
+        plan.append((f"allreduce_H{H}", H, T, "allreduce", H in alone and within_band(alone, H, "allreduce")))
+        best = pick_balanced(alone, "allreduce")
+        if best != H:
+            plan.append((f"allreduce_H{best}", best, T, "allreduce", within_band(alone, best, "allreduce")))
+    a2as = [c for c in comms if c in A2A]
+    for comm in a2as:
+        for h in balanced_hs(alone, comm):
+            plan.append((f"{comm}_H{h}", h, T, comm, within_band(alone, h, comm)))
+    # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
+    for t_long, long in alone_long.items():
+        for comm in a2as:
+            h_long = pick_balanced(long, comm)
+            plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within_band(long, h_long, comm)))
+    return plan
+
+
 def balanced_hs(alone: dict[int, dict[str, Any]], comm: str, most: int = 2) -> list[int]:
     """Up to ``most`` hidden sizes whose ``comm`` stage alone is within :data:`BAND` of its
     matmul alone, closest first (none within: the closest one). Two balanced sizes can overlap
@@ -638,26 +674,10 @@ def worker(rank: int, world: int, port: int, out_dir: str, H: int, T: int, layer
     if full and hl:
         alone = measure_alone(torch, dist, clock, K, T, hl, zero_group, group)
         res["alone"] = alone
-        bal = {c: pick_balanced(alone, c) for c in comms}
-        res["balanced_H"] = bal
-        plan = []
-        if "allreduce" in comms:
-            plan.append((f"allreduce_H{H}", H, T, "allreduce", bal["allreduce"] == H))
-            if bal["allreduce"] != H:
-                plan.append((f"allreduce_H{bal['allreduce']}", bal["allreduce"], T, "allreduce", True))
-        a2as = [c for c in comms if c in A2A]
-        for comm in a2as:
-            for h in balanced_hs(alone, comm):
-                plan.append((f"{comm}_H{h}", h, T, comm, True))
-        # longer stages, the same balance (both stages scale with T): per-stage costs weigh less
-        res["alone_long"] = {}
-        for t_long, hs_long in LONG.items():
-            long = measure_alone(torch, dist, clock, K, t_long, hs_long, zero_group, group)
-            res["alone_long"][t_long] = long
-            for comm in a2as:
-                h_long = pick_balanced(long, comm)
-                within = abs(math.log(long[h_long]["ratio"][comm])) <= math.log(BAND)
-                plan.append((f"{comm}_H{h_long}_T{t_long}", h_long, t_long, comm, within))
+        res["balanced_H"] = {c: pick_balanced(alone, c) for c in comms}
+        res["alone_long"] = {t_long: measure_alone(torch, dist, clock, K, t_long, hs_long, zero_group, group)
+                             for t_long, hs_long in LONG.items()}
+        plan = plan_configs(H, T, comms, alone, res["alone_long"])
     for name, Hc, Tc, comm, balanced in plan:
         print(f"[{time.strftime('%H:%M:%S')}] rank {rank}: {name}", flush=True)  # where a hang happened
         m = Model(rank, world, Hc, Tc, layers, groups, comm, zero_group)

@@ -48,11 +48,17 @@ at once on a rank (they would share the epoch counters): keep them on one stream
 What it measures (two NVLink-linked H200s, bf16, 2026-11-30, session 10,
 ``bench/results/all_to_all_probe_session10_20261130.json``): alone, ``4096 x 2048`` takes 34 µs
 on every SM and 35 µs on 16 programs, against NCCL's 55 µs on its own CTAs; ``16384 x 1280``
-69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination).
-Beside lowlevel's matmul in ``bench_ubatch_nccl`` (2 microbatches x 6 layers, stages balanced,
-H 1024), the overlapped step as one graph is 1.42x / 1.49x the best sequential run at 16384 /
-32768 tokens a microbatch, 1.05x - 1.29x at 4096 - 8192 tokens; beside the matmul it loses 5 %
-of its speed to the matmul's memory traffic, where NCCL's kernels lose 35 - 50 %.
+69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination;
+with 20 - 48 programs it takes 73 - 82 µs, longer than with 16). Beside lowlevel's matmul in
+``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T144000Z.json``), the
+overlapped step as one graph is 1.42x / 1.49x the best sequential run at 16384 / 32768 tokens a
+microbatch (H 1024, where this all-to-all alone is 1.08x / 0.99x the matmul; the sequential
+runs there were NCCL's kernels and this one, not NCCL's copy engines), and 1.05x / 1.08x /
+1.28x at 4096 (H 1024 / 2048) and 8192 (H 1536) tokens, where it is 0.69x - 0.87x the matmul
+(outside the bench's balance band at 4096). Inside that graph its stage takes 5 % longer beside
+the matmul than beside a sleep kernel of the matmul's length at 16384 / 32768 tokens, 24 - 36 %
+longer at 4096 - 8192; NCCL's kernels 47 - 54 % longer (H 2048 / 1536 / 1280 at 8192 / 16384 /
+32768 tokens).
 """
 from __future__ import annotations
 
@@ -143,20 +149,23 @@ def _exchange(x_ptr, o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6,
     e = tl.load(sig + _EPOCHS + pid) + 1
     if _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, pid * WORLD_SLOTS, e, max_spins, RANK, WORLD, SYNC):
         # every peer's program pid started: its stream finished reading what this one overwrites
-        offs = tl.arange(0, BLOCK).to(tl.int64)
-        block = tl.full((BLOCK,), BLOCK, tl.int64)  # 64-bit offsets: a buffer may pass 2**31 elements
+        # 64-bit offsets (a buffer may pass 2**31 elements) only in scalars, the block's start;
+        # 32-bit ones inside a block: what one step holds for every destination fits the
+        # registers (a 64-bit offset per element spilled to local memory for 8-byte elements,
+        # and by kilobytes for buffers not 16-byte aligned: tests/test_all_to_all_codegen_cpu.py)
+        offs = tl.arange(0, BLOCK)
         n = tl.cast(n_chunk, tl.int64)  # n_chunk == 1 arrives as a constexpr int
         # Block j of every destination in one step (the peers first, this rank's own rows last):
         # the local copy then runs while the NVLink stores drain instead of in a phase of its own
         # (on two H200s, 16 programs: 70 us against 100 for 2 x 21 MB)
         for j in range(pid, tl.cdiv(n_chunk, BLOCK), num_progs):
-            idx = j * block + offs
-            m = idx < n
+            start = tl.cast(j, tl.int64) * BLOCK
+            m = offs < tl.cast(tl.minimum(n - start, BLOCK), tl.int32)
             for step in tl.static_range(WORLD):
                 d = (RANK + 1 + step) % WORLD  # constexpr
-                src = x_ptr + d * n
-                dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + RANK * n
-                tl.store(dst + idx, tl.load(src + idx, mask=m, eviction_policy="evict_first"), mask=m)
+                src = x_ptr + (d * n + start)
+                dst = _pick(d, o0, o1, o2, o3, o4, o5, o6, o7) + (RANK * n + start)
+                tl.store(dst + offs, tl.load(src + offs, mask=m, eviction_policy="evict_first"), mask=m)
         _barrier(sig, s0, s1, s2, s3, s4, s5, s6, s7, _SLOTS + pid * WORLD_SLOTS, e, max_spins, RANK, WORLD,
                  SYNC)
     tl.store(sig + _EPOCHS + pid, e)
@@ -250,19 +259,21 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
 
     Raises, before anything launches: ``TypeError`` for arrays that are not torch tensors or
     CuPy arrays, ``peers`` that is not a ``PeerBuffers``, non-int ``programs``/``max_spins``;
-    ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, mismatched shape,
-    dtype or device, a non-contiguous ``input``, ``n`` not divisible by ``w``, ``input``
-    overlapping ``output`` or lying in a peer's buffer or in any rank's signal words,
-    ``programs`` or ``max_spins`` out of range; :class:`~lowlevel.LowlevelError` for a closed
-    ``peers``. A wait that gave up shows in :func:`check` (and makes this and later calls on
-    ``peers`` do nothing)."""
+    ``ValueError`` for an ``output`` that is not one of ``peers.tensors``, a sparse, MKL-DNN or
+    nested tensor, mismatched shape, dtype or device, a non-contiguous ``input``, ``n`` not
+    divisible by ``w``, ``input`` overlapping ``output`` or lying in a peer's buffer or in any
+    rank's signal words, ``programs`` or ``max_spins`` out of range;
+    :class:`~lowlevel.LowlevelError` for a closed ``peers``. A wait that gave up shows in
+    :func:`check` (and makes this and later calls on ``peers`` do nothing)."""
     if not isinstance(peers, PeerBuffers):
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
     inp, _ = to_torch(input, "input")
-    if out.layout != torch.strided or inp.layout != torch.strided:  # before the cache key's data_ptr()
-        raise ValueError(f"output and input must be dense (strided) tensors, got layouts {out.layout} and "
-                         f"{inp.layout}")
+    if out.layout != torch.strided or inp.layout != torch.strided or out.is_nested or inp.is_nested:
+        for name, t in (("output", out), ("input", inp)):  # before the cache key's data_ptr() and shape
+            if t.layout != torch.strided or t.is_nested:
+                raise ValueError(f"{name} must be a dense (strided, not nested) tensor, got "
+                                 f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
     sms = device_sm_count(peers.device)
     programs = min(MAX_PROGRAMS, capped(sms)) if programs is None else \
         check_int(programs, "programs", 1, min(MAX_PROGRAMS, sms))
