@@ -45,6 +45,24 @@ def test_matmul_strided_inputs():
     assert _rel(got, a.double() @ b.double()) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensors_are_refused_by_name():
+    """A nested tensor reports the strided layout but has no sizes: every kernel raised torch's
+    own RuntimeError from its shape checks; now a ValueError naming the argument, nothing run."""
+    x, w, b = _rand(6, 40), _rand(40), _rand(40, 24)
+    nx = torch.nested.nested_tensor(list(x))
+    y = torch.full_like(x, float("nan"))
+    with pytest.raises(ValueError, match="^x must be a dense tensor, got a nested tensor"):
+        K.rms_norm(nx, w, 1e-6, out=y)
+    with pytest.raises(ValueError, match="^out must be a dense tensor, got a nested tensor"):
+        K.rms_norm(x, w, 1e-6, out=torch.nested.nested_tensor(list(y)))
+    with pytest.raises(ValueError, match="^a must be a dense tensor, got a nested tensor"):
+        K.matmul(nx, b)
+    with pytest.raises(ValueError, match="^src must be a dense tensor, got a nested tensor"):
+        K.copy(nx, y)
+    assert torch.isnan(y).all()  # nothing ran
+
+
 def test_rms_norm_refuses_a_strided_weight():
     """The kernel reads weight[i] at w_ptr + i: a strided or expanded weight gave a wrong y
     (the expanded one read past its storage) before it was refused."""

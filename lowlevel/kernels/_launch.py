@@ -48,8 +48,12 @@ class LauncherFallbackWarning(RuntimeWarning):
 
 
 def to_torch(x: Any, name: str) -> tuple[Any, bool]:
-    """(torch view of ``x``, whether ``x`` was a CuPy array). No copies."""
+    """(torch view of ``x``, whether ``x`` was a CuPy array). No copies. ``TypeError`` for
+    another type, ``ValueError`` for a nested tensor (it reports the strided layout but has no
+    sizes or strides for the kernels' checks), naming ``name``."""
     if isinstance(x, torch.Tensor):
+        if x.is_nested:
+            raise ValueError(f"{name} must be a dense tensor, got a nested tensor")
         return x, False
     if rt.cp is not None and isinstance(x, rt.cp.ndarray):
         return as_torch(x), True

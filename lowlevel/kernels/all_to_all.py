@@ -269,11 +269,10 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
         raise TypeError(f"peers must be a lowlevel.PeerBuffers, got {type(peers).__qualname__}")
     out, _ = to_torch(output, "output")
     inp, _ = to_torch(input, "input")
-    if out.layout != torch.strided or inp.layout != torch.strided or out.is_nested or inp.is_nested:
+    if out.layout != torch.strided or inp.layout != torch.strided:  # nested ones: to_torch refused them
         for name, t in (("output", out), ("input", inp)):  # before the cache key's data_ptr() and shape
-            if t.layout != torch.strided or t.is_nested:
-                raise ValueError(f"{name} must be a dense (strided, not nested) tensor, got "
-                                 f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+            if t.layout != torch.strided:
+                raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     sms = device_sm_count(peers.device)
     programs = min(MAX_PROGRAMS, capped(sms)) if programs is None else \
         check_int(programs, "programs", 1, min(MAX_PROGRAMS, sms))

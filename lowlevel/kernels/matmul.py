@@ -479,14 +479,20 @@ def _matmul_torch(at: Any, bt: Any, ot: Any, precision: str) -> Any:
     if total is None:
         total = _TOTALS[da] = device_sm_count(da.index if da.type == "cuda" else None)
     cap = _capped(total)
-    pa, pb = at.data_ptr(), bt.data_ptr()
-    if ot is None:
-        key: tuple = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype, bt.device,
-                      pb % 16 == 0, precision, cap)
-    else:
-        pc = ot.data_ptr()
-        key = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype, bt.device,
-               pb % 16 == 0, precision, cap, ot.shape, ot.stride(), ot.dtype, ot.device, pc % 16 == 0)
+    try:
+        pa, pb = at.data_ptr(), bt.data_ptr()
+        if ot is None:
+            key: tuple = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype,
+                          bt.device, pb % 16 == 0, precision, cap)
+        else:
+            pc = ot.data_ptr()
+            key = (at.shape, at.stride(), at.dtype, da, pa % 16 == 0, bt.shape, bt.stride(), bt.dtype, bt.device,
+                   pb % 16 == 0, precision, cap, ot.shape, ot.stride(), ot.dtype, ot.device, pc % 16 == 0)
+    except RuntimeError:  # a nested tensor has no sizes or strides: to_torch names it (ValueError)
+        for name, t in (("a", at), ("b", bt), ("out", ot)):
+            if t is not None:
+                to_torch(t, name)
+        raise
     e = _PLANS.get(key)
     if e is None or (e.tk is not None and TABLE.get(e.tk[0], _NO_ENTRY).get(e.tk[1]) is not e.tcfg):
         return _miss(at, bt, ot, precision, key, cap)
