@@ -50,15 +50,14 @@ What it measures (two NVLink-linked H200s, bf16, 2026-11-30, session 10,
 on every SM and 35 µs on 16 programs, against NCCL's 55 µs on its own CTAs; ``16384 x 1280``
 69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination;
 with 20 - 48 programs it takes 73 - 82 µs, longer than with 16). Beside lowlevel's matmul in
-``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T144000Z.json``), the
-overlapped step as one graph is 1.42x / 1.49x the best sequential run at 16384 / 32768 tokens a
-microbatch (H 1024, where this all-to-all alone is 1.08x / 0.99x the matmul; the sequential
-runs there were NCCL's kernels and this one, not NCCL's copy engines), and 1.05x / 1.08x /
-1.28x at 4096 (H 1024 / 2048) and 8192 (H 1536) tokens, where it is 0.69x - 0.87x the matmul
-(outside the bench's balance band at 4096). Inside that graph its stage takes 5 % longer beside
-the matmul than beside a sleep kernel of the matmul's length at 16384 / 32768 tokens, 24 - 36 %
-longer at 4096 - 8192; NCCL's kernels 47 - 54 % longer (H 2048 / 1536 / 1280 at 8192 / 16384 /
-32768 tokens).
+``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T151000Z.json``), the
+overlapped step as one graph is 1.41x / 1.49x the best sequential run at 16384 / 32768 tokens a
+microbatch (H 1024, where this all-to-all alone is 1.00x / 0.96x the matmul; the sequential
+runs there were NCCL's kernels and this one: NCCL's copy engines did not run at that shape, and
+alone they are slower there than this kernel), 1.23x at 8192 tokens (H 1536), 1.17x - 1.19x at
+4096 (H 1024 / 2048, where it is 0.71x the matmul). Inside that graph its stage takes 3 - 6 %
+longer beside the matmul than beside a sleep kernel of the matmul's length (15 % at 4096 x
+1024); NCCL's kernels 32 - 47 % longer (H 2048 / 1536 / 1280 at 8192 / 16384 / 32768 tokens).
 """
 from __future__ import annotations
 
