@@ -246,7 +246,11 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
     of rank ``j``'s ``output`` (``r``: this rank's index in the group). Any dtype; bit-exact.
 
     ``programs``: CTAs, one an SM, an int in [1, min(SMs, :data:`MAX_PROGRAMS`)] (default
-    :func:`~lowlevel.kernels.get_num_sms`, the SM cap). Every rank must launch the same number
+    :func:`~lowlevel.kernels.get_num_sms`, the calling thread's SM cap: under a
+    :class:`~lowlevel.SMControlContextManager` that caps compute through
+    :func:`~lowlevel.kernels.set_num_sms` that is the *compute* share, so a comm stage passes
+    its own share, e.g. from the manager's ``set_comm_sms`` callback, as ``bench_ubatch_nccl``
+    does). Every rank must launch the same number
     of programs, and call in the same order (collective, like NCCL on one communicator). The
     calls on one ``peers`` must be ordered on each rank (one stream, or events between):
     they share the epoch counters.
