@@ -337,8 +337,7 @@ class PeerBuffers:
 
     def _mapped(self, r: int) -> tuple[Any, list[Any]]:
         """(int32 signal words, the buffers) of group rank ``r``, as torch tensors on this device."""
-        if self._closed:
-            raise LowlevelError("PeerBuffers is closed: its memory was freed")
+        self._check_open()
         r = check_int(r, "rank", 0, self.world - 1)
         v = self._views.get(r)
         if v is None:
@@ -377,9 +376,12 @@ class PeerBuffers:
         """The launch plans of the kernels that use these buffers (their arguments hold views
         of this memory), kept here so that they go when the memory goes: emptied by
         :meth:`close`. :class:`~lowlevel.LowlevelError` once closed."""
+        self._check_open()
+        return self._plans
+
+    def _check_open(self) -> None:
         if self._closed:
             raise LowlevelError("PeerBuffers is closed: its memory was freed")
-        return self._plans
 
     def index(self, t: Any) -> int:
         """Which buffer of :attr:`tensors` is the torch tensor ``t`` (exactly that buffer: same

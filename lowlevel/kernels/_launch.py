@@ -34,10 +34,15 @@ from ..sm_control import caps as _caps
 from ..sm_control import device_sm_count, get_num_sms
 
 __all__ = ["INTERPRET", "FastLauncher", "LauncherFallbackWarning", "Plan", "PreparedLaunch", "StreamLaunch",
-           "check_device", "check_dot_dtype", "check_stream", "check_launcher", "check_writes",
+           "MAX_SPINS_LIMIT", "check_device", "check_dot_dtype", "check_stream", "check_launcher", "check_writes",
            "like_input", "overlap_error", "spec_key", "to_torch"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_SPINS_LIMIT = (1 << 31) - 1
+"""The largest ``max_spins`` of the kernels that poll flags (tile overlap, the NVLink
+all-to-all): a program counts its polls in a 32-bit integer, which a larger limit would let
+wrap around (and the guard would never fire)."""
 
 _I32_MIN, _I32_END, _I64_END = -(1 << 31), 1 << 31, 1 << 63
 

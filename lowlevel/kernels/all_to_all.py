@@ -71,7 +71,7 @@ from ..collectives import PEER_SIGNAL_WORDS, PeerBuffers
 from ..errors import LowlevelError, check_int
 from ..interop import overlaps
 from ..sm_control import capped, device_sm_count
-from ._launch import INTERPRET, FastLauncher, check_writes, to_torch
+from ._launch import INTERPRET, MAX_SPINS_LIMIT, FastLauncher, check_writes, to_torch
 
 __all__ = ["MAX_PROGRAMS", "MAX_WORLD", "all_to_all_single", "check"]
 
@@ -79,7 +79,7 @@ MAX_PROGRAMS = 1024
 """The most programs one call may launch (the signal words hold this many slots per rank)."""
 MAX_WORLD = 8
 """The most ranks: one pointer argument per rank's output and signal words."""
-DEFAULT_MAX_SPINS = (1 << 31) - 1
+DEFAULT_MAX_SPINS = MAX_SPINS_LIMIT
 """Polls of one signal word before a wait gives up: the most a 32-bit count holds, about 15 minutes
 at ~0.4 µs a poll, so that a peer that is merely late (compiling a kernel, tuning, host work)
 never trips it; pass fewer to turn a missing peer into an error sooner."""
@@ -279,7 +279,7 @@ def all_to_all_single(output: Any, input: Any, *, peers: PeerBuffers, programs: 
     sms = device_sm_count(peers.device)
     programs = min(MAX_PROGRAMS, capped(sms)) if programs is None else \
         check_int(programs, "programs", 1, min(MAX_PROGRAMS, sms))
-    max_spins = check_int(max_spins, "max_spins", 1, (1 << 31) - 1)
+    max_spins = check_int(max_spins, "max_spins", 1, MAX_SPINS_LIMIT)
     plans = peers.plans()  # raises for a closed peers; cleared when it closes
     # every check of _plan is a function of this key (the input's address, device, layout), so a hit
     # (the same or a new tensor at a seen address) needs none; the plan holds no view of the input

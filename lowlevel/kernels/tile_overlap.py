@@ -109,7 +109,7 @@ from ..errors import LowlevelError, check_int, check_real
 from ..interop import extent
 from ..sm_control import device_sm_count
 from ..stream import Stream, use_stream
-from ._launch import INTERPRET, FastLauncher, check_device, check_writes, to_torch
+from ._launch import INTERPRET, MAX_SPINS_LIMIT, FastLauncher, check_device, check_writes, to_torch
 from .matmul import check_operands, config_for, grouped_tile, tile_dot
 
 __all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap", "matmul_then_rms_norm",
@@ -117,10 +117,6 @@ __all__ = ["DEFAULT_MAX_SPINS", "MAX_SPINS_LIMIT", "OFFSET_LIMIT", "TileOverlap"
 
 DEFAULT_MAX_SPINS = 1 << 26
 """Polls (each one L2 round trip, roughly 0.5-1 µs) before a consumer gives up."""
-
-MAX_SPINS_LIMIT = (1 << 31) - 1
-"""The largest ``max_spins``: a program counts its polls in a 32-bit integer, which a larger
-limit would let wrap around (and the guard would never fire)."""
 
 
 # --- kernels ------------------------------------------------------------------------------------
