@@ -443,7 +443,13 @@ def pipeline_stages(m: Model, clock: Clock, k: int, reps: int = 5) -> dict[str, 
 def pick_balanced(alone: dict[int, dict[str, Any]], comm: str) -> int:
     """The ``H`` whose ``comm`` stage alone is closest to its matmul alone (|log ratio|
     smallest; ties to the larger H)."""
-    return min(alone, key=lambda H: (abs(math.log(alone[H]["ratio"][comm])), -H))
+    return _by_balance(alone, comm)[0]
+
+
+def _by_balance(alone: dict[int, dict[str, Any]], comm: str) -> list[int]:
+    """The ``H`` of ``alone``, ``comm``'s stage closest to its matmul's first (|log ratio|; ties
+    to the larger H)."""
+    return sorted(alone, key=lambda H: (abs(math.log(alone[H]["ratio"][comm])), -H))
 
 
 def within_band(alone: dict[int, dict[str, Any]], H: int, comm: str) -> bool:
@@ -484,8 +490,8 @@ def balanced_hs(alone: dict[int, dict[str, Any]], comm: str, most: int = 2) -> l
     matmul alone, closest first (none within: the closest one). Two balanced sizes can overlap
     very differently: a matmul whose tiles just fill the SMs loses a whole wave to any comm
     share (``lowlevel.comm_sm_candidates``), so both are timed and reported."""
-    order = sorted(alone, key=lambda H: (abs(math.log(alone[H]["ratio"][comm])), -H))
-    inside = [H for H in order if abs(math.log(alone[H]["ratio"][comm])) <= math.log(BAND)]
+    order = _by_balance(alone, comm)
+    inside = [H for H in order if within_band(alone, H, comm)]
     return (inside or order)[:most]
 
 
