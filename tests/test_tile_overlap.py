@@ -63,7 +63,7 @@ def test_matmul_rms_norm_against_float64(caps, mnk):
     _flags_clear(ov)
 
 
-@pytest.mark.parametrize("caps", CAPS, ids=str)
+@pytest.mark.parametrize("caps", CAPS + [(1, 0), (3, 0)], ids=str)
 @pytest.mark.parametrize("mnk", SHAPES, ids=str)
 def test_matmul_copy_against_float64(caps, mnk):
     M, N, K = mnk
@@ -74,7 +74,48 @@ def test_matmul_copy_against_float64(caps, mnk):
     assert d is dst
     assert torch.equal(dst, out)
     assert _rel(out, a.double() @ b.double()) < 1e-5
+    assert _rel(dst[-1:], a[-1:].double() @ b.double()) < 1e-5  # the last (ragged) row
+    assert ov.launches == 1
     _flags_clear(ov)
+
+
+def test_copy_in_the_epilogue_forks_nothing_and_counts_launches():
+    """consumer_sms=0: the producer's programs store every tile into dst themselves, on the
+    caller's stream; no stream is made, no flag is touched, and each launch is counted."""
+    ov = TO.tile_overlap(producer_sms=3, consumer_sms=0)
+    assert ov.consumer_sms == 0 and "consumer_sms=0" in repr(ov)
+    for i, (M, N, K) in enumerate([(40, 50, 20), (17, 80, 9), (5, 5, 5), (40, 50, 20)]):
+        a, b = _rand(M, K), _rand(K, N)
+        out = torch.full((M, N), float("nan"), device=DEV)
+        dst = torch.full((M, N), float("nan"), device=DEV)
+        got, d = ov.matmul_copy(a, b, dst=dst, out=out, precision="ieee")
+        assert got is out and d is dst
+        assert torch.equal(dst, out) and not torch.isnan(dst).any()
+        assert _rel(out, a.double() @ b.double()) < 1e-5
+        assert ov.launches == i + 1
+        _flags_clear(ov)
+    assert ov.streams is None
+    # dst may be out itself (a second store of the same values)
+    a, b = _rand(9, 7), _rand(7, 12)
+    out = torch.full((9, 12), float("nan"), device=DEV)
+    ov.matmul_copy(a, b, dst=out, out=out, precision="ieee")
+    assert _rel(out, a.double() @ b.double()) < 1e-5
+    TO.tile_overlap(producer_sms=device_sm_count(), consumer_sms=0)  # every SM to the producer is fine
+
+
+def test_norm_refuses_the_epilogue_placement_before_anything_changes():
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=0)
+    a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)
+    out = torch.full((8, 10), float("nan"), device=DEV)
+    with pytest.raises(ValueError, match=r"^matmul_rms_norm needs consumer_sms >= 1, got 0"):
+        ov.matmul_rms_norm(a, b, w, out=out)
+    assert torch.isnan(out).all() and ov.launches == 0 and ov._flags is None
+    with pytest.raises(ValueError, match="consumer_sms"):
+        TO.matmul_then_rms_norm(a, b, w, producer_sms=2, consumer_sms=0)
+    with pytest.raises(ValueError, match="consumer_sms"):
+        TO.tile_overlap(producer_sms=2, consumer_sms=-1)
+    with pytest.raises(ValueError, match=r"producer_sms \+ consumer_sms must be at most"):
+        TO.tile_overlap(producer_sms=device_sm_count() + 1, consumer_sms=0)
 
 
 def test_many_launches_in_a_row_fresh_data_and_changing_shapes():

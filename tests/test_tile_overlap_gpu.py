@@ -87,7 +87,7 @@ def test_other_dtypes(dtype):
     assert torch.equal(d, out2)
 
 
-@pytest.mark.parametrize("split", _splits(), ids=str)
+@pytest.mark.parametrize("split", _splits() + [(device_sm_count(), 0), (7, 0)], ids=str)
 @pytest.mark.parametrize("mnk", SHAPES[1:4], ids=str)
 def test_matmul_copy_real_shapes_and_splits(mnk, split):
     M, N, K = mnk
@@ -136,7 +136,7 @@ def test_back_to_back_launches_without_sync_and_changing_shapes():
         assert _rel(y, _rms_ref(out, w)) < 1e-2
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "copy"])
+@pytest.mark.parametrize("op", ["rms_norm", "copy", "copy in the epilogue"])
 def test_full_graph_replays_are_independent(op):
     """Capture once, replay many times: outputs are poisoned inside the graph before each
     launch and inputs change between replays, so a consumer acting on stale flags from the
@@ -145,7 +145,7 @@ def test_full_graph_replays_are_independent(op):
     a, b, w = _rand(M, K), _rand(K, N), _rand(N)
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(out)
-    ov = _ov(116, 16)
+    ov = _ov(116, 0 if op == "copy in the epilogue" else 16)
 
     def step():
         out.fill_(float("nan"))
@@ -207,17 +207,19 @@ def test_copy_into_the_peer_gpu():
             cp.cuda.runtime.deviceEnablePeerAccess(1)
         except cp.cuda.runtime.CUDARuntimeError as e:  # already enabled (torch may have done it)
             assert "AlreadyEnabled" in str(e) or "already" in str(e).lower()
-    M, N, K = 256, 4096, 1024
-    a, b = _rand(M, K), _rand(K, N)
-    dst = torch.full((M, N), float("nan"), device="cuda:1", dtype=torch.bfloat16)
-    ov = _ov(116, 16)
-    for _ in range(3):
-        dst.fill_(float("nan"))
-        torch.cuda.synchronize(1)
-        out, _ = ov.matmul_copy(a, b, dst=dst)
-        torch.cuda.synchronize(0)
-        assert torch.equal(dst.cpu(), out.cpu())
-    ov.check()
+    for M, N, K in [(256, 4096, 1024), (200, 2050, 640)]:  # the second: ragged last tiles
+        dst = torch.full((M, N), float("nan"), device="cuda:1", dtype=torch.bfloat16)
+        for ov in (_ov(116, 16), _ov(device_sm_count(), 0)):  # consumer SMs; the copy in the epilogue
+            for _ in range(3):
+                a, b = _rand(M, K), _rand(K, N)
+                dst.fill_(float("nan"))
+                torch.cuda.synchronize(1)
+                out, _ = ov.matmul_copy(a, b, dst=dst)
+                torch.cuda.synchronize(0)
+                assert torch.equal(dst.cpu(), out.cpu()), (M, N, ov)
+                assert _rel(out, a.double() @ b.double()) < 1e-2
+            ov.check()
+            assert ov.launches == 3
 
 
 def test_producer_takes_the_tuned_tiles_when_one_round_fits():
@@ -250,13 +252,16 @@ def test_tuned_tiles_at_the_suggested_split(mnk):
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
         y = torch.full_like(out, float("nan"))
         dst = torch.full_like(out, float("nan"))
+        dst0 = torch.full_like(out, float("nan"))
         ov.matmul_rms_norm(a, b, w, out=out, y=y)
         out2, _ = ov.matmul_copy(a, b, dst=dst)
+        out3, _ = _ov(p, 0).matmul_copy(a, b, dst=dst0)  # the copy in the producer's epilogue, same tiles
         torch.cuda.synchronize()
         ov.check()
         ref = a.double() @ b.double()
         assert _rel(out, ref) < 1e-2 and _rel(out[-3:], ref[-3:]) < 1e-2
         assert _rel(y, _rms_ref(out, w)) < 1e-2 and _rel(y[-1:], _rms_ref(out[-1:], w)) < 1e-2
         assert torch.equal(dst, out2) and _rel(out2, ref) < 1e-2
+        assert torch.equal(dst0, out3) and torch.equal(out3, out2)
         a, b = _rand(M, K), _rand(K, N)  # fresh data for the second launch
     assert ov.launches == 4

@@ -131,7 +131,8 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctr
     """C = A @ B, program p takes tiles p, p + P, ... in grouped order (GROUP_M 1: row-block-major).
     EVEN_K: K is a multiple of BLOCK_K (no K mask). PUBLISH: 0 nothing; 1 (the norm) each
     row's sum of squares of the tile as stored into ``part[pid_n, row]``, then a counter per
-    row block; 2 (the copy) a flag per tile; release, after the stores. HELP: a program done
+    row block; 2 (the copy) a flag per tile; release, after the stores; 3 (the copy with no
+    consumer programs) the tile stored into ``y`` too, and program 0 counts the launch. HELP: a program done
     with its tiles then takes work items (norm items, or tiles to copy into ``y``) from the
     consumer's queue, so the consumer's tail runs on every SM, and takes a ticket of the launch
     (``tickets`` in all)."""
@@ -157,6 +158,12 @@ def _producer_kernel(a_ptr, b_ptr, c_ptr, flags_ptr, part_ptr, w_ptr, y_ptr, ctr
         elif PUBLISH == 2:
             tl.debug_barrier()
             tl.atomic_xchg(flags_ptr + tile, 1, sem="release", scope="gpu")
+        elif PUBLISH == 3:  # the copy in the epilogue: the tile, still in registers, into y as well
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, c,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if PUBLISH == 3:  # noqa: SIM102 - a constexpr branch around a runtime one (Triton compiles them apart)
+        if pid == 0:
+            tl.atomic_add(ctrl_ptr + 1, 1, sem="relaxed", scope="gpu")  # the launch count (no flags, no tickets)
     if HELP:
         if PUBLISH == 1:
             _norm_items(c_ptr, w_ptr, y_ptr, flags_ptr, part_ptr, ctrl_ptr, M, N, stride_cm, stride_ym, eps,
@@ -498,7 +505,11 @@ class TileOverlap:
     module docstring for the protocol).
 
     ``producer_sms + consumer_sms`` must not exceed the device's SM count (``ValueError``
-    otherwise: with more, a spinning consumer could hold SMs its producer needs). ``device``:
+    otherwise: with more, a spinning consumer could hold SMs its producer needs).
+    ``consumer_sms=0`` places the consumer in the producer's epilogue: each producer program
+    stores each of its tiles into the copy's destination right after storing it into ``out``,
+    on the caller's stream, with no flags, no second stream and no waiting (only
+    :meth:`matmul_copy` can run that way; :meth:`matmul_rms_norm` refuses it). ``device``:
     a CUDA device index (default: the current device). ``max_spins``: polls of one flag before
     a consumer gives up and marks the error word (:meth:`check`), an int in [1, 2**31 - 1]
     (:data:`MAX_SPINS_LIMIT`: the kernels count polls in 32 bits). Launches of one object must
@@ -510,7 +521,7 @@ class TileOverlap:
     def __init__(self, producer_sms: int, consumer_sms: int, *, device: int | None = None,
                  max_spins: int = DEFAULT_MAX_SPINS) -> None:
         self.producer_sms = check_int(producer_sms, "producer_sms", 1)
-        self.consumer_sms = check_int(consumer_sms, "consumer_sms", 1)
+        self.consumer_sms = check_int(consumer_sms, "consumer_sms", 0)
         self.max_spins = check_int(max_spins, "max_spins", 1, MAX_SPINS_LIMIT)
         if device is not None:
             device = check_int(device, "device", 0)
@@ -542,8 +553,9 @@ class TileOverlap:
     # -- state ---------------------------------------------------------------------------------
     @property
     def streams(self) -> tuple[Stream, Stream] | None:
-        """(producer stream, consumer stream), created at the first GPU launch; None before
-        (and under Triton's interpreter, where both run on the caller's stream, in order)."""
+        """(producer stream, consumer stream), created at the first GPU launch that forks; None
+        before, with ``consumer_sms=0`` (which never forks) and under Triton's interpreter
+        (where both run on the caller's stream, in order)."""
         return self._streams
 
     def _state(self, n_flags: int, dev: torch.device,
@@ -581,7 +593,8 @@ class TileOverlap:
     @property
     def launches(self) -> int:
         """Launches whose consumer has finished, counted on the device (synchronizes); 0 before
-        the first."""
+        the first. With ``consumer_sms=0``, producer program 0 counts a launch once its own
+        tiles are stored (the launch's end is then the kernel's end on the caller's stream)."""
         return 0 if self._ctrl is None else int(self._ctrl[1].item())
 
     def check(self) -> None:
@@ -634,6 +647,10 @@ class TileOverlap:
         at, _ = to_torch(a, "a")
         bt, _ = to_torch(b, "b")
         wt, _ = to_torch(weight, "weight")
+        if not self.consumer_sms:
+            raise ValueError("matmul_rms_norm needs consumer_sms >= 1, got 0: a row's norm needs every tile of "
+                             "its row block, so it cannot run in the epilogue of the program that stored one tile "
+                             "(consumer_sms=0 is for matmul_copy)")
         M, N, K, prec = _check_mm(at, bt, precision)
         if tuple(wt.shape) != (N,) or wt.dtype != at.dtype:
             raise ValueError(f"weight must be ({N},) {at.dtype}, got {tuple(wt.shape)} {wt.dtype}")
@@ -680,7 +697,10 @@ class TileOverlap:
         ``a`` (M, K), ``b`` (K, N) as in :meth:`matmul_rms_norm`; ``dst`` and ``out`` (M, N) of
         their dtype, any strides (``out`` new if None). ``dst`` may live on another GPU that
         this one has peer access to (``torch.cuda`` / CuPy ``deviceEnablePeerAccess``): the
-        consumer then stores over NVLink while the matmul runs. Returns ``(out, dst)``.
+        consumer then stores over NVLink while the matmul runs. With ``consumer_sms=0`` each
+        producer program stores its tiles into ``dst`` itself, in its epilogue (one kernel on
+        the caller's stream; the fastest placement at the decode shapes of the module
+        docstring). Returns ``(out, dst)``.
         ``ValueError``/``TypeError`` for bad shapes, dtypes or devices, before anything is
         allocated or launched."""
         at, _ = to_torch(a, "a")
@@ -704,6 +724,17 @@ class TileOverlap:
         bm, bn = cfg[0], cfg[1]
         n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         grid = min(self.producer_sms, n_tiles)
+        if not self.consumer_sms:  # each producer program stores its tiles into dst too: no flags, no fork
+            with self._lock:
+                _, ctrl, _ = self._state(1, at.device)
+                consumer = (ctrl, ctrl, dt, ctrl, 1.0, 1, 1, 16, 1, False)
+                tracer = None if INTERPRET else rt.tracer
+                if tracer is not None and not rt.is_capturing(rt.current_handle()):
+                    with tracer.span("tile_overlap producer (copy in the epilogue)"):
+                        _launch_producer(at, bt, ct, grid, cfg, K, prec, 3, ctrl, consumer)
+                else:
+                    _launch_producer(at, bt, ct, grid, cfg, K, prec, 3, ctrl, consumer)
+            return ct, dt
         cgrid = min(self.consumer_sms, n_tiles)
         help_ = not INTERPRET and cgrid < n_tiles  # as in matmul_rms_norm
         tickets = cgrid + (grid if help_ else 0)
