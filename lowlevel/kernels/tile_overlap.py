@@ -9,6 +9,9 @@ into a second buffer as soon as it is published. Both forks start after the work
 on the caller's current stream, and the caller's stream waits for both before anything enqueued
 on it afterwards (a fork/join, as :func:`lowlevel.execute_in_parallel`), eagerly and inside a
 graph capture (:func:`lowlevel.capture`): the two launches become two parallel branches.
+With ``consumer_sms=0`` the copy has no consumer programs: each producer program stores each
+of its tiles into the destination too, right after storing it into ``out`` (one launch on the
+caller's stream, no flags, no fork); this is the fastest placement at decode shapes (below).
 
 The protocol (what makes it correct)
 ------------------------------------
@@ -59,33 +62,38 @@ The protocol (what makes it correct)
   the SMs (it only delays); two tile overlaps in flight at once need their consumer SMs to add
   up to less than the SM count.
 
-When it pays (two H200s, bf16, K = 4096, graphs, 2026-11-30, session 8; bench_tile_overlap)
+When it pays (two H200s, bf16, K = 4096, graphs, 2026-11-30, session 11; bench_tile_overlap)
 ------------------------------------------------------------------------------------------
 Against the best sequential run (the fastest of this producer, lowlevel's tuned matmul and
 cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}
-(DBO with 2 microbatches: 0.20x - 1.00x of the same baseline, never a gain):
+(DBO with 2 microbatches: 0.20x - 1.07x of the same baseline, 0.43x - 0.84x at M <= 256):
 
-* the copy into the peer GPU: at N = 4096, 1.22x / 1.16x / 1.21x at M = 16 / 64 / 256; at
-  N = 14336, 1.21x / 1.19x / 1.05x; 0.80x - 0.97x at M = 1024 (the previous run of the same
-  code: 1.23x / 1.20x / 1.22x and 1.22x / 1.21x / 1.05x);
-* the norm: 0.59x - 0.92x. No overlap can beat (best sequential) / (fastest matmul alone):
-  1.10x - 1.27x for the norm (under 1.2x at N = 14336 and at M >= 256), 1.38x - 1.89x for the
-  peer copy.
+* the copy into the peer GPU, placed in the producer's epilogue (``consumer_sms=0``): at
+  N = 4096, 1.60x / 1.61x / 1.49x at M = 16 / 64 / 256; at N = 14336, 1.38x / 1.33x /
+  1.14x; 0.87x - 1.02x at M = 1024. With consumer programs on SMs of their own it is
+  1.06x - 1.25x at M <= 256 (session 8: 1.05x - 1.22x);
+* the norm: 0.58x - 0.93x.
 
 Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``) in
 the tuned matmul's tile order: one round of them is the tuned matmul (the row-major order made
-the same tiles 22 µs against 16.5 at M = 256, N = 4096), and the SMs it leaves idle (68 at
-M <= 64, N = 4096) go to the consumer, whose NVLink stores start as tiles finish instead of
-after a copy-engine launch. Where the tuned tiles fill the SMs (M = 256), the producer keeps
-almost all of them, and its programs copy too once their own tiles are stored: the copy of
-M = 256, N = 4096 takes 26.2 µs against 31.7 (it was 42.0 with 32 consumer SMs alone).
-Why it falls short elsewhere: one round of tuned tiles all finish at about the same time, so
-a consumer can only shorten the tail. For the copy of 256 x 14336 (7.3 MB) the tail is the
-NVLink transfer itself (about 24 µs after a 45 µs matmul); half-width tiles in two rounds,
-which would let the first half cross during the second, made the producer 56 µs instead of 47
-and the whole no faster. For the norm, every row needs all its tiles, the tiles finish
-together, and the flag hand-off (release, poll, acquire, then the item's loads) costs more
-than the kernel boundary it replaces: 3 - 6 µs of tail against 3 - 4 µs for the norm kernel.
+the same tiles 22 µs against 16.5 at M = 256, N = 4096). One round of tiles finishes all at
+about the same time, so what overlap saves is the tail after the matmul, and the cheapest
+tail is no hand-off at all: in the epilogue each program stores the tile it holds in
+registers into the peer, its NVLink stores crossing while other programs still compute. At
+M <= 64 the copy then costs almost nothing (12.1 µs against 11.9 for the matmul alone at
+16 x 4096). At 256 x 14336 it is bound by NVLink: 7.3 MB leave at about 400 GB/s once the
+tiles are done (18 µs after a 45 µs matmul); tiles in two rounds, which would let the first
+round cross during the second, made the producer 55 - 88 µs instead of 48 (session 11 probe,
+``bench/results/tile_overlap_probe_session11_20261130.json``).
+
+The norm cannot win at these shapes. Every row needs every tile of its row block, so the
+norm waits for a hand-off between programs, and a hand-off costs more than the kernel
+boundary it replaces: in the probe a consumer that only waits for the row counters (no loads,
+no stores) already takes 15.7 µs at 16 x 4096 against 14.5 for matmul then norm (the fork and
+join alone: 1.3 µs over the producer; the flags: 2.3 µs more), and a norm done inside the
+producer's epilogue after a wait for the row block (no second stream) 16.5 µs. The most any
+overlap could save is the whole norm: (sequential) / (matmul alone) is 1.10x - 1.13x at
+N = 14336 and 1.20x - 1.31x at N = 4096.
 
 The kernels compute 32-bit offsets: an operand spanning 2**31 elements or more
 (:data:`OFFSET_LIMIT`) is refused with ``ValueError`` before anything runs.
