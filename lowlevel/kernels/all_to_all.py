@@ -50,7 +50,7 @@ What it measures (two NVLink-linked H200s, bf16, 2026-11-30, session 10,
 on every SM and 35 µs on 16 programs, against NCCL's 55 µs on its own CTAs; ``16384 x 1280``
 69 / 70 µs against 95 µs (16 programs took 100 µs before each step moved every destination;
 with 20 - 48 programs it takes 73 - 82 µs, longer than with 16). Beside lowlevel's matmul in
-``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T155245Z.json``), the
+``bench_ubatch_nccl`` (2 microbatches x 6 layers, ``bench/results/20261130T155559Z.json``), the
 overlapped step as one graph is 1.41x / 1.49x the best sequential run at 16384 / 32768 tokens a
 microbatch (H 1024, where this all-to-all alone is 1.00x / 0.96x the matmul; the sequential
 runs there were NCCL's kernels and this one: NCCL's copy engines did not run at that shape, and

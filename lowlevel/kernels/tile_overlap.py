@@ -64,36 +64,39 @@ The protocol (what makes it correct)
 
 When it pays (two H200s, bf16, K = 4096, graphs, 2026-11-30, session 11; bench_tile_overlap)
 ------------------------------------------------------------------------------------------
-Against the best sequential run (the fastest of this producer, lowlevel's tuned matmul and
-cuBLAS, then the norm or a copy-engine copy), at M in {16, 64, 256, 1024}, N in {4096, 14336}
-(DBO with 2 microbatches: 0.20x - 1.07x of the same baseline, 0.43x - 0.84x at M <= 256):
+Against the best sequential run: the fastest of this producer, lowlevel's tuned matmul and
+cuBLAS, then the norm, or then a copy into the peer by the copy engine or by an SM kernel
+storing over NVLink (the faster at every shape: at M <= 256 it adds 1.6 - 21 µs after the
+matmul, the copy engine 7.5 - 28).
+At M in {16, 64, 256, 1024}, N in {4096, 14336}; DBO with 2 microbatches is 0.20x - 0.94x of
+the same baseline, never a gain:
 
 * the copy into the peer GPU, placed in the producer's epilogue (``consumer_sms=0``): at
-  N = 4096, 1.60x / 1.61x / 1.49x at M = 16 / 64 / 256; at N = 14336, 1.38x / 1.33x /
-  1.14x; 0.87x - 1.02x at M = 1024. With consumer programs on SMs of their own it is
-  1.06x - 1.25x at M <= 256 (session 8: 1.05x - 1.22x);
-* the norm: 0.58x - 0.93x.
+  N = 4096, 1.14x / 1.09x / 1.06x at M = 16 / 64 / 256; at N = 14336, 1.09x / 1.08x / 1.03x;
+  0.85x / 0.92x at M = 1024. Against the copy engine alone it is 1.14x - 1.63x (session 8's
+  figures were against the copy engine only). With consumer programs on SMs of their own it
+  loses: 0.84x - 0.98x;
+* the norm: 0.56x - 0.93x.
 
-Where it wins, the producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``) in
-the tuned matmul's tile order: one round of them is the tuned matmul (the row-major order made
-the same tiles 22 µs against 16.5 at M = 256, N = 4096). One round of tiles finishes all at
-about the same time, so what overlap saves is the tail after the matmul, and the cheapest
-tail is no hand-off at all: in the epilogue each program stores the tile it holds in
-registers into the peer, its NVLink stores crossing while other programs still compute. At
-M <= 64 the copy then costs almost nothing (12.1 µs against 11.9 for the matmul alone at
-16 x 4096). At 256 x 14336 it is bound by NVLink: 7.3 MB leave at about 400 GB/s once the
-tiles are done (18 µs after a 45 µs matmul); tiles in two rounds, which would let the first
-round cross during the second, made the producer 55 - 88 µs instead of 48 (session 11 probe,
-``bench/results/tile_overlap_probe_session11_20261130.json``).
-
-The norm cannot win at these shapes. Every row needs every tile of its row block, so the
-norm waits for a hand-off between programs, and a hand-off costs more than the kernel
-boundary it replaces: in the probe a consumer that only waits for the row counters (no loads,
-no stores) already takes 15.7 µs at 16 x 4096 against 14.5 for matmul then norm (the fork and
-join alone: 1.3 µs over the producer; the flags: 2.3 µs more), and a norm done inside the
-producer's epilogue after a wait for the row block (no second stream) 16.5 µs. The most any
-overlap could save is the whole norm: (sequential) / (matmul alone) is 1.10x - 1.13x at
-N = 14336 and 1.20x - 1.31x at N = 4096.
+What bounds it. The producer runs lowlevel's tuned tiles (:func:`producer_config` with ``K``)
+in the tuned matmul's tile order, one round of them (the row-major order made the same tiles 22
+µs against 16.5 at M = 256, N = 4096), so every tile finishes at about the same time and
+overlap can only shorten the tail after the matmul. No overlap beats (best sequential) /
+(matmul alone): for the copy 1.13x / 1.22x / 1.43x at N = 4096 and 1.09x / 1.20x / 1.46x at N =
+14336 (M = 16 / 64 / 256); for the norm 1.10x - 1.13x at N = 14336 and 1.22x - 1.29x at N =
+4096. The copy in the epilogue has no hand-off at all (each program stores the tile it holds in
+registers into the peer): at M = 16 it reaches its bound (12.2 µs against 12.3 for the matmul
+alone at 16 x 4096), at M = 64 its tail is 1.4 - 3.4 µs, about the time 0.5 - 1.8 MB take over
+NVLink, where 1.2x would need none. At M = 256 the bound is high but the output has to cross
+NVLink after the tiles finish: 7.3 MB at 256 x 14336 take 19 µs at about 390 GB/s (the link's
+peak is 450), which no ordering of one round avoids; tiles in two rounds, which would let the
+first round cross during the second, made the producer 55 - 88 µs instead of 48 (session 11
+probe, ``bench/results/tile_overlap_probe_session11_20261130.json``). For the norm, every row
+needs every tile of its row block, so it waits for a hand-off between programs, which costs
+more than the kernel boundary it replaces: in the probe a consumer that only waits for the row
+counters (no loads, no stores) already takes 15.7 µs at 16 x 4096 against 14.5 for matmul then
+norm (the fork and join: 1.3 µs over the producer; the flags: 2.3 µs more), and a norm inside
+the producer's epilogue after a wait for its row block (no second stream) 16.5 µs.
 
 The kernels compute 32-bit offsets: an operand spanning 2**31 elements or more
 (:data:`OFFSET_LIMIT`) is refused with ``ValueError`` before anything runs.
