@@ -10,9 +10,9 @@ tiles on every SM (one round: every tile finishes at about the same time).
 Timing: each variant is captured once into a CUDA graph holding ``ITERS`` back-to-back
 launches cycling over ``ITERS`` distinct weight matrices (so the weights stream from HBM as in
 a model, not from L2); the figure is the median over replays of the graph's device time
-(CUDA events) divided by ``ITERS``. Graphs take the host's launch cost out of both sides: the
-overlap path enqueues two streams, four waits and two kernels per call, which eagerly would
-dominate at these sizes. Saves a timeline picture of both (eager, one launch each)."""
+(CUDA events) divided by ``ITERS``. Graphs take the host's launch cost out of both sides: with
+consumer SMs the overlap path enqueues two streams, four waits and two kernels per call, which
+eagerly would dominate at these sizes. Saves a timeline picture of both (eager, one launch each)."""
 from __future__ import annotations
 
 import importlib

@@ -103,6 +103,92 @@ def test_copy_in_the_epilogue_forks_nothing_and_counts_launches():
     TO.tile_overlap(producer_sms=device_sm_count(), consumer_sms=0)  # every SM to the producer is fine
 
 
+def _poisoned_view(M, N, layout, dtype):
+    """(an (M, N) view full of NaN, the whole buffer behind it): contiguous, transposed, or
+    every other column of rows 2.. (an offset, a row stride past N, a column stride of 2)."""
+    if layout == "contiguous":
+        base = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        return base, base
+    if layout == "transposed":
+        base = torch.full((N, M), float("nan"), dtype=dtype, device=DEV)
+        return base.t(), base
+    base = torch.full((M + 2, 2 * N + 3), float("nan"), dtype=dtype, device=DEV)
+    return base[2:, 1::2][:, :N], base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layouts", [("transposed", "strided"), ("strided", "transposed"),
+                                     ("contiguous", "strided")], ids=str)
+def test_copy_in_the_epilogue_into_strided_views(layouts, dtype):
+    """consumer_sms=0 stores each tile into dst with dst's own strides, from the producer's
+    epilogue: transposed and strided (offset) views of out and dst, ragged last tiles, one row
+    and one column; nothing outside either view is written; NumPy integer budgets."""
+    ov = TO.tile_overlap(producer_sms=np.int64(3), consumer_sms=np.int32(0))
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for i, (M, N, K) in enumerate([(37, 45, 29), (1, 50, 7), (33, 1, 40)]):
+        a, b = _rand(M, K, dtype=dtype), _rand(K, N, dtype=dtype)
+        out, out_base = _poisoned_view(M, N, layouts[0], dtype)
+        dst, dst_base = _poisoned_view(M, N, layouts[1], dtype)
+        got, d = ov.matmul_copy(a, b, dst=dst, out=out, precision="ieee")
+        assert got is out and d is dst
+        ref = a.double() @ b.double()
+        assert torch.equal(dst, out) and _rel(out, ref) < tol
+        assert _rel(dst[-1:], ref[-1:]) < tol and _rel(dst[:, -1:], ref[:, -1:]) < tol  # last row, last column
+        for base in (out_base, dst_base):  # the poison around each view is untouched
+            assert int((~torch.isnan(base)).sum()) == M * N
+        assert ov.launches == i + 1 and ov.streams is None
+        ov.check()
+        _flags_clear(ov)
+
+
+def test_copy_in_the_epilogue_refuses_bad_input_before_anything_changes():
+    ov = TO.tile_overlap(producer_sms=2, consumer_sms=0)
+    M, N, K = 9, 11, 5
+    a, b = _rand(M, K), _rand(K, N)
+    ov.matmul_copy(a, b, dst=torch.empty(M, N, device=DEV))
+    buf = _rand(M * K + M * N)
+    spare = torch.empty(M + 1, N, device=DEV)
+    cases = [(lambda: ov.matmul_copy(a, b, dst=torch.empty(N, M, device=DEV)), ValueError, r"^dst must be \(9, 11\)"),
+             (lambda: ov.matmul_copy(a, b, dst=torch.empty(M, N, dtype=torch.float16, device=DEV)), ValueError,
+              r"^dst must be"),
+             (lambda: ov.matmul_copy(a, b, dst=np.empty((M, N), np.float32)), TypeError, r"^dst must be a torch"),
+             (lambda: ov.matmul_copy(a, b, dst=torch.nested.nested_tensor([torch.ones(2, 3)])), ValueError,
+              r"^dst must be a dense tensor"),
+             (lambda: ov.matmul_copy(a, b, dst=torch.empty(1, N, device=DEV).expand(M, N)), ValueError, "stride 0"),
+             (lambda: ov.matmul_copy(buf[:M * K].view(M, K), b, dst=buf[M * K - 3:M * K - 3 + M * N].view(M, N)),
+              ValueError, "dst overlaps a"),
+             (lambda: ov.matmul_copy(a, b, out=spare[:M], dst=spare[1:]), ValueError, "dst overlaps out")]
+    for call, exc, match in cases:
+        snap = _state_snapshot(ov)
+        with pytest.raises(exc, match=match):
+            call()
+        assert _same_state(ov, snap) and ov.launches == 1 and ov.streams is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("consumer_sms", [0, 4])
+def test_launches_waits_for_a_launch_on_another_stream(consumer_sms):
+    """``launches`` says it synchronizes: a launch enqueued inside ``use_stream(s)`` (a
+    non-blocking stream, which torch's default stream does not wait for) behind a long sleep
+    must be counted, and its dst written, when ``launches`` is read outside the block; a
+    ``.item()`` on the current stream alone returned the count from before the launch."""
+    total = device_sm_count()
+    ov = TO.tile_overlap(producer_sms=total - consumer_sms, consumer_sms=consumer_sms)
+    a, b = _rand(64, 256), _rand(256, 512)
+    dst = torch.full((64, 512), float("nan"), device=DEV)
+    ov.matmul_copy(a, b, dst=dst)  # compile and allocate
+    torch.cuda.synchronize()
+    assert ov.launches == 1
+    s = lowlevel.Stream()
+    with lowlevel.use_stream(s):
+        torch.cuda._sleep(500_000_000)  # cycles: a few hundred ms on s
+        dst.fill_(float("nan"))
+        out, _ = ov.matmul_copy(a, b, dst=dst)
+    assert ov.launches == 2  # read on the default stream
+    assert torch.equal(dst, out) and _rel(out, a.double() @ b.double()) < 2e-3
+    ov.check()
+
+
 def test_norm_refuses_the_epilogue_placement_before_anything_changes():
     ov = TO.tile_overlap(producer_sms=2, consumer_sms=0)
     a, b, w = _rand(8, 6), _rand(6, 10), _rand(10)

@@ -9,9 +9,12 @@ into a second buffer as soon as it is published. Both forks start after the work
 on the caller's current stream, and the caller's stream waits for both before anything enqueued
 on it afterwards (a fork/join, as :func:`lowlevel.execute_in_parallel`), eagerly and inside a
 graph capture (:func:`lowlevel.capture`): the two launches become two parallel branches.
-With ``consumer_sms=0`` the copy has no consumer programs: each producer program stores each
-of its tiles into the destination too, right after storing it into ``out`` (one launch on the
-caller's stream, no flags, no fork); this is the fastest placement at decode shapes (below).
+With ``consumer_sms=0`` (:meth:`TileOverlap.matmul_copy` only) there is no consumer and no
+fork: one producer kernel on the caller's current stream stores each tile into ``out`` and
+then into ``dst`` in its epilogue, ordered like any kernel launch (one graph node in a
+capture); this is the fastest placement at decode shapes (below). Either way, make one launch
+with the object before capturing a graph that uses it: its device state (flags, launch
+counter) must exist outside the graph's memory.
 
 The protocol (what makes it correct)
 ------------------------------------
@@ -519,8 +522,9 @@ class TileOverlap:
     otherwise: with more, a spinning consumer could hold SMs its producer needs).
     ``consumer_sms=0`` places the consumer in the producer's epilogue: each producer program
     stores each of its tiles into the copy's destination right after storing it into ``out``,
-    on the caller's stream, with no flags, no second stream and no waiting (only
-    :meth:`matmul_copy` can run that way; :meth:`matmul_rms_norm` refuses it). ``device``:
+    in one kernel on the caller's stream, with no flag waits, no second stream and no fork
+    (only :meth:`matmul_copy` can run that way; :meth:`matmul_rms_norm` refuses it with
+    ``ValueError``). ``device``:
     a CUDA device index (default: the current device). ``max_spins``: polls of one flag before
     a consumer gives up and marks the error word (:meth:`check`), an int in [1, 2**31 - 1]
     (:data:`MAX_SPINS_LIMIT`: the kernels count polls in 32 bits). Launches of one object must
@@ -538,10 +542,11 @@ class TileOverlap:
             device = check_int(device, "device", 0)
         total = device_sm_count(device)
         if self.producer_sms + self.consumer_sms > total:
+            why = ("one producer program per SM at most" if not self.consumer_sms else
+                   "a consumer spinning on SMs its producer needs could wait forever")
             raise ValueError(
-                f"producer_sms + consumer_sms must be at most the device's {total} SMs (a consumer spinning on "
-                f"SMs its producer needs could wait forever), got {self.producer_sms} + {self.consumer_sms} = "
-                f"{self.producer_sms + self.consumer_sms}")
+                f"producer_sms + consumer_sms must be at most the device's {total} SMs ({why}), got "
+                f"{self.producer_sms} + {self.consumer_sms} = {self.producer_sms + self.consumer_sms}")
         self.total_sms = total
         self.device = device
         self._streams: tuple[Stream, Stream] | None = None
@@ -601,17 +606,32 @@ class TileOverlap:
                                             dtype=torch.float32, device=dev)
         return f, ctrl, part if n_part else None
 
+    def _ctrl_word(self, i: int) -> int:
+        """``ctrl[i]`` read after the whole device is idle (0 before the first launch): a
+        tensor's ``.item()`` waits for torch's current stream only, and a launch enqueued on
+        another (non-blocking) stream, e.g. inside ``use_stream(s)``, would not be waited for."""
+        ctrl = self._ctrl
+        if ctrl is None:
+            return 0
+        if ctrl.is_cuda:
+            torch.cuda.synchronize(ctrl.device)
+        return int(ctrl[i].item())
+
     @property
     def launches(self) -> int:
-        """Launches whose consumer has finished, counted on the device (synchronizes); 0 before
-        the first. With ``consumer_sms=0``, producer program 0 counts a launch once its own
-        tiles are stored (the launch's end is then the kernel's end on the caller's stream)."""
-        return 0 if self._ctrl is None else int(self._ctrl[1].item())
+        """Launches counted on the device, read after synchronizing it (every stream of its
+        device, not only the current one); 0 before the first. With consumer SMs a launch
+        counts once its last consumer (or helping producer) program has finished. With
+        ``consumer_sms=0`` producer program 0 adds it after storing its own tiles, while other
+        programs may still be storing theirs: the count is exact once the kernel has ended,
+        which the synchronization here ensures."""
+        return self._ctrl_word(1)
 
     def check(self) -> None:
         """Raise :class:`~lowlevel.LowlevelError` if a consumer ever gave up waiting (after
-        ``max_spins`` polls); synchronizes. A result computed in such a launch is wrong."""
-        if self._ctrl is not None and int(self._ctrl[2].item()):
+        ``max_spins`` polls); synchronizes the device (as :attr:`launches`). A result computed
+        in such a launch is wrong. Never raises with ``consumer_sms=0`` (nothing waits)."""
+        if self._ctrl_word(2):
             raise LowlevelError("a tile-overlap consumer gave up waiting for its producer (max_spins polls): "
                                 "the results of that launch are invalid")
 
@@ -703,7 +723,8 @@ class TileOverlap:
         return ct, yt
 
     def matmul_copy(self, a: Any, b: Any, *, dst: Any, out: Any = None, precision: str = "tf32") -> tuple[Any, Any]:
-        """``out = a @ b`` and ``dst[:] = out``, each tile copied as soon as it is published.
+        """``out = a @ b`` and ``dst[:] = out``, each tile copied as soon as it is published
+        (with ``consumer_sms=0``: as soon as it is stored, by the program that computed it).
 
         ``a`` (M, K), ``b`` (K, N) as in :meth:`matmul_rms_norm`; ``dst`` and ``out`` (M, N) of
         their dtype, any strides (``out`` new if None). ``dst`` may live on another GPU that
