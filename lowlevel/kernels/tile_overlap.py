@@ -112,6 +112,7 @@ concurrency is not (that needs the GPU tier).
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -760,11 +761,9 @@ class TileOverlap:
             with self._lock:
                 _, ctrl, _ = self._state(1, at.device)
                 consumer = (ctrl, ctrl, dt, ctrl, 1.0, 1, 1, 16, 1, False)
-                tracer = None if INTERPRET else rt.tracer
-                if tracer is not None and not rt.is_capturing(rt.current_handle()):
-                    with tracer.span("tile_overlap producer (copy in the epilogue)"):
-                        _launch_producer(at, bt, ct, grid, cfg, K, prec, 3, ctrl, consumer)
-                else:
+                tracer = rt.tracer
+                traced = tracer is not None and not INTERPRET and not rt.is_capturing(rt.current_handle())
+                with tracer.span("tile_overlap producer (copy in the epilogue)") if traced else nullcontext():
                     _launch_producer(at, bt, ct, grid, cfg, K, prec, 3, ctrl, consumer)
             return ct, dt
         cgrid = min(self.consumer_sms, n_tiles)
